@@ -1,0 +1,93 @@
+"""Handlers, middlewares and their composition: the onion model with no framework.
+
+A *handler* is what nats-py calls: ``async def handler(msg) -> None``. A *middleware* takes
+the next handler and returns a handler. Composition is function application, so the order is
+visible where the chain is built::
+
+    @compose(with_tracing(), with_delay_cap(60))
+    async def handle(msg): ...
+
+is ``with_tracing()(with_delay_cap(60)(handle))``: tracing sees the message first.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import TypeAlias
+
+from nats.aio.msg import Msg
+
+from natsmw.message import MessageProxy
+
+__all__ = ["Handler", "Middleware", "Step", "compose", "middleware"]
+
+Handler: TypeAlias = Callable[[Msg], Awaitable[None]]
+"""An async message handler, as nats-py calls it: ``async def handler(msg) -> None``."""
+
+Middleware: TypeAlias = Callable[[Handler], Handler]
+"""Takes the next handler, returns a handler that wraps it."""
+
+Step: TypeAlias = Callable[[MessageProxy, Handler], Awaitable[None]]
+"""The body of a middleware: ``async def step(msg, call_next) -> None``."""
+
+
+def compose(*middlewares: Middleware) -> Middleware:
+    """Return a decorator that applies ``middlewares``, the first one outermost.
+
+    ``compose()`` with no middleware returns the handler unchanged.
+
+    Raises:
+        TypeError: one of ``middlewares`` is not callable (for example ``with_delay_cap``
+            given without calling it).
+    """
+    for position, candidate in enumerate(middlewares):
+        if not callable(candidate):
+            raise TypeError(
+                f"compose() argument {position} must be a middleware (a callable that takes "
+                f"a handler), got {candidate!r}"
+            )
+
+    def decorate(handler: Handler) -> Handler:
+        for applied in reversed(middlewares):
+            handler = applied(handler)
+        return handler
+
+    return decorate
+
+
+def middleware(step: Step) -> Middleware:
+    """Turn ``step(msg, call_next)`` into a middleware.
+
+    The step receives the message's single :class:`~natsmw.message.MessageProxy` (created on
+    first use, shared by every middleware on the chain) and the next handler, which it may
+    call, or not. The returned middleware keeps the wrapped handler's name, docstring and
+    signature, so the result still reads as the user's handler in logs and tracebacks.
+
+    Raises:
+        TypeError: when applied to something that is not an ``async def`` handler.
+    """
+
+    def apply(handler: Handler) -> Handler:
+        _require_async(handler)
+
+        @functools.wraps(handler)
+        async def handle(msg: Msg) -> None:
+            await step(MessageProxy.of(msg), handler)
+
+        return handle
+
+    return apply
+
+
+def _require_async(handler: object) -> None:
+    # Only a plain ``def`` is refused: callables and wrappers from other libraries may return
+    # an awaitable without looking like a coroutine function, and they are welcome.
+    plain_def = inspect.isfunction(handler) or inspect.ismethod(handler)
+    if callable(handler) and not (plain_def and not inspect.iscoroutinefunction(handler)):
+        return
+    raise TypeError(
+        f"a natsmw middleware wraps async handlers (async def handler(msg) -> None), "
+        f"got {handler!r}"
+    )

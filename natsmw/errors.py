@@ -1,0 +1,21 @@
+"""Every exception natsmw raises, in one place."""
+
+from __future__ import annotations
+
+__all__ = ["NatsmwError", "ServerError", "ServerNotFoundError"]
+
+
+class NatsmwError(Exception):
+    """Base class of the errors natsmw raises itself.
+
+    Bad arguments raise the built-in ``TypeError`` and ``ValueError`` instead, so that
+    callers can catch them the way they catch any other bad argument.
+    """
+
+
+class ServerError(NatsmwError):
+    """The embedded nats-server could not be started, or stopped, as asked."""
+
+
+class ServerNotFoundError(ServerError):
+    """The ``nats-server`` executable is not installed."""

@@ -1,0 +1,194 @@
+"""The one message proxy that every natsmw middleware shares.
+
+nats-py hands a handler a :class:`nats.aio.msg.Msg`. natsmw wraps it once, in a
+:class:`MessageProxy`, so that middlewares can
+
+* see, rewrite or replace the settlement calls the handler makes (``ack``, ``ack_sync``,
+  ``nak``, ``term``, ``in_progress``), through :meth:`MessageProxy.intercept`;
+* carry per-message state from one middleware to the next, in :attr:`MessageProxy.state`.
+
+Everything else (``data``, ``subject``, ``headers``, ``metadata``, ``respond`` ...) passes
+through to the real message, and ``isinstance(proxy, Msg)`` stays true. Settling the proxy
+settles the real message, so nats-py's own bookkeeping (``_ackd``, the auto-ack of push
+subscriptions with ``manual_ack=False``) sees what happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+import wrapt
+from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError
+
+from natsmw.duration import to_seconds
+
+__all__ = ["Interceptor", "MessageProxy", "Settle", "Settlement", "SettlementKind"]
+
+SettlementKind: TypeAlias = Literal["ack", "ack_sync", "nak", "term", "in_progress"]
+
+_JS_ACK_PREFIX = "$JS.ACK."
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """One settlement call on a JetStream message.
+
+    Attributes:
+        kind: which call: ``ack``, ``ack_sync``, ``nak``, ``term`` or ``in_progress``.
+        delay: for ``nak``, the redelivery delay in seconds; ``None`` redelivers at once.
+        timeout: for ``ack_sync``, how long to wait for the server's confirmation.
+    """
+
+    kind: SettlementKind
+    delay: float | None = None
+    timeout: float = 1.0
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the call ends this delivery (every kind but ``in_progress``)."""
+        return self.kind != "in_progress"
+
+
+Settle: TypeAlias = Callable[[Settlement], Awaitable[Any]]
+"""Sends a settlement onward: to the next interceptor, and in the end to the server."""
+
+Interceptor: TypeAlias = Callable[[Settlement, Settle], Awaitable[Any]]
+"""``async def interceptor(settlement, send)``: may pass it on (changed or not) or swallow it."""
+
+
+if TYPE_CHECKING:
+    # To a type checker the proxy is a Msg too, as it is to isinstance() at run time, so it can
+    # be passed on to any handler.
+    class _Proxy(wrapt.ObjectProxy[Msg], Msg): ...
+else:
+    _Proxy = wrapt.ObjectProxy
+
+
+class MessageProxy(_Proxy):
+    """A :class:`~nats.aio.msg.Msg` as every natsmw middleware sees it.
+
+    Get it with :meth:`MessageProxy.of`, never by calling the class: one message has one proxy.
+
+    Core NATS messages (no JetStream reply subject) are never intercepted: their settlement
+    calls reach nats-py directly and raise its own ``NotJSMessageError``.
+    """
+
+    def __init__(self, msg: Msg) -> None:
+        super().__init__(msg)
+        self._self_interceptors: list[Interceptor] = []
+        self._self_state: dict[object, Any] = {}
+        self._self_settlement: Settlement | None = None
+
+    @classmethod
+    def of(cls, msg: Msg) -> MessageProxy:
+        """Return the proxy of ``msg``: ``msg`` itself if it is one already, else a new one."""
+        if isinstance(msg, MessageProxy):
+            return msg
+        return cls(msg)
+
+    @property
+    def message(self) -> Msg:
+        """The real nats-py message behind the proxy."""
+        wrapped: Msg = self.__wrapped__
+        return wrapped
+
+    @property
+    def state(self) -> dict[object, Any]:
+        """Per-message state that middlewares share; key it by something your module owns."""
+        return self._self_state
+
+    @property
+    def settlement(self) -> Settlement | None:
+        """The final settlement sent to the server for this delivery, if any yet."""
+        return self._self_settlement
+
+    @property
+    def is_jetstream(self) -> bool:
+        """Whether the message came from a JetStream consumer (and so can be settled)."""
+        reply = self.__wrapped__.reply
+        return bool(reply) and reply.startswith(_JS_ACK_PREFIX)
+
+    @contextmanager
+    def intercept(self, interceptor: Interceptor) -> Iterator[None]:
+        """See every settlement call made on this message while the ``with`` block runs.
+
+        Interceptors nest like the middlewares that install them: the one installed last (the
+        innermost, closest to the handler) sees a call first, and its ``send`` leads to the
+        one installed before it, and in the end to the server.
+        """
+        self._self_interceptors.append(interceptor)
+        try:
+            yield
+        finally:
+            self._self_interceptors.remove(interceptor)
+
+    async def ack(self) -> None:
+        """Acknowledge the message (``+ACK``), through the interceptors."""
+        await self._settle(Settlement("ack"))
+
+    async def ack_sync(self, timeout: float = 1.0) -> Msg:
+        """Acknowledge and wait for the server's confirmation, through the interceptors."""
+        response: Msg = await self._settle(Settlement("ack_sync", timeout=timeout))
+        return response
+
+    async def nak(self, delay: object = None) -> None:
+        """Ask for redelivery, after ``delay`` (seconds or ``timedelta``) if given.
+
+        Raises:
+            TypeError: ``delay`` is neither ``None``, a number of seconds nor a ``timedelta``.
+            ValueError: ``delay`` is negative, NaN or infinite.
+            Nothing is sent to the server when either is raised: the message stays unsettled
+            and comes back after the consumer's ``ack_wait``.
+        """
+        seconds = None if delay is None else to_seconds(delay, "nak delay")
+        await self._settle(Settlement("nak", delay=seconds or None))
+
+    async def term(self) -> None:
+        """Stop redeliveries of the message (``+TERM``), through the interceptors."""
+        await self._settle(Settlement("term"))
+
+    async def in_progress(self) -> None:
+        """Reset the consumer's ack timer (``+WPI``), through the interceptors."""
+        await self._settle(Settlement("in_progress"))
+
+    async def _settle(self, settlement: Settlement) -> Any:
+        msg = self.message
+        if not self.is_jetstream:
+            return await self._send(settlement)  # nats-py raises its own NotJSMessageError
+        if settlement.is_final and msg._ackd:
+            raise MsgAlreadyAckdError(msg)
+        return await self._through(len(self._self_interceptors) - 1, settlement)
+
+    async def _through(self, index: int, settlement: Settlement) -> Any:
+        if index < 0:
+            return await self._send(settlement)
+        interceptor = self._self_interceptors[index]
+
+        async def send(onward: Settlement) -> Any:
+            return await self._through(index - 1, onward)
+
+        return await interceptor(settlement, send)
+
+    async def _send(self, settlement: Settlement) -> Any:
+        msg = self.message
+        if settlement.is_final and msg._ackd:
+            # Two middlewares both settled: the first one won; say so the way nats-py does.
+            raise MsgAlreadyAckdError(msg)
+        result: Any = None
+        if settlement.kind == "ack_sync":
+            result = await msg.ack_sync(timeout=settlement.timeout)
+        elif settlement.kind == "ack":
+            await msg.ack()
+        elif settlement.kind == "nak":
+            await msg.nak(delay=settlement.delay)
+        elif settlement.kind == "term":
+            await msg.term()
+        else:
+            await msg.in_progress()
+        if settlement.is_final:
+            self._self_settlement = settlement
+        return result

@@ -1,0 +1,149 @@
+"""Fixtures: real nats-servers started by the suite itself (free ports, temporary stores)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from natsmw.server import NatsCluster, NatsServer
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """One server shared by the tests that do not stop it."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def own_server() -> Iterator[NatsServer]:
+    """A server of the test's own, which it may stop and restart."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def cluster() -> Iterator[NatsCluster]:
+    with NatsCluster(3) as started:
+        yield started
+
+
+@dataclass
+class Connection:
+    """A client connection that records the asynchronous errors nats-py reports."""
+
+    nc: Client
+    js: JetStreamContext
+    errors: list[BaseException] = field(default_factory=list)
+    reconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def connect(*urls: str) -> Connection:
+    errors: list[BaseException] = []
+    reconnected = asyncio.Event()
+
+    async def record(error: Exception) -> None:
+        errors.append(error)
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    nc = await nats.connect(
+        servers=list(urls),
+        error_cb=record,
+        reconnected_cb=on_reconnect,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.1,
+    )
+    return Connection(nc, nc.jetstream(), errors, reconnected)
+
+
+@pytest.fixture
+async def conn(nats_server: NatsServer) -> AsyncIterator[Connection]:
+    connection = await connect(nats_server.url)
+    yield connection
+    await connection.nc.drain()
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str
+    subject: str  # a literal subject inside the stream
+
+    @property
+    def wildcard(self) -> str:
+        return self.subject.rsplit(".", 1)[0] + ".>"
+
+
+@pytest.fixture
+async def stream(conn: Connection) -> AsyncIterator[Stream]:
+    """A fresh stream with subjects ``<name>.>``; deleted after the test."""
+    name = f"T{next(_names)}"
+    await conn.js.add_stream(name=name, subjects=[f"{name.lower()}.>"])
+    yield Stream(name, f"{name.lower()}.work")
+    await conn.js.delete_stream(name)
+
+
+class Inbox:
+    """Collects what a callback receives and lets a test wait for it, with a timeout."""
+
+    def __init__(self) -> None:
+        self.items: list[Msg] = []
+        self._arrived = asyncio.Condition()
+
+    async def put(self, msg: Msg) -> None:
+        async with self._arrived:
+            self.items.append(msg)
+            self._arrived.notify_all()
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Msg]:
+        async with self._arrived:
+            await asyncio.wait_for(
+                self._arrived.wait_for(lambda: len(self.items) >= count), timeout
+            )
+        return self.items[:count]
+
+
+class AckSpy(Inbox):
+    """Every ack, nak and term any client sends for one stream, as the server receives them."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def settlements(self, stream_sequence: int) -> list[bytes]:
+        """The payloads sent for one stream message, in order: b"+ACK", b"-NAK" ..."""
+        payloads = []
+        for item in self.items:
+            tokens = item.subject.split(".")
+            if len(tokens) == 9 and int(tokens[5]) == stream_sequence:
+                # nats-py's ack() sends an empty payload, which the server reads as +ACK.
+                payloads.append(item.data or b"+ACK")
+        return payloads
+
+    async def catch_up(self, nc: Client) -> None:
+        """Wait until everything ``nc`` has sent so far has reached the spy.
+
+        The server keeps one connection's messages in order, so once a marker sent now
+        arrives, every settlement sent before it has arrived too.
+        """
+        await nc.publish(f"$JS.ACK.{self.stream}.end-of-test", b"marker")
+        await self.wait_for(len(self.items) + 1)
+
+
+async def spy_acks(nc: Client, stream: str) -> AckSpy:
+    """Subscribe to the ack subjects of ``stream`` on ``nc``."""
+    spy = AckSpy(stream)
+    await nc.subscribe(f"$JS.ACK.{stream}.>", cb=spy.put)
+    await nc.flush()
+    return spy

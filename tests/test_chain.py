@@ -1,0 +1,123 @@
+"""compose() and middleware(): pure tests, no server."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from nats.aio.msg import Msg
+
+from natsmw import Handler, MessageProxy, Middleware, compose, middleware
+
+
+def recorder(name: str, log: list[str]) -> Middleware:
+    async def step(msg: MessageProxy, call_next: Handler) -> None:
+        log.append(f"enter {name}")
+        await call_next(msg)
+        log.append(f"exit {name}")
+
+    return middleware(step)
+
+
+def make_msg() -> Msg:
+    return Msg(_client=None, subject="core.subject", data=b"x")  # type: ignore[arg-type]
+
+
+async def test_compose_runs_the_first_middleware_outermost() -> None:
+    log: list[str] = []
+
+    @compose(recorder("a", log), recorder("b", log), recorder("c", log))
+    async def handler(msg: Msg) -> None:
+        log.append("handler")
+
+    await handler(make_msg())
+
+    assert log == [
+        "enter a", "enter b", "enter c", "handler", "exit c", "exit b", "exit a",
+    ]  # fmt: skip
+
+
+async def test_stacked_decorators_and_compose_build_the_same_chain() -> None:
+    composed: list[str] = []
+    stacked: list[str] = []
+
+    @compose(recorder("a", composed), recorder("b", composed))
+    async def first(msg: Msg) -> None:
+        composed.append("handler")
+
+    @recorder("a", stacked)
+    @recorder("b", stacked)
+    async def second(msg: Msg) -> None:
+        stacked.append("handler")
+
+    await first(make_msg())
+    await second(make_msg())
+    assert composed == stacked
+
+
+async def test_empty_compose_is_the_identity() -> None:
+    async def handler(msg: Msg) -> None:
+        pass
+
+    assert compose()(handler) is handler
+
+
+async def test_every_middleware_shares_one_proxy_per_message() -> None:
+    seen: list[MessageProxy] = []
+
+    async def step(msg: MessageProxy, call_next: Handler) -> None:
+        seen.append(msg)
+        await call_next(msg)
+
+    received: list[Msg] = []
+
+    @compose(middleware(step), middleware(step))
+    @middleware(step)
+    async def handler(msg: Msg) -> None:
+        received.append(msg)
+
+    original = make_msg()
+    await handler(original)
+
+    assert len(seen) == 3
+    assert all(proxy is seen[0] for proxy in seen)
+    assert received[0] is seen[0]
+    assert isinstance(received[0], Msg)
+    assert received[0].message is original
+
+
+async def test_decorated_handler_keeps_name_docstring_and_signature() -> None:
+    async def handle_order(msg: Msg) -> None:
+        """Handle one order."""
+
+    decorated = compose(recorder("a", []), recorder("b", []))(handle_order)
+
+    assert decorated.__name__ == "handle_order"
+    assert decorated.__doc__ == "Handle one order."
+    assert inspect.signature(decorated) == inspect.signature(handle_order)
+    assert inspect.iscoroutinefunction(decorated)
+
+
+async def test_exceptions_from_the_handler_propagate_unchanged() -> None:
+    failure = RuntimeError("boom")
+
+    @compose(recorder("a", []), recorder("b", []))
+    async def handler(msg: Msg) -> None:
+        raise failure
+
+    with pytest.raises(RuntimeError) as caught:
+        await handler(make_msg())
+    assert caught.value is failure
+
+
+def test_compose_refuses_a_middleware_factory_that_was_not_called() -> None:
+    with pytest.raises(TypeError, match="compose\\(\\) argument 1 must be a middleware"):
+        compose(recorder("a", []), 42)  # type: ignore[arg-type]
+
+
+def test_middleware_refuses_a_sync_handler() -> None:
+    def sync_handler(msg: Msg) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="wraps async handlers"):
+        recorder("a", [])(sync_handler)  # type: ignore[arg-type]

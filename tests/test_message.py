@@ -1,0 +1,214 @@
+"""The message proxy against a real nats-server: interception, single settlement, passthrough."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError, NotJSMessageError
+
+from natsmw import Handler, MessageProxy, Middleware, Settlement, compose, middleware
+from natsmw.message import Settle
+from tests.conftest import Connection, Inbox, Stream, spy_acks
+
+
+def interceptor_middleware(name: str, log: list[tuple[str, Settlement]]) -> Middleware:
+    """A middleware that records every settlement it sees and passes it on unchanged."""
+
+    async def step(msg: MessageProxy, call_next: Handler) -> None:
+        async def record(settlement: Settlement, send: Settle) -> object:
+            log.append((name, settlement))
+            return await send(settlement)
+
+        with msg.intercept(record):
+            await call_next(msg)
+
+    return middleware(step)
+
+
+async def test_interceptor_sees_nak_and_the_real_message_is_settled_once(
+    conn: Connection, stream: Stream
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    seen: list[tuple[str, Settlement]] = []
+    deliveries = Inbox()
+
+    @interceptor_middleware("outer", seen)
+    async def handler(msg: Msg) -> None:
+        await deliveries.put(msg)
+        if msg.metadata.num_delivered == 1:
+            await msg.nak(delay=0.05)
+        else:
+            await msg.ack()
+
+    await conn.js.subscribe(stream.subject, durable="d", cb=handler, manual_ack=True)
+    ack = await conn.js.publish(stream.subject, b"payload")
+    first, second = await deliveries.wait_for(2)
+    await spy.catch_up(conn.nc)
+
+    assert [s for _, s in seen] == [Settlement("nak", delay=0.05), Settlement("ack")]
+    assert spy.settlements(ack.seq) == [b'-NAK {"delay": 50000000}', b"+ACK"]
+    assert first.is_acked
+    assert second.is_acked
+    assert first.message._ackd
+    assert second.message._ackd
+    assert conn.errors == []
+
+
+async def test_auto_ack_subscription_whose_handler_naks_gets_no_second_ack(
+    conn: Connection, stream: Stream
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    deliveries = Inbox()
+
+    @interceptor_middleware("only", [])
+    async def handler(msg: Msg) -> None:
+        await deliveries.put(msg)
+        if msg.data == b"nak me" and msg.metadata.num_delivered == 1:
+            await msg.nak()
+
+    await conn.js.subscribe(stream.subject, durable="auto", cb=handler)  # manual_ack=False
+    first = await conn.js.publish(stream.subject, b"nak me")
+    await deliveries.wait_for(2)  # the nak, then the redelivery that nats-py auto-acks
+    # One subscription handles its messages in order: once the next one arrives, nats-py has
+    # finished with the previous one, auto-ack included.
+    await conn.js.publish(stream.subject, b"later")
+    await deliveries.wait_for(3)
+    await spy.catch_up(conn.nc)
+
+    assert spy.settlements(first.seq) == [b"-NAK", b"+ACK"]
+    assert conn.errors == []
+
+
+async def test_interceptors_nest_innermost_first_and_may_rewrite(
+    conn: Connection, stream: Stream
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    seen: list[tuple[str, Settlement]] = []
+
+    async def shorten(msg: MessageProxy, call_next: Handler) -> None:
+        async def rewrite(settlement: Settlement, send: Settle) -> object:
+            seen.append(("inner", settlement))
+            return await send(Settlement("nak", delay=0.25))
+
+        with msg.intercept(rewrite):
+            await call_next(msg)
+
+    done = asyncio.Event()
+
+    @compose(interceptor_middleware("outer", seen), middleware(shorten))
+    async def handler(msg: Msg) -> None:
+        await msg.nak(delay=3600)
+        done.set()
+
+    await conn.js.subscribe(stream.subject, durable="nest", cb=handler, manual_ack=True)
+    ack = await conn.js.publish(stream.subject, b"x")
+    await asyncio.wait_for(done.wait(), 5)
+    await spy.catch_up(conn.nc)
+
+    assert seen == [
+        ("inner", Settlement("nak", delay=3600.0)),
+        ("outer", Settlement("nak", delay=0.25)),
+    ]
+    assert spy.settlements(ack.seq) == [b"-NAK " + json.dumps({"delay": 250_000_000}).encode()]
+
+
+async def test_settling_twice_raises_nats_py_error_and_sends_once(
+    conn: Connection, stream: Stream
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    @interceptor_middleware("only", [])
+    async def handler(msg: Msg) -> None:
+        await msg.ack()
+        try:
+            await msg.nak()
+        except MsgAlreadyAckdError as error:
+            outcome.set_result(error)
+        else:
+            outcome.set_result(None)
+
+    await conn.js.subscribe(stream.subject, durable="twice", cb=handler, manual_ack=True)
+    ack = await conn.js.publish(stream.subject, b"x")
+    assert isinstance(await asyncio.wait_for(outcome, 5), MsgAlreadyAckdError)
+    await spy.catch_up(conn.nc)
+    assert spy.settlements(ack.seq) == [b"+ACK"]
+
+
+async def test_pull_fetch_messages_go_through_the_chain(conn: Connection, stream: Stream) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    seen: list[tuple[str, Settlement]] = []
+
+    @interceptor_middleware("only", seen)
+    async def handler(msg: Msg) -> None:
+        response = await msg.ack_sync()
+        assert isinstance(response, Msg)
+
+    psub = await conn.js.pull_subscribe(stream.subject, durable="puller")
+    ack = await conn.js.publish(stream.subject, b"x")
+    (msg,) = await psub.fetch(1, timeout=5)
+    await handler(msg)
+    await spy.catch_up(conn.nc)
+
+    assert seen == [("only", Settlement("ack_sync"))]
+    assert spy.settlements(ack.seq) == [b"+ACK"]
+    assert msg._ackd
+
+
+async def test_core_messages_pass_through_untouched(conn: Connection) -> None:
+    seen: list[tuple[str, Settlement]] = []
+    received = Inbox()
+    errors: list[BaseException] = []
+
+    @interceptor_middleware("only", seen)
+    async def handler(msg: Msg) -> None:
+        await received.put(msg)
+        if msg.reply:
+            await msg.respond(b"pong:" + msg.data)
+            return
+        try:
+            await msg.nak(delay=10)
+        except NotJSMessageError as error:  # what nats-py raises on its own
+            errors.append(error)
+
+    await conn.nc.subscribe("core.ping", cb=handler)
+    await conn.nc.publish("core.ping", b"fire", headers={"K": "v"})
+    reply = await conn.nc.request("core.ping", b"ping", timeout=5)
+    fired, requested = await received.wait_for(2)
+
+    assert reply.data == b"pong:ping"
+    assert (fired.subject, fired.data, fired.headers) == ("core.ping", b"fire", {"K": "v"})
+    assert requested.data == b"ping"
+    assert len(errors) == 1
+    assert isinstance(errors[0], NotJSMessageError)
+    assert seen == []
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "10", True])
+async def test_bad_nak_delay_raises_before_anything_is_sent(
+    conn: Connection, stream: Stream, bad: object
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    @interceptor_middleware("only", [])
+    async def handler(msg: Msg) -> None:
+        try:
+            await msg.nak(delay=bad)
+        except (TypeError, ValueError) as error:
+            outcome.set_result(error)
+            await msg.ack()
+        else:
+            outcome.set_result(None)
+
+    await conn.js.subscribe(stream.subject, durable="bad", cb=handler, manual_ack=True)
+    ack = await conn.js.publish(stream.subject, b"x")
+    error = await asyncio.wait_for(outcome, 5)
+    await spy.catch_up(conn.nc)
+
+    assert isinstance(error, (TypeError, ValueError))
+    assert repr(bad) in str(error)
+    assert spy.settlements(ack.seq) == [b"+ACK"]  # the nak never left the client
