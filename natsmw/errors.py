@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NatsmwError", "ServerError", "ServerNotFoundError"]
+__all__ = ["DeadlineStoreError", "NatsmwError", "ServerError", "ServerNotFoundError"]
 
 
 class NatsmwError(Exception):
@@ -19,3 +19,11 @@ class ServerError(NatsmwError):
 
 class ServerNotFoundError(ServerError):
     """The ``nats-server`` executable is not installed."""
+
+
+class DeadlineStoreError(NatsmwError):
+    """A deadline store could not be read or written (for example, the server is unreachable).
+
+    The delay cap catches it and degrades safely (see the README); custom stores raise it for
+    any failure they want handled that way.
+    """

@@ -1,0 +1,393 @@
+"""``with_delay_cap``: long ``nak(delay)`` calls become short ones, and the deadline holds.
+
+A handler asks for ``nak(delay=3 * 3600)``. The server would keep the message in the
+consumer's ack-pending set for three hours. Under ``@with_delay_cap(60)`` natsmw records the
+deadline (now + 3 h) and naks for at most 60 s instead; every redelivery before the deadline is
+*held*: naked again for ``min(cap, remaining)`` without calling the handler. The first delivery
+after the deadline reaches the handler.
+
+Deadlines come from a ``Natsmw-Deadline`` header (set by a publisher) or from a
+:class:`~natsmw.delay.stores.DeadlineStore` (set by natsmw when a handler naks long).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import weakref
+from dataclasses import dataclass, replace
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+
+from natsmw.chain import Handler, middleware
+from natsmw.delay.deadline import DEADLINE_HEADER, parse_deadline
+from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDeadlineStore
+from natsmw.duration import Duration, to_positive_seconds
+from natsmw.errors import DeadlineStoreError
+from natsmw.message import MessageProxy, Settle, Settlement
+
+__all__ = ["DelayCap", "DelayCapStats", "handler_calls", "with_delay_cap"]
+
+log = logging.getLogger("natsmw.delay")
+
+# Added to a nak meant to land on the deadline: the server's timer starts after we measured
+# "now", and a redelivery a hair early would cost one more hold (and one more delivery).
+_SLACK = 0.005
+_CALLS_KEY = "natsmw.delay.calls"
+_CACHE_LIMIT = 100_000
+
+
+@dataclass
+class DelayCapStats:
+    """What one :class:`DelayCap` did, counted since it was created.
+
+    Attributes:
+        capped: handler naks longer than the cap that were sent capped.
+        holds: deliveries held (naked again) without calling the handler.
+        stretched: naks made longer than the cap so the hold fits the consumer's
+            ``max_deliver`` (survival over the cap).
+        uncapped: long naks sent as the handler asked, because the deadline could not be
+            recorded or the consumer's limits could not be read.
+        blind_holds: holds made without knowing the deadline: the store was unreachable.
+        forced_runs: handler calls before a known deadline, because ``max_deliver`` left no
+            delivery to hold with (the alternative was to lose the message).
+        malformed_headers: ``Natsmw-Deadline`` headers that could not be parsed (ignored).
+        store_errors: reads or writes of the deadline store that failed.
+    """
+
+    capped: int = 0
+    holds: int = 0
+    stretched: int = 0
+    uncapped: int = 0
+    blind_holds: int = 0
+    forced_runs: int = 0
+    malformed_headers: int = 0
+    store_errors: int = 0
+
+
+@dataclass(frozen=True)
+class _Found:
+    deferral: Deferral | None
+    recorded: bool  # whether the deferral is (or should be) kept in the store
+    known: bool = True  # False when the store could not be asked and nothing is known locally
+
+
+_NOTHING = _Found(None, recorded=False)
+
+
+def with_delay_cap(
+    cap: Duration, *, store: DeadlineStore | None = None, jitter: float = 0.1
+) -> DelayCap:
+    """Cap ``nak(delay)`` at ``cap`` and hold the message until the original deadline.
+
+    Example::
+
+        @with_delay_cap(timedelta(minutes=1))
+        async def handle(msg):
+            await msg.nak(delay=3 * 3600)   # the server sees naks of at most a minute
+
+    Args:
+        cap: the longest nak delay sent to the server (seconds or ``timedelta``).
+        store: where deadlines asked for with ``nak`` are kept; by default a JetStream
+            key-value bucket ``natsmw_deadlines`` on the message's own connection.
+        jitter: capped intervals are shortened by up to this fraction, at random, so that many
+            messages deferred together do not come back together. The deadline never moves.
+
+    Raises:
+        TypeError: ``cap`` is not a number of seconds or a ``timedelta``.
+        ValueError: ``cap`` is zero, negative, NaN or infinite, or ``jitter`` is not in [0, 1).
+    """
+    return DelayCap(cap, store=store, jitter=jitter)
+
+
+class DelayCap:
+    """The delay-cap middleware; build it with :func:`with_delay_cap`.
+
+    Apply it to a handler (``@with_delay_cap(60)``) or put it in :func:`~natsmw.compose`.
+    ``stats`` counts what it did, across every handler it wraps.
+    """
+
+    def __init__(
+        self, cap: Duration, *, store: DeadlineStore | None = None, jitter: float = 0.1
+    ) -> None:
+        self.cap = to_positive_seconds(cap, "cap")
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)):
+            raise TypeError(f"jitter must be a fraction in [0, 1), got {jitter!r}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be a fraction in [0, 1), got {jitter!r}")
+        self.jitter = float(jitter)
+        self.stats = DelayCapStats()
+        self._store = store
+        self._stores: weakref.WeakKeyDictionary[Client, DeadlineStore] = weakref.WeakKeyDictionary()
+        self._cache: dict[DeadlineKey, Deferral] = {}
+        self._limits = _ConsumerLimits()
+
+    def __call__(self, handler: Handler) -> Handler:
+        return middleware(self._step)(handler)
+
+    def __repr__(self) -> str:
+        return f"with_delay_cap({self.cap!r}, jitter={self.jitter!r})"
+
+    async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
+        if not msg.is_jetstream:
+            await call_next(msg)
+            return
+        meta = msg.metadata
+        key = DeadlineKey(meta.stream, meta.consumer, meta.sequence.stream)
+        delivery = meta.num_delivered
+        found = await self._find(msg, key, delivery)
+        if await self._held(msg, found, delivery):
+            return
+        calls = await self._release(msg, key, found, delivery)
+        msg.state[_CALLS_KEY] = calls
+
+        async def on_settle(settlement: Settlement, send: Settle) -> Any:
+            return await self._settle(msg, key, delivery, delivery - calls, settlement, send)
+
+        with msg.intercept(on_settle):
+            await call_next(msg)
+
+    # -- finding the deadline ---------------------------------------------------------------
+
+    async def _find(self, msg: MessageProxy, key: DeadlineKey, delivery: int) -> _Found:
+        now = time.time()
+        header = self._header_deferral(msg)
+        if header is not None and header.deadline > now:
+            return _Found(header, recorded=False)
+        cached = self._cache.get(key)
+        if cached is not None and cached.deadline > now:
+            # Only a handler run can move a deadline, and no handler runs before this one.
+            return _Found(cached, recorded=True)
+        if cached is None and delivery <= 1:
+            # Records are written when a handler naks, so a first delivery has none.
+            return _Found(header, recorded=False)
+        try:
+            stored = await self._store_for(msg).get(key)
+        except DeadlineStoreError as error:
+            self.stats.store_errors += 1
+            log.warning("deadline store unreachable for %s: %s", key, error)
+            if cached is not None:
+                return _Found(cached, recorded=True)
+            return _Found(header, recorded=False, known=header is not None)
+        if stored is None:
+            return _Found(header, recorded=False)
+        self._remember(key, stored)
+        return _Found(stored, recorded=True)
+
+    def _header_deferral(self, msg: MessageProxy) -> Deferral | None:
+        headers = msg.headers
+        value = headers.get(DEADLINE_HEADER) if headers else None
+        if value is None:
+            return None
+        try:
+            deadline = parse_deadline(value).timestamp()
+        except ValueError as error:
+            self.stats.malformed_headers += 1
+            log.warning("ignoring the deadline of %s seq %s: %s", msg.subject, _seq(msg), error)
+            return None
+        return Deferral(deadline=deadline)
+
+    def _store_for(self, msg: MessageProxy) -> DeadlineStore:
+        if self._store is not None:
+            return self._store
+        client = msg.message._client
+        store = self._stores.get(client)
+        if store is None:
+            store = self._stores[client] = KeyValueDeadlineStore(client.jetstream())
+        return store
+
+    def _remember(self, key: DeadlineKey, deferral: Deferral) -> None:
+        self._cache[key] = deferral
+        if len(self._cache) > _CACHE_LIMIT:
+            now = time.time()
+            for old in [k for k, d in self._cache.items() if d.deadline <= now]:
+                del self._cache[old]
+            while len(self._cache) > _CACHE_LIMIT:
+                del self._cache[next(iter(self._cache))]
+
+    # -- holding ----------------------------------------------------------------------------
+
+    async def _held(self, msg: MessageProxy, found: _Found, delivery: int) -> bool:
+        """Hold the delivery if its deadline is ahead (or unknown); say whether it was held."""
+        if not found.known:
+            return await self._hold_blind(msg, delivery)
+        deferral = found.deferral
+        if deferral is not None and deferral.deadline > time.time():
+            return await self._hold(msg, deferral, delivery)
+        return False
+
+    async def _hold(self, msg: MessageProxy, deferral: Deferral, delivery: int) -> bool:
+        remaining = deferral.deadline - time.time()
+        interval = await self._interval(msg, delivery, remaining)
+        if interval is None:
+            self.stats.forced_runs += 1
+            log.error(
+                "calling the handler for %s seq %s %.3fs before its deadline: max_deliver "
+                "leaves no delivery to hold it with, and a nak now would lose it",
+                msg.subject, _seq(msg), remaining,
+            )  # fmt: skip
+            return False
+        self.stats.holds += 1
+        log.debug("holding %s seq %s for %.3fs more", msg.subject, _seq(msg), remaining)
+        await msg.nak(interval)
+        return True
+
+    async def _hold_blind(self, msg: MessageProxy, delivery: int) -> bool:
+        interval = await self._interval(msg, delivery, self.cap)
+        if interval is None:
+            log.error(
+                "calling the handler for %s seq %s without knowing its deadline: the store is "
+                "unreachable and max_deliver leaves no delivery to wait with",
+                msg.subject, _seq(msg),
+            )  # fmt: skip
+            return False
+        self.stats.blind_holds += 1
+        log.warning(
+            "holding %s seq %s for %.3fs: the deadline store is unreachable, so whether it "
+            "has a deadline is unknown",
+            msg.subject, _seq(msg), interval,
+        )  # fmt: skip
+        await msg.nak(interval)
+        return True
+
+    async def _interval(self, msg: MessageProxy, delivery: int, remaining: float) -> float | None:
+        """The nak delay for a hold with ``remaining`` seconds to go; ``None``: cannot hold."""
+        max_deliver = await self._limits.max_deliver(msg)
+        if max_deliver is _UNKNOWN:
+            self.stats.uncapped += 1
+            log.warning(
+                "consumer limits of %s unknown: naking for the whole %.3fs remaining",
+                msg.metadata.consumer, remaining,
+            )  # fmt: skip
+            return remaining + _SLACK
+        left = max_deliver - delivery if isinstance(max_deliver, int) else None
+        if left is not None and left <= 0:
+            return None
+        interval = min(self.cap, remaining)
+        if interval < remaining and self.jitter:
+            interval *= 1 - self.jitter * random.random()
+        if left is not None and remaining / left > interval:
+            # Survival over the cap: spread what remains over the deliveries left, so the
+            # last one still reaches the handler after the deadline.
+            interval = remaining / left
+            self.stats.stretched += 1
+            log.warning(
+                "nak of %s seq %s stretched to %.3fs (cap %.3fs): max_deliver=%s leaves %s "
+                "deliveries for %.3fs",
+                msg.subject, _seq(msg), interval, self.cap, max_deliver, left, remaining,
+            )  # fmt: skip
+        return remaining + _SLACK if interval >= remaining else interval
+
+    # -- the handler's own settlement -------------------------------------------------------
+
+    async def _settle(
+        self,
+        msg: MessageProxy,
+        key: DeadlineKey,
+        delivery: int,
+        skipped: int,
+        settlement: Settlement,
+        send: Settle,
+    ) -> Any:
+        if settlement.kind != "nak" or settlement.delay is None or settlement.delay <= self.cap:
+            return await send(settlement)
+        deferral = Deferral(
+            deadline=time.time() + settlement.delay,
+            deferred_at=delivery,
+            skipped_before=skipped,
+            requested=settlement.delay,
+        )
+        try:
+            await self._store_for(msg).put(key, deferral)
+        except DeadlineStoreError as error:
+            self.stats.store_errors += 1
+            self.stats.uncapped += 1
+            log.warning(
+                "could not record the deadline of %s seq %s (%s): sending the %.3fs nak uncapped",
+                msg.subject, _seq(msg), error, settlement.delay,
+            )  # fmt: skip
+            return await send(settlement)
+        self._remember(key, deferral)
+        interval = await self._interval(msg, delivery, settlement.delay)
+        if interval is None:
+            log.warning(
+                "%s seq %s is on its last delivery (max_deliver): its %.3fs nak goes as asked, "
+                "and the server will not deliver it again",
+                msg.subject, _seq(msg), settlement.delay,
+            )  # fmt: skip
+            return await send(settlement)
+        self.stats.capped += 1
+        return await send(Settlement("nak", delay=interval))
+
+    async def _release(
+        self, msg: MessageProxy, key: DeadlineKey, found: _Found, delivery: int
+    ) -> int:
+        """Count this handler call; note in the store where the holds of a deferral ended."""
+        deferral = found.deferral
+        if deferral is None:
+            return delivery
+        if deferral.released_at is None and (found.recorded or delivery > 1):
+            deferral = replace(deferral, released_at=delivery)
+            self._remember(key, deferral)
+            try:
+                await self._store_for(msg).put(key, deferral)
+            except DeadlineStoreError as error:
+                self.stats.store_errors += 1
+                log.warning("could not record the release of %s: %s", key, error)
+        return delivery - deferral.skipped(delivery)
+
+
+def handler_calls(msg: Msg) -> int:
+    """How many times the handler has been called for ``msg``, this call included.
+
+    ``msg.metadata.num_delivered`` counts every delivery, holds included; this does not.
+    Outside a :func:`with_delay_cap` chain it is ``num_delivered``.
+
+    Raises:
+        nats.errors.NotJSMessageError: ``msg`` is not a JetStream message.
+    """
+    if isinstance(msg, MessageProxy) and _CALLS_KEY in msg.state:
+        calls: int = msg.state[_CALLS_KEY]
+        return calls
+    return msg.metadata.num_delivered
+
+
+class _Unknown:
+    pass
+
+
+_UNKNOWN = _Unknown()
+_LIMITS_TTL = 60.0
+
+
+class _ConsumerLimits:
+    """The consumers' ``max_deliver``, read with consumer info and cached for a minute."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], tuple[int | None, float]] = {}
+
+    async def max_deliver(self, msg: MessageProxy) -> int | _Unknown | None:
+        """``max_deliver`` (``None``: unlimited), or ``_UNKNOWN`` if it cannot be read."""
+        meta = msg.metadata
+        consumer = (meta.stream, meta.consumer)
+        known = self._known.get(consumer)
+        if known is not None and time.monotonic() - known[1] < _LIMITS_TTL:
+            return known[0]
+        try:
+            js = msg.message._client.jetstream(domain=meta.domain or None)
+            info = await js.consumer_info(meta.stream, meta.consumer, timeout=2.0)
+        except (NatsError, TimeoutError, OSError) as error:
+            log.warning("cannot read consumer info of %s/%s: %s", *consumer, error)
+            return known[0] if known is not None else _UNKNOWN
+        limit = info.config.max_deliver
+        value = limit if limit is not None and limit > 0 else None
+        self._known[consumer] = (value, time.monotonic())
+        return value
+
+
+def _seq(msg: MessageProxy) -> int:
+    return msg.metadata.sequence.stream

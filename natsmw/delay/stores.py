@@ -1,0 +1,218 @@
+"""Where deadlines live when the message itself cannot carry them.
+
+A nak never changes a message's headers, so a deadline asked for with ``nak(delay)`` is kept
+outside the message, keyed by stream, consumer and stream sequence. The default store is a
+JetStream key-value bucket on the consumer's own connection: durable, shared by every instance
+of the same durable consumer, created on first use, its entries expiring on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Protocol
+
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from natsmw.duration import Duration, to_positive_seconds
+from natsmw.errors import DeadlineStoreError
+
+__all__ = [
+    "DeadlineKey",
+    "DeadlineStore",
+    "Deferral",
+    "KeyValueDeadlineStore",
+    "MemoryDeadlineStore",
+]
+
+log = logging.getLogger("natsmw.delay")
+
+
+class DeadlineKey(NamedTuple):
+    """Which message a deferral belongs to: stream, durable consumer, stream sequence."""
+
+    stream: str
+    consumer: str
+    sequence: int
+
+    def as_kv_key(self) -> str:
+        """``<stream>.<consumer>.<sequence>``, with characters a KV key refuses escaped."""
+        return f"{_escape(self.stream)}.{_escape(self.consumer)}.{self.sequence}"
+
+
+def _escape(name: str) -> str:
+    return _UNSAFE.sub(lambda match: "".join(f"={byte:02x}" for byte in match[0].encode()), name)
+
+
+_UNSAFE = re.compile(r"[^-_a-zA-Z0-9]")
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """A deadline recorded for one message, and the delivery counts around it.
+
+    Attributes:
+        deadline: Unix time (seconds) before which the handler must not see the message.
+        deferred_at: the delivery (``num_delivered``) whose handler asked for the delay;
+            0 when a publisher set the deadline before the first delivery.
+        skipped_before: deliveries natsmw held, without calling the handler, before this
+            deferral.
+        released_at: the first delivery that reached the handler after the deadline, once
+            known.
+        requested: the delay the handler asked for, in seconds (``None`` for a header).
+    """
+
+    deadline: float
+    deferred_at: int = 0
+    skipped_before: int = 0
+    released_at: int | None = None
+    requested: float | None = None
+
+    def skipped(self, delivery: int) -> int:
+        """How many deliveries up to ``delivery`` natsmw held instead of calling the handler."""
+        last_hold = (self.released_at if self.released_at is not None else delivery) - 1
+        return self.skipped_before + max(last_hold - self.deferred_at, 0)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Deferral:
+        """Raises ``ValueError`` when ``data`` is not a deferral natsmw wrote."""
+        try:
+            fields = json.loads(data)
+            return cls(
+                deadline=float(fields["deadline"]),
+                deferred_at=int(fields.get("deferred_at", 0)),
+                skipped_before=int(fields.get("skipped_before", 0)),
+                released_at=fields.get("released_at"),
+                requested=fields.get("requested"),
+            )
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"not a natsmw deferral record: {data[:100]!r}") from error
+
+
+class DeadlineStore(Protocol):
+    """Keeps deferrals, keyed by :class:`DeadlineKey`. Implementations raise
+    :class:`~natsmw.errors.DeadlineStoreError` when they cannot answer."""
+
+    async def get(self, key: DeadlineKey) -> Deferral | None:
+        """The deferral recorded for ``key``, or ``None``."""
+        ...
+
+    async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
+        """Record ``deferral`` for ``key``, replacing any earlier one."""
+        ...
+
+
+class MemoryDeadlineStore:
+    """A store in this process's memory: for tests and single-process consumers.
+
+    Deferrals are lost when the process exits, and other processes never see them.
+    """
+
+    def __init__(self) -> None:
+        self._deferrals: dict[DeadlineKey, Deferral] = {}
+
+    async def get(self, key: DeadlineKey) -> Deferral | None:
+        return self._deferrals.get(key)
+
+    async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
+        self._deferrals[key] = deferral
+
+
+class KeyValueDeadlineStore:
+    """Deferrals in a JetStream key-value bucket, shared by every consumer instance.
+
+    Args:
+        js: the JetStream context to use (usually the consumer's own connection's).
+        bucket: the bucket's name; created on first use if missing.
+        replicas: the bucket's replicas when natsmw creates it; by default 3 on a cluster
+            and 1 on a single server.
+        timeout: how long one read or write may take before the store counts as unreachable.
+        keep_after_deadline: how long an entry outlives its deadline before it expires on
+            its own (the handler's call count, see ``handler_calls``, is read from it).
+
+    Raises (from :meth:`get` and :meth:`put`):
+        DeadlineStoreError: the bucket cannot be reached, created, read or written.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        bucket: str = "natsmw_deadlines",
+        replicas: int | None = None,
+        timeout: Duration = 2.0,
+        keep_after_deadline: Duration = 24 * 3600,
+    ) -> None:
+        self._js = js
+        self.bucket = bucket
+        self._replicas = replicas
+        self._timeout = to_positive_seconds(timeout, "timeout")
+        self._keep = to_positive_seconds(keep_after_deadline, "keep_after_deadline")
+        self._kv: KeyValue | None = None
+        self._opening = asyncio.Lock()
+
+    async def get(self, key: DeadlineKey) -> Deferral | None:
+        kv = await self._bucket()
+        try:
+            entry = await asyncio.wait_for(kv.get(key.as_kv_key()), self._timeout)
+        except KeyNotFoundError:
+            return None
+        except (NatsError, asyncio.TimeoutError, OSError) as error:
+            raise DeadlineStoreError(
+                f"cannot read {key} from {self.bucket!r}: {error!r}"
+            ) from error
+        if not entry.value:
+            return None
+        try:
+            return Deferral.from_bytes(entry.value)
+        except ValueError as error:
+            log.warning("ignoring a bad deadline record for %s in %r: %s", key, self.bucket, error)
+            return None
+
+    async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
+        await self._bucket()
+        ttl = max(deferral.deadline - time.time(), 0.0) + self._keep
+        subject = f"$KV.{self.bucket}.{key.as_kv_key()}"
+        try:
+            # A put with a per-message TTL: the entry disappears on its own, so records of
+            # messages that were handled, deleted or moved never pile up.
+            await self._js.publish(subject, deferral.to_bytes(), timeout=self._timeout, msg_ttl=ttl)
+        except (NatsError, asyncio.TimeoutError, OSError) as error:
+            raise DeadlineStoreError(f"cannot write {key} to {self.bucket!r}: {error!r}") from error
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is not None:
+            return self._kv
+        async with self._opening:
+            if self._kv is None:
+                self._kv = await self._open()
+            return self._kv
+
+    async def _open(self) -> KeyValue:
+        try:
+            return await asyncio.wait_for(self._js.key_value(self.bucket), self._timeout)
+        except (NatsError, asyncio.TimeoutError, OSError) as error:
+            if not isinstance(error, BucketNotFoundError):
+                raise DeadlineStoreError(f"cannot open {self.bucket!r}: {error!r}") from error
+        replicas = [self._replicas] if self._replicas else [3, 1]
+        last: BaseException | None = None
+        for count in replicas:
+            try:
+                return await asyncio.wait_for(
+                    self._js.create_key_value(KeyValueConfig(bucket=self.bucket, replicas=count)),
+                    self._timeout,
+                )
+            except (NatsError, asyncio.TimeoutError, OSError) as error:
+                last = error
+        raise DeadlineStoreError(f"cannot create bucket {self.bucket!r}: {last!r}") from last

@@ -1,0 +1,285 @@
+"""with_delay_cap on a real nats-server, in compressed time (cap 0.2 s, delays of 2 s)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from datetime import timedelta
+
+import pytest
+from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
+from nats.js.api import ConsumerConfig
+
+from natsmw import compose
+from natsmw.delay import (
+    DEADLINE_HEADER,
+    DeadlineKey,
+    MemoryDeadlineStore,
+    handler_calls,
+    publish_not_before,
+    with_delay_cap,
+)
+from tests.conftest import Connection, Inbox, Stream, spy_acks
+from tests.delay_support import CAP, LegacyHandler, nak_delays, pulling
+
+
+@pytest.mark.parametrize("mode", ["push-manual", "push-auto-ack", "pull"])
+async def test_handler_not_called_before_deadline_and_called_once_after(
+    conn: Connection, stream: Stream, mode: str
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    legacy = LegacyHandler()
+    cap = with_delay_cap(CAP)
+    capped = cap(legacy)
+    if mode == "pull":
+        context = pulling(conn.js, stream.subject, "legacy", capped)
+    else:
+        await conn.js.subscribe(
+            stream.subject, durable="legacy", cb=capped, manual_ack=(mode == "push-manual")
+        )
+        context = None
+    ack = await conn.js.publish(stream.subject, b"invoice")
+    if context is not None:
+        async with context:
+            first, second = await legacy.wait_calls(2)
+            await spy.catch_up(conn.nc)
+    else:
+        first, second = await legacy.wait_calls(2)
+        await spy.catch_up(conn.nc)
+
+    assert second.at >= legacy.earliest_allowed
+    assert second.at < legacy.earliest_allowed + 1.0  # held with short naks, not one long one
+    assert (first.handler_calls, second.handler_calls) == (1, 2)
+    assert second.num_delivered > 3  # the holds were real redeliveries
+    payloads = spy.settlements(ack.seq)
+    delays = nak_delays(payloads)
+    assert len(delays) == second.num_delivered - 1
+    assert max(delays) <= CAP + 0.01
+    assert payloads[-1] == b"+ACK"
+    assert cap.stats.capped == 1
+    assert cap.stats.holds == second.num_delivered - 2
+    assert len(legacy.calls) == 2
+    assert conn.errors == []
+
+
+async def test_short_and_plain_naks_go_to_the_server_unchanged(
+    conn: Connection, stream: Stream
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    store = MemoryDeadlineStore()
+    calls = Inbox()
+
+    @with_delay_cap(CAP, store=store)
+    async def handler(msg: Msg) -> None:
+        await calls.put(msg)
+        number = msg.metadata.num_delivered
+        if number == 1:
+            await msg.nak()
+        elif number == 2:
+            await msg.nak(delay=CAP)  # exactly the cap: not capped
+        else:
+            await msg.ack()
+
+    await conn.js.subscribe(stream.subject, durable="short", cb=handler, manual_ack=True)
+    ack = await conn.js.publish(stream.subject, b"x")
+    await calls.wait_for(3)
+    await spy.catch_up(conn.nc)
+
+    assert spy.settlements(ack.seq) == [b"-NAK", b'-NAK {"delay": 200000000}', b"+ACK"]
+    assert await store.get(DeadlineKey(stream.name, "short", ack.seq)) is None
+
+
+async def test_timedelta_cap_and_timedelta_delay(conn: Connection, stream: Stream) -> None:
+    legacy = LegacyHandler(delay=timedelta(seconds=1))
+    cap = with_delay_cap(timedelta(milliseconds=200), store=MemoryDeadlineStore())
+    await conn.js.subscribe(stream.subject, durable="td", cb=cap(legacy), manual_ack=True)
+    await conn.js.publish(stream.subject, b"x")
+
+    _, second = await legacy.wait_calls(2)
+
+    assert second.at >= legacy.earliest_allowed
+    assert cap.cap == 0.2
+    assert cap.stats.holds >= 3
+
+
+async def test_max_deliver_three_stretches_the_hold_and_the_message_is_handled(
+    conn: Connection, stream: Stream
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    await conn.js.add_consumer(
+        stream.name, ConsumerConfig(durable_name="strict", max_deliver=3, ack_wait=30)
+    )
+    legacy = LegacyHandler()
+    cap = with_delay_cap(CAP)
+    async with pulling(conn.js, stream.subject, "strict", cap(legacy)):
+        ack = await conn.js.publish(stream.subject, b"x")
+        _, second = await legacy.wait_calls(2)
+        await spy.catch_up(conn.nc)
+
+    assert second.at >= legacy.earliest_allowed
+    assert second.num_delivered == 3  # every delivery the consumer allows, none lost
+    assert second.handler_calls == 2
+    delays = nak_delays(spy.settlements(ack.seq))
+    assert len(delays) == 2
+    assert min(delays) > CAP  # stretched past the cap: survival first
+    assert cap.stats.stretched == 2
+    assert spy.settlements(ack.seq)[-1] == b"+ACK"
+
+
+async def test_publisher_deadline_header_holds_until_not_before(
+    conn: Connection, stream: Stream
+) -> None:
+    calls = Inbox()
+    cap = with_delay_cap(CAP, store=MemoryDeadlineStore())
+
+    @cap
+    async def handler(msg: Msg) -> None:
+        await calls.put(msg)
+        assert handler_calls(msg) == 1
+        await msg.ack()
+
+    await conn.js.subscribe(stream.subject, durable="hdr", cb=handler, manual_ack=True)
+    published_at = time.time()
+    await publish_not_before(conn.js, stream.subject, b"remind", not_before=1.0)
+    (msg,) = await calls.wait_for(1)
+    called_at = time.time()
+
+    assert called_at >= published_at + 1.0
+    assert msg.metadata.num_delivered > 3
+    assert cap.stats.holds == msg.metadata.num_delivered - 1
+    assert DEADLINE_HEADER in (msg.headers or {})
+
+
+async def test_malformed_deadline_header_is_reported_and_ignored(
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = Inbox()
+    cap = with_delay_cap(CAP, store=MemoryDeadlineStore())
+
+    @cap
+    async def handler(msg: Msg) -> None:
+        await calls.put(msg)
+        await msg.ack()
+
+    await conn.js.subscribe(stream.subject, durable="bad-hdr", cb=handler, manual_ack=True)
+    with caplog.at_level(logging.WARNING, logger="natsmw.delay"):
+        await conn.js.publish(stream.subject, b"x", headers={DEADLINE_HEADER: "next tuesday"})
+        (msg,) = await calls.wait_for(1)
+
+    assert msg.metadata.num_delivered == 1
+    assert cap.stats.malformed_headers == 1
+    assert "'next tuesday'" in caplog.text
+    assert conn.errors == []
+
+
+async def test_core_messages_pass_through_untouched(conn: Connection) -> None:
+    store = MemoryDeadlineStore()
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    @with_delay_cap(CAP, store=store)
+    async def handler(msg: Msg) -> None:
+        try:
+            await msg.nak(delay=3600)
+        except NotJSMessageError as error:
+            outcome.set_result(error)
+        else:
+            outcome.set_result(None)
+
+    await conn.nc.subscribe("core.delay", cb=handler)
+    await conn.nc.publish("core.delay", b"x")
+
+    assert isinstance(await asyncio.wait_for(outcome, 5), NotJSMessageError)
+    assert store._deferrals == {}
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(-5, ValueError), (math.nan, ValueError), (math.inf, ValueError), ("3600", TypeError)],
+)
+async def test_bad_nak_delay_raises_naming_it_and_the_message_comes_back(
+    conn: Connection, stream: Stream, bad: object, error: type[Exception]
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    raised = Inbox()
+    failures: list[BaseException] = []
+
+    @with_delay_cap(CAP, store=MemoryDeadlineStore())
+    async def handler(msg: Msg) -> None:
+        if msg.metadata.num_delivered > 1:
+            await raised.put(msg)
+            await msg.ack()
+            return
+        try:
+            await msg.nak(delay=bad)
+        except Exception as caught:
+            failures.append(caught)
+            await raised.put(msg)
+
+    await conn.js.add_consumer(
+        stream.name, ConsumerConfig(durable_name="bad", ack_wait=0.5, deliver_subject="bad.in")
+    )
+    config = ConsumerConfig(durable_name="bad", deliver_subject="bad.in")
+    await conn.js.subscribe_bind(stream.name, config, "bad", cb=handler, manual_ack=True)
+    ack = await conn.js.publish(stream.subject, b"x")
+    _, again = await raised.wait_for(2)  # unsettled, so the server redelivered after ack_wait
+    await spy.catch_up(conn.nc)
+
+    assert isinstance(failures[0], error)
+    assert repr(bad) in str(failures[0])
+    assert again.metadata.num_delivered == 2
+    assert spy.settlements(ack.seq) == [b"+ACK"]
+
+
+@pytest.mark.parametrize(
+    ("cap", "error"),
+    [(0, ValueError), (-1, ValueError), (math.nan, ValueError), ("60", TypeError),
+     (None, TypeError), (timedelta(0), ValueError)],
+)  # fmt: skip
+def test_bad_cap_fails_at_decoration(cap: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="cap must be"):
+        with_delay_cap(cap)  # type: ignore[arg-type]
+
+
+def test_bad_jitter_fails_at_decoration() -> None:
+    with pytest.raises(ValueError, match="jitter"):
+        with_delay_cap(1, jitter=1.5)
+
+
+async def test_another_instance_holds_until_the_deadline_via_the_store(
+    conn: Connection, stream: Stream
+) -> None:
+    """Two consumer instances (two connections, two caches) share one pull durable."""
+    from tests.conftest import connect
+
+    other = await connect(conn.nc.connected_url.geturl())  # type: ignore[union-attr]
+    legacy = LegacyHandler()
+    deferring, holding = with_delay_cap(CAP), with_delay_cap(CAP)
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="shared", ack_wait=30))
+    # Only the first instance runs while the handler defers; the second takes over afterwards.
+    async with pulling(conn.js, stream.subject, "shared", deferring(legacy)):
+        await conn.js.publish(stream.subject, b"x")
+        await asyncio.wait_for(legacy.deferred.wait(), 5)
+    async with pulling(other.js, stream.subject, "shared", holding(legacy)):
+        _, second = await legacy.wait_calls(2)
+
+    assert second.at >= legacy.earliest_allowed
+    assert second.handler_calls == 2
+    assert holding.stats.holds >= 2
+    assert len(legacy.calls) == 2
+    await other.nc.close()
+
+
+async def test_compose_with_other_middlewares_keeps_the_cap(
+    conn: Connection, stream: Stream
+) -> None:
+    legacy = LegacyHandler()
+    cap = with_delay_cap(CAP, store=MemoryDeadlineStore())
+    handler = compose(cap)(legacy)
+    await conn.js.subscribe(stream.subject, durable="composed", cb=handler, manual_ack=True)
+    await conn.js.publish(stream.subject, b"x")
+
+    _, second = await legacy.wait_calls(2)
+    assert second.at >= legacy.earliest_allowed
