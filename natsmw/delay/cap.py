@@ -304,6 +304,9 @@ class DelayCap:
         try:
             await self._store_for(msg).put(key, deferral)
         except DeadlineStoreError as error:
+            # Remembered here all the same: this instance knows the deadline, and that the
+            # whole delay went to the server, so it will not hold the redelivery blind.
+            self._remember(key, deferral)
             self.stats.store_errors += 1
             self.stats.uncapped += 1
             log.warning(

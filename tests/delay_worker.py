@@ -1,0 +1,55 @@
+"""A consumer process for the multi-process delay-cap tests.
+
+    python -m tests.delay_worker <url> <stream> <durable> <cap> <delay>
+
+Pulls from an existing durable; its legacy handler naks for <delay> on its first call for a
+message (as counted by natsmw, across processes) and acks on the second. Prints one JSON line
+per event on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import nats
+from nats.aio.msg import Msg
+
+from natsmw.delay import handler_calls, with_delay_cap
+
+
+def emit(event: str, msg: Msg, **fields: object) -> None:
+    record = {"event": event, "at": time.time(), "seq": msg.metadata.sequence.stream, **fields}
+    print(json.dumps(record), flush=True)
+
+
+async def main(url: str, stream: str, durable: str, cap: float, delay: float) -> None:
+    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    js = nc.jetstream()
+
+    @with_delay_cap(cap)
+    async def handle(msg: Msg) -> None:
+        calls = handler_calls(msg)
+        emit("call", msg, calls=calls, num_delivered=msg.metadata.num_delivered)
+        if calls == 1:
+            await msg.nak(delay=delay)
+            emit("deferred", msg)
+        else:
+            await msg.ack()
+
+    psub = await js.pull_subscribe_bind(durable, stream)
+    print(json.dumps({"event": "ready"}), flush=True)
+    while True:
+        try:
+            msgs = await psub.fetch(1, timeout=0.5)
+        except (asyncio.TimeoutError, nats.errors.Error):
+            continue
+        for msg in msgs:
+            await handle(msg)
+
+
+if __name__ == "__main__":
+    url, stream, durable, cap, delay = sys.argv[1:6]
+    asyncio.run(main(url, stream, durable, float(cap), float(delay)))

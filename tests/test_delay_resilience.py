@@ -1,0 +1,228 @@
+"""Deadlines survive: other processes, process restarts, server restarts, a lost cluster node,
+and an unreachable deadline store. Real servers, real processes, compressed time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from nats.js.api import ConsumerConfig, StreamConfig
+
+from natsmw.delay import KeyValueDeadlineStore, with_delay_cap
+from natsmw.server import NatsCluster, NatsServer
+from tests.conftest import Connection, Stream, connect, spy_acks
+from tests.delay_support import CAP, DELAY, LegacyHandler, nak_delays, pulling
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Workers:
+    """Consumer processes (tests/delay_worker.py) and the events they print."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+        self._changed = asyncio.Condition()
+        self._processes: list[asyncio.subprocess.Process] = []
+        self._readers: list[asyncio.Task[None]] = []
+
+    async def start(self, url: str, stream: str, durable: str, delay: float = DELAY) -> int:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.delay_worker", url, stream, durable, str(CAP), str(delay),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        index = len(self._processes)
+        self._processes.append(process)
+        self._readers.append(asyncio.create_task(self._read(index, process)))
+        await self.wait(
+            lambda events: any(e == {"event": "ready", "worker": index} for e in events)
+        )
+        return index
+
+    async def _read(self, index: int, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            async with self._changed:
+                self.events.append({**json.loads(line), "worker": index})
+                self._changed.notify_all()
+
+    async def wait(self, done: object, timeout: float = 20.0) -> None:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: done(self.events)), timeout)  # type: ignore[operator]
+
+    def calls(self, seq: int | None = None) -> list[dict[str, object]]:
+        return [e for e in self.events if e["event"] == "call" and seq in (None, e["seq"])]
+
+    def kill(self, index: int) -> None:
+        self._processes[index].kill()
+
+    async def close(self) -> None:
+        for process in self._processes:
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+        for reader in self._readers:
+            reader.cancel()
+
+
+@asynccontextmanager
+async def workers() -> AsyncIterator[Workers]:
+    started = Workers()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+def all_handled(count: int) -> object:
+    return lambda events: (
+        sum(1 for e in events if e["event"] == "call" and e["calls"] == 2) >= count
+    )
+
+
+def assert_each_called_twice_and_never_early(pool: Workers, sequences: list[int]) -> None:
+    for seq in sequences:
+        calls = pool.calls(seq)
+        assert [c["calls"] for c in calls] == [1, 2], calls
+        assert float(calls[1]["at"]) >= float(calls[0]["at"]) + DELAY  # type: ignore[arg-type]
+
+
+async def test_two_consumer_processes_on_one_durable_never_call_early(
+    conn: Connection, stream: Stream
+) -> None:
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="pool", ack_wait=5))
+    url = conn.nc.connected_url.geturl()  # type: ignore[union-attr]
+    async with workers() as pool:
+        await pool.start(url, stream.name, "pool")
+        await pool.start(url, stream.name, "pool")
+        sequences = [(await conn.js.publish(stream.subject, b"%d" % i)).seq for i in range(6)]
+        await pool.wait(all_handled(len(sequences)))
+
+        assert_each_called_twice_and_never_early(pool, sequences)
+        holders = {e["worker"] for e in pool.events if e["event"] == "call"}
+        assert holders == {0, 1}  # both processes took part
+
+
+async def test_consumer_process_restarted_mid_hold(conn: Connection, stream: Stream) -> None:
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="crash", ack_wait=1))
+    url = conn.nc.connected_url.geturl()  # type: ignore[union-attr]
+    async with workers() as pool:
+        first = await pool.start(url, stream.name, "crash")
+        sequences = [(await conn.js.publish(stream.subject, b"%d" % i)).seq for i in range(3)]
+        await pool.wait(lambda events: sum(e["event"] == "deferred" for e in events) >= 3)
+        pool.kill(first)  # mid-hold: every message deferred, none due yet
+        await pool.start(url, stream.name, "crash")
+        await pool.wait(all_handled(len(sequences)))
+
+        assert_each_called_twice_and_never_early(pool, sequences)
+        assert {e["worker"] for e in pool.calls() if e["calls"] == 2} == {1}
+
+
+async def test_nats_server_restarted_mid_hold(own_server: NatsServer) -> None:
+    conn = await connect(own_server.url)
+    await conn.js.add_stream(name="RESTART", subjects=["restart.>"])
+    await conn.js.add_consumer("RESTART", ConsumerConfig(durable_name="r", ack_wait=1))
+    legacy = LegacyHandler()
+    async with pulling(conn.js, "restart.x", "r", with_delay_cap(CAP)(legacy)):
+        await conn.js.publish("restart.x", b"x")
+        await asyncio.wait_for(legacy.deferred.wait(), 5)
+
+    own_server.restart()
+    await asyncio.wait_for(conn.reconnected.wait(), 10)
+    fresh = with_delay_cap(CAP)  # an empty cache: the deadline must come from the server
+    async with pulling(conn.js, "restart.x", "r", fresh(legacy)):
+        _, second = await legacy.wait_calls(2)
+
+    assert second.at >= legacy.earliest_allowed
+    assert second.handler_calls == 2
+    assert fresh.stats.holds >= 1
+    assert len(legacy.calls) == 2
+    await conn.nc.close()
+
+
+async def test_cluster_node_stopped_mid_hold(cluster: NatsCluster) -> None:
+    conn = await connect(*cluster.urls)
+    await conn.js.add_stream(StreamConfig(name="HA", subjects=["ha.>"], num_replicas=3))
+    await conn.js.add_consumer("HA", ConsumerConfig(durable_name="ha", ack_wait=1))
+    legacy = LegacyHandler(delay=4.0)
+    async with pulling(conn.js, "ha.x", "ha", with_delay_cap(CAP)(legacy)):
+        await conn.js.publish("ha.x", b"x")
+        await asyncio.wait_for(legacy.deferred.wait(), 10)
+
+    connected = cluster.urls.index(f"nats://{conn.nc.connected_url.netloc}")  # type: ignore[union-attr]
+    cluster.servers[connected].stop()
+    await asyncio.wait_for(conn.reconnected.wait(), 10)
+    fresh = with_delay_cap(CAP)
+    async with pulling(conn.js, "ha.x", "ha", fresh(legacy)):
+        _, second = await legacy.wait_calls(2, timeout=20)
+
+    assert second.at >= legacy.earliest_allowed
+    assert second.handler_calls == 2
+    assert len(legacy.calls) == 2
+    await conn.nc.close()
+
+
+@pytest.fixture
+async def remote_store(
+    own_server: NatsServer,
+) -> AsyncIterator[tuple[NatsServer, KeyValueDeadlineStore]]:
+    """A deadline store on a server of its own, which the test can take away."""
+    store_conn = await connect(own_server.url)
+    yield own_server, KeyValueDeadlineStore(store_conn.js, timeout=0.3)
+    with contextlib.suppress(ConnectionError):  # the test may have left its server stopped
+        await store_conn.nc.close()
+
+
+async def test_unreachable_store_keeps_holding_and_loses_nothing(
+    conn: Connection, stream: Stream, remote_store: tuple[NatsServer, KeyValueDeadlineStore]
+) -> None:
+    store_server, store = remote_store
+    spy = await spy_acks(conn.nc, stream.name)
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="s", ack_wait=30))
+    legacy = LegacyHandler(delay=3.0)
+    deferring, fresh = with_delay_cap(CAP, store=store), with_delay_cap(CAP, store=store)
+    async with pulling(conn.js, stream.subject, "s", deferring(legacy)):
+        ack = await conn.js.publish(stream.subject, b"x")
+        await asyncio.wait_for(legacy.deferred.wait(), 5)
+        store_server.stop()
+        # The instance that deferred holds on from what it knows.
+        await spy.wait_for(3)
+    assert deferring.stats.holds >= 2
+
+    # An instance that knows nothing cannot tell when the deadline is: it holds blind.
+    async with pulling(conn.js, stream.subject, "s", fresh(legacy)):
+        await spy.wait_for(len(spy.items) + 2)
+        assert fresh.stats.blind_holds >= 1
+        assert len(legacy.calls) == 1
+        store_server.start()
+        _, second = await legacy.wait_calls(2)
+        await spy.catch_up(conn.nc)
+
+    assert second.at >= legacy.earliest_allowed
+    assert fresh.stats.store_errors >= 1
+    assert spy.settlements(ack.seq)[-1] == b"+ACK"
+
+
+async def test_store_unreachable_when_deferring_sends_the_nak_uncapped(
+    conn: Connection, stream: Stream, remote_store: tuple[NatsServer, KeyValueDeadlineStore]
+) -> None:
+    store_server, store = remote_store
+    store_server.stop()
+    spy = await spy_acks(conn.nc, stream.name)
+    legacy = LegacyHandler(delay=1.0)
+    cap = with_delay_cap(CAP, store=store)
+    await conn.js.subscribe(stream.subject, durable="u", cb=cap(legacy), manual_ack=True)
+    ack = await conn.js.publish(stream.subject, b"x")
+    _, second = await legacy.wait_calls(2)
+    await spy.catch_up(conn.nc)
+
+    assert second.at >= legacy.earliest_allowed
+    assert nak_delays(spy.settlements(ack.seq)) == [1.0]  # as the handler asked: safe, uncapped
+    assert cap.stats.uncapped == 1
+    assert cap.stats.store_errors >= 1
