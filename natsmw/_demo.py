@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import nats
 from nats.aio.msg import Msg
 
-from natsmw.chain import Handler, Middleware, middleware
+from natsmw.chain import Handler, Middleware, compose, middleware
+from natsmw.delay import handler_calls, with_delay_cap
 from natsmw.message import MessageProxy, Settle, Settlement
 from natsmw.server import NatsServer
 
+CAP = 0.25  # seconds: stands in for a production cap of a minute
+REVIEW_DELAY = 2.0  # seconds: stands in for the "retry in 3 hours" of a real handler
 ORDERS = [{"id": 1, "amount": 20}, {"id": 2, "amount": 250}, {"id": 3, "amount": 70}]
+_CALLED = "demo.called"
 
 
 def say(text: str) -> None:
@@ -20,17 +25,18 @@ def say(text: str) -> None:
 
 
 def narrated() -> Middleware:
-    """A middleware that tells what happens to each delivery, from the outside of the handler."""
+    """Tells what happens to each delivery, seen from outside the delay cap."""
 
     async def step(msg: MessageProxy, call_next: Handler) -> None:
         meta = msg.metadata
-        say(
-            f"  -> stream message #{meta.sequence.stream} on {msg.subject}, "
-            f"delivery {meta.num_delivered}: calling the handler"
-        )
+        where = f"  order message #{meta.sequence.stream}, delivery {meta.num_delivered}:"
 
         async def report(settlement: Settlement, send: Settle) -> object:
-            say(f"     the handler settled it: {describe(settlement)}")
+            sent = describe(settlement)
+            if msg.state.get(_CALLED):
+                say(f"{where} the handler ran, the server got: {sent}")
+            else:
+                say(f"{where} held by natsmw without calling the handler, the server got: {sent}")
             return await send(settlement)
 
         with msg.intercept(report):
@@ -39,9 +45,19 @@ def narrated() -> Middleware:
     return middleware(step)
 
 
+def marks_handler_runs() -> Middleware:
+    """Innermost: notes that the delivery got past the delay cap to the handler."""
+
+    async def step(msg: MessageProxy, call_next: Handler) -> None:
+        msg.state[_CALLED] = True
+        await call_next(msg)
+
+    return middleware(step)
+
+
 def describe(settlement: Settlement) -> str:
-    if settlement.kind == "nak":
-        return "nak (the server will deliver it again)"
+    if settlement.kind == "nak" and settlement.delay:
+        return f"nak(delay={settlement.delay:.2f}s)"
     return settlement.kind
 
 
@@ -51,29 +67,43 @@ async def run_demo() -> int:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
         await js.add_stream(name="ORDERS", subjects=["orders.>"])
-        say("Created stream ORDERS (subjects orders.>) and a durable push consumer 'billing'")
+        say("Created stream ORDERS (subjects orders.>) and a durable push consumer 'billing'.")
+        say(
+            f"The legacy handler asks for a {REVIEW_DELAY:.0f}s delay on large orders "
+            f"(think: 3 hours). It is wrapped in with_delay_cap({CAP}), so the server never "
+            f"sees a nak longer than {CAP}s, and the handler never sees the order early."
+        )
 
         done = asyncio.Event()
-        billed: list[int] = []
+        billed: dict[int, float] = {}
+        asked: dict[int, float] = {}
+        cap = with_delay_cap(CAP)
 
-        # A legacy handler, unchanged: it asks for a second look at large orders.
-        @narrated()
+        # A legacy handler, unchanged: large orders wait for a review, then get billed.
+        @compose(narrated(), cap, marks_handler_runs())
         async def bill(msg: Msg) -> None:
             order = json.loads(msg.data)
-            if order["amount"] > 100 and msg.metadata.num_delivered == 1:
-                await msg.nak()
+            if order["amount"] > 100 and handler_calls(msg) == 1:
+                asked[order["id"]] = time.time()
+                say(f"  order {order['id']} is large: the handler calls nak(delay={REVIEW_DELAY})")
+                await msg.nak(delay=REVIEW_DELAY)
                 return
-            billed.append(order["id"])
+            billed[order["id"]] = time.time()
             await msg.ack()
             if len(billed) == len(ORDERS):
                 done.set()
 
         await js.subscribe("orders.>", durable="billing", cb=bill, manual_ack=True)
-        say(f"Publishing {len(ORDERS)} orders; the handler runs through the natsmw chain:")
+        say(f"Publishing {len(ORDERS)} orders:")
         for order in ORDERS:
             await js.publish("orders.new", json.dumps(order).encode())
-        await asyncio.wait_for(done.wait(), timeout=10)
-        say(f"Done: orders {sorted(billed)} billed, each acked once; order 2 was nak'd once first.")
+        await asyncio.wait_for(done.wait(), timeout=30)
+        waited = billed[2] - asked[2]
+        say(
+            f"Done: orders {sorted(billed)} billed. Order 2 reached the handler again "
+            f"{waited:.2f}s after it asked for {REVIEW_DELAY}s, never before; in between natsmw "
+            f"held it {cap.stats.holds} times with naks of at most {CAP}s."
+        )
         await nc.drain()
     say("Stopped the embedded server and removed its temporary store.")
     return 0

@@ -283,3 +283,32 @@ async def test_compose_with_other_middlewares_keeps_the_cap(
 
     _, second = await legacy.wait_calls(2)
     assert second.at >= legacy.earliest_allowed
+
+
+async def test_holds_on_the_deferring_instance_cost_no_server_round_trip(
+    conn: Connection, stream: Stream
+) -> None:
+    """Every request natsmw makes is seen on the wire: none of them is per hold."""
+    requests = Inbox()
+    await conn.nc.subscribe("$JS.API.>", cb=requests.put)
+    await conn.nc.subscribe("$KV.>", cb=requests.put)
+    legacy = LegacyHandler()
+    cap = with_delay_cap(CAP)
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="cost", ack_wait=30))
+    async with pulling(conn.js, stream.subject, "cost", cap(legacy)):
+        await conn.js.publish(stream.subject, b"x")
+        await legacy.wait_calls(2)
+    await conn.nc.flush()
+
+    per_message = (
+        "$JS.API.CONSUMER.INFO.",
+        "$JS.API.DIRECT.GET.",
+        "$JS.API.STREAM.MSG.GET.",
+        "$KV.",
+    )
+    made = [m.subject.split(".")[:4] for m in requests.items if m.subject.startswith(per_message)]
+    assert cap.stats.holds >= 8
+    # nats-py's pull_subscribe asks for consumer info once. natsmw: one consumer info
+    # (max_deliver, then cached), one KV put at the deferral, one KV read and one KV put when
+    # the deadline has passed: four in all, however many holds.
+    assert len(made) == 1 + 4, made

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 
-def test_demo_command_exits_zero_and_narrates_the_chain() -> None:
+def test_demo_command_exits_zero_and_shows_the_delay_cap_at_work() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "natsmw", "demo"],
         capture_output=True,
@@ -18,8 +19,12 @@ def test_demo_command_exits_zero_and_narrates_the_chain() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "Started an embedded nats-server with JetStream at nats://127.0.0.1:" in out
-    assert "stream message #2 on orders.new, delivery 1: calling the handler" in out
-    assert "the handler settled it: nak" in out
-    assert "stream message #2 on orders.new, delivery 2: calling the handler" in out
-    assert "Done: orders [1, 2, 3] billed" in out
-    assert out.count("the handler settled it: ack") == 3
+    assert "order 2 is large: the handler calls nak(delay=2.0)" in out
+    holds = re.findall(r"#2, delivery \d+: held by natsmw .* nak\(delay=(\d\.\d\d)s\)", out)
+    assert len(holds) >= 5
+    assert all(float(delay) <= 0.25 for delay in holds)
+    assert re.search(r"#2, delivery \d+: the handler ran, the server got: ack", out)
+    waited = re.search(r"again (\d+\.\d\d)s after it asked for 2.0s, never before", out)
+    assert waited is not None
+    assert float(waited[1]) >= 2.0
+    assert "Done: orders [1, 2, 3] billed." in out
