@@ -12,6 +12,7 @@ Deadlines come from a ``Natsmw-Deadline`` header (set by a publisher) or from a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -323,7 +324,8 @@ class DelayCap:
                 msg.subject, _seq(msg), settlement.delay,
             )  # fmt: skip
             return await send(settlement)
-        self.stats.capped += 1
+        if interval < settlement.delay:
+            self.stats.capped += 1
         return await send(Settlement("nak", delay=interval))
 
     async def _release(
@@ -383,7 +385,7 @@ class _ConsumerLimits:
         try:
             js = msg.message._client.jetstream(domain=meta.domain or None)
             info = await js.consumer_info(meta.stream, meta.consumer, timeout=2.0)
-        except (NatsError, TimeoutError, OSError) as error:
+        except (NatsError, asyncio.TimeoutError, OSError) as error:
             log.warning("cannot read consumer info of %s/%s: %s", *consumer, error)
             return known[0] if known is not None else _UNKNOWN
         limit = info.config.max_deliver
