@@ -1,0 +1,140 @@
+"""A reversible, per-client install for legacy consumers: one line at start-up.
+
+    install(nc)                                # lazy header decoding
+    install(nc, chain=compose(with_delay_cap(60), with_size_limit(max_body=1 << 20)))
+
+``install`` changes one client, never nats-py itself, and :func:`uninstall` undoes it. In the
+style of the OpenTelemetry instrumentations, the client's methods are wrapped with ``wrapt``
+on the instance, so other clients in the process are untouched.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import wrapt
+from nats.aio.client import Client
+
+from natsmw.chain import Handler, Middleware
+from natsmw.errors import NatsmwError
+from natsmw.headers import Undecoded, can_defer, lazy_message_class
+
+__all__ = ["install", "installed", "uninstall"]
+
+# Callbacks nats-py installs for its own machinery: replies to requests, key-value and
+# object-store watchers. A user's chain has no business with them.
+_INTERNAL_MODULES = ("nats.js.kv", "nats.js.object_store")
+
+
+@dataclass
+class _Installation:
+    lazy_headers: bool
+    chain: Middleware | None
+    had_msg_class: bool
+    msg_class: Any
+
+
+_installed: weakref.WeakKeyDictionary[Client, _Installation] = weakref.WeakKeyDictionary()
+
+
+def install(nc: Client, *, lazy_headers: bool = True, chain: Middleware | None = None) -> None:
+    """Install natsmw on the client ``nc``.
+
+    Args:
+        nc: the nats-py client; connected or not, with subscriptions or not.
+        lazy_headers: decode message headers on first access instead of in the read loop.
+            Applies at once to every subscription of the client, existing ones included.
+        chain: a middleware (for example ``compose(...)``) put in front of the callback of
+            every subscription made on ``nc`` from now on: ``nc.subscribe(cb=...)`` and
+            ``js.subscribe(cb=...)`` (push, auto-ack or not). Subscriptions that exist already
+            keep their callbacks as they are.
+
+    Raises:
+        NatsmwError: natsmw is already installed on ``nc`` (``uninstall`` it first).
+        TypeError: ``chain`` is not callable.
+    """
+    if nc in _installed:
+        raise NatsmwError(f"natsmw is already installed on {nc!r}; call uninstall(nc) first")
+    if chain is not None and not callable(chain):
+        raise TypeError(f"chain must be a middleware such as compose(...), got {chain!r}")
+    installation = _Installation(
+        lazy_headers=lazy_headers,
+        chain=chain,
+        had_msg_class="msg_class" in vars(nc),
+        msg_class=vars(nc).get("msg_class"),
+    )
+    if lazy_headers:
+        nc.msg_class = lazy_message_class(nc.msg_class)
+        nc._process_headers = wrapt.FunctionWrapper(nc._process_headers, _defer_decoding)  # type: ignore[method-assign]
+    if chain is not None:
+        nc.subscribe = wrapt.FunctionWrapper(nc.subscribe, _chained_subscribe(chain))  # type: ignore[method-assign]
+    _installed[nc] = installation
+
+
+def uninstall(nc: Client) -> None:
+    """Undo :func:`install` on ``nc``; does nothing if natsmw is not installed there.
+
+    New messages get nats-py's eager header decoding again; messages already received keep
+    decoding on access, correctly. New subscriptions get the callback exactly as given.
+    Subscriptions made while installed keep the chain around their callback until they are
+    unsubscribed: a chain in the middle of a delay hold must not be dropped silently.
+    """
+    installation = _installed.pop(nc, None)
+    if installation is None:
+        return
+    instance = vars(nc)
+    for name in ("_process_headers", "subscribe"):
+        if isinstance(instance.get(name), wrapt.FunctionWrapper):
+            del instance[name]
+    if installation.lazy_headers:
+        if installation.had_msg_class:
+            nc.msg_class = installation.msg_class
+        else:
+            instance.pop("msg_class", None)
+
+
+@contextmanager
+def installed(
+    nc: Client, *, lazy_headers: bool = True, chain: Middleware | None = None
+) -> Iterator[Client]:
+    """``with installed(nc, ...):`` installs natsmw on ``nc`` for the block, then uninstalls."""
+    install(nc, lazy_headers=lazy_headers, chain=chain)
+    try:
+        yield nc
+    finally:
+        uninstall(nc)
+
+
+async def _defer_decoding(
+    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    raw = args[0] if args else kwargs.get("headers")
+    if raw and can_defer(raw):
+        return Undecoded(wrapped.__self__, raw)
+    return await wrapped(*args, **kwargs)
+
+
+def _chained_subscribe(chain: Middleware) -> Any:
+    def subscribe(
+        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        arguments = list(args)
+        if len(arguments) >= 3:
+            arguments[2] = _chained(chain, wrapped.__self__, arguments[2])
+        elif kwargs.get("cb") is not None:
+            kwargs = {**kwargs, "cb": _chained(chain, wrapped.__self__, kwargs["cb"])}
+        return wrapped(*arguments, **kwargs)
+
+    return subscribe
+
+
+def _chained(chain: Middleware, nc: Client, callback: Handler | None) -> Handler | None:
+    if callback is None or callback == nc._request_sub_callback:
+        return callback
+    if getattr(callback, "__module__", "").startswith(_INTERNAL_MODULES):
+        return callback
+    return chain(callback)

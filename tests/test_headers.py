@@ -1,0 +1,221 @@
+"""Lazy header decoding gives exactly what nats-py gives: differential fuzz and dict behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import pickle
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from natsmw.headers import Undecoded, can_defer, header_block_size, lazy_message_class, peek_header
+from natsmw.install import install, installed, uninstall
+from tests.conftest import Connection, Inbox, Stream, connect
+
+_CLIENT = Client()
+LazyMsg = lazy_message_class(Msg)
+
+# Header names and values as they come off the wire, including what a hostile or broken
+# publisher could send: whitespace, colons, non-ASCII and non-UTF-8 bytes, empty parts.
+name_bytes = st.one_of(
+    st.sampled_from([b"Nats-Msg-Id", b"Natsmw-Deadline", b"traceparent", b"X", b"x", b"Status"]),
+    st.binary(max_size=12).filter(lambda b: b"\r\n" not in b and not b.endswith(b"\r")),
+)
+value_bytes = st.binary(max_size=24).filter(lambda b: b"\r\n" not in b and not b.endswith(b"\r"))
+line = st.one_of(
+    st.tuples(name_bytes, st.sampled_from([b":", b": ", b":\t", b" : "]), value_bytes).map(
+        b"".join
+    ),
+    value_bytes,  # a line with no colon at all
+)
+status = st.sampled_from(
+    [b"", b" 100 Idle Heartbeat", b" 100 FlowControl Request", b" 404 No Messages",
+     b" 408 Request Timeout", b" 409 Consumer Deleted", b" 503", b" 100"]
+)  # fmt: skip
+header_block = st.builds(
+    lambda status, lines: (
+        b"NATS/1.0" + status + b"\r\n" + b"".join(x + b"\r\n" for x in lines) + b"\r\n"
+    ),
+    status,
+    st.lists(line, max_size=25),
+)
+
+
+def nats_py_parse(raw: bytes) -> dict[str, str] | None:
+    coroutine = _CLIENT._process_headers(raw)
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    raise AssertionError("nats-py's parser suspended")
+
+
+def lazy_parse(raw: bytes) -> Msg:
+    headers = Undecoded(_CLIENT, raw) if can_defer(raw) else nats_py_parse(raw)
+    return LazyMsg(_client=_CLIENT, subject="s", data=b"", headers=headers)  # type: ignore[arg-type]
+
+
+def outcome(parse: object) -> tuple[str, object]:
+    """What a parse gives: its value, or the exception it raises (nats-py raises on some
+    malformed status lines, and lazy decoding must raise the same)."""
+    try:
+        return ("value", parse())  # type: ignore[operator]
+    except Exception as error:
+        return ("raises", type(error))
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=header_block, probe=name_bytes)
+def test_lazy_headers_equal_nats_py_for_any_header_block(raw: bytes, probe: bytes) -> None:
+    expected = outcome(lambda: nats_py_parse(raw))
+    assert outcome(lambda: lazy_parse(raw).headers) == expected
+    if expected[0] == "raises":
+        return
+    headers: dict[str, str] | None = expected[1]  # type: ignore[assignment]
+    name = probe.decode("latin-1")
+    assert peek_header(lazy_parse(raw), name) == (headers.get(name) if headers else None)
+    for key, value in (headers or {}).items():
+        assert peek_header(lazy_parse(raw), key) == value
+    decoded = lazy_parse(raw).headers
+    assert type(decoded) is type(headers)
+    assert [type(v) for v in (decoded or {}).values()] == [str] * len(headers or {})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"NATS/1.0\r\n\r\n",
+        b"NATS/1.0\r\nA: 1\r\nA: 2\r\n\r\n",  # duplicates: the last wins, as in nats-py
+        b"NATS/1.0\r\n Spaced : v \r\nIn side: v\r\n\r\n",
+        b"NATS/1.0\r\n\xff\xfe: v\r\nK: \xff\xfe\r\n\r\n",
+        b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 5\r\n\r\n",
+        b"NATS/1.0 404 No Messages\r\n\r\n",
+        b"NATS/1.0\r\n" + b"".join(b"H%d: %d\r\n" % (i, i) for i in range(10_000)) + b"\r\n",
+    ],
+)
+def test_lazy_headers_equal_nats_py_on_hand_picked_blocks(raw: bytes) -> None:
+    expected = nats_py_parse(raw)
+    msg = lazy_parse(raw)
+    keys = list(expected or {})
+    for key in [*keys[:3], *keys[-3:], "Absent", "A"]:
+        assert peek_header(lazy_parse(raw), key) == (expected or {}).get(key)
+    assert msg.headers == expected
+
+
+def dict_behaviours(h: dict[str, str]) -> list[object]:
+    copied = dict(h)
+    mutated = copy.copy(h)
+    mutated["New"] = "1"
+    del mutated["A"]
+    return [
+        isinstance(h, dict), h.get("A"), h["B"], "A" in h, "Z" in h, list(h), len(h), bool(h),
+        list(h.items()), h == {"A": "1", "B": "2"}, copied, json.dumps(h), mutated,
+        copy.deepcopy(h), pickle.loads(pickle.dumps(h)), h.setdefault("A", "x"),
+    ]  # fmt: skip
+
+
+async def test_headers_behave_as_a_dict_for_user_code(conn: Connection) -> None:
+    install(conn.nc)
+    received = Inbox()
+    await conn.nc.subscribe("dict.check", cb=received.put)
+    await conn.nc.publish("dict.check", b"x", headers={"A": "1", "B": "2"})
+    (lazy,) = await received.wait_for(1)
+    uninstall(conn.nc)
+    await conn.nc.publish("dict.check", b"x", headers={"A": "1", "B": "2"})
+    _, eager = await received.wait_for(2)
+
+    assert type(lazy).__name__ == "LazyMsg"
+    assert isinstance(lazy, Msg)
+    assert type(eager) is Msg
+    assert dict_behaviours(lazy.headers) == dict_behaviours(eager.headers)  # type: ignore[arg-type]
+    assert lazy == lazy  # dataclass equality reads headers through the property
+
+
+async def test_install_applies_to_live_subscriptions_and_uninstall_restores(
+    conn: Connection,
+) -> None:
+    received = Inbox()
+    await conn.nc.subscribe("live.sub", cb=received.put)
+    with installed(conn.nc):
+        await conn.nc.publish("live.sub", b"1", headers={"K": "v"})
+        (first,) = await received.wait_for(1)
+        assert isinstance(first._natsmw_headers, Undecoded)  # not decoded until read
+        assert peek_header(first, "K") == "v"
+        assert isinstance(first._natsmw_headers, Undecoded)  # peeking decoded nothing
+        assert first.headers == {"K": "v"}
+    await conn.nc.publish("live.sub", b"2", headers={"K": "v"})
+    _, second = await received.wait_for(2)
+
+    assert type(second) is Msg
+    assert conn.nc.msg_class is Msg
+    assert "_process_headers" not in vars(conn.nc)
+
+
+async def test_install_twice_is_refused(conn: Connection) -> None:
+    from natsmw.errors import NatsmwError
+
+    with installed(conn.nc), pytest.raises(NatsmwError, match="already installed"):
+        install(conn.nc)
+
+
+async def test_other_clients_are_untouched(conn: Connection, nats_server: object) -> None:
+    other = await connect(conn.nc.connected_url.geturl())  # type: ignore[union-attr]
+    with installed(conn.nc):
+        assert other.nc.msg_class is Msg
+        assert conn.nc.msg_class is not Msg
+    await other.nc.close()
+
+
+async def test_jetstream_control_messages_keep_working(conn: Connection, stream: Stream) -> None:
+    """Heartbeats and flow control on a push consumer; an empty pull fetch (404/408)."""
+    install(conn.nc)
+    received = Inbox()
+    sub = await conn.js.subscribe(
+        stream.subject, durable="ctrl", cb=received.put, idle_heartbeat=0.1, flow_control=True,
+        manual_ack=True,
+    )  # fmt: skip
+    body = b"x" * 60_000
+    for i in range(40):  # enough bytes to make the server ask for flow control
+        await conn.js.publish(stream.subject, body, headers={"N": str(i)})
+    msgs = await received.wait_for(40)
+    assert [m.headers["N"] for m in msgs] == [str(i) for i in range(40)]  # type: ignore[index]
+    for m in msgs:
+        await m.ack()
+    # An idle consumer gets heartbeats. Watch them arrive on the deliver subject; the
+    # subscription itself must see none of them, and nats-py must report no missed heartbeat.
+    heartbeats = Inbox()
+    watch = await conn.nc.subscribe(sub._sub.subject, cb=heartbeats.put)
+    beats = await heartbeats.wait_for(3)
+    assert all(b.headers and b.headers.get("Status") == "100" for b in beats)
+    assert len(received.items) == 40
+    await watch.unsubscribe()
+
+    psub = await conn.js.pull_subscribe(stream.subject, durable="empty-pull")
+    await psub.fetch(40, timeout=5)
+    with pytest.raises(asyncio.TimeoutError):
+        await psub.fetch(1, timeout=0.3)
+    assert conn.errors == []
+    await sub.unsubscribe()
+    await psub.unsubscribe()
+    uninstall(conn.nc)
+
+
+async def test_oversize_and_garbage_header_inputs_through_a_real_server(conn: Connection) -> None:
+    install(conn.nc)
+    received = Inbox()
+    await conn.nc.subscribe("garbage", cb=received.put)
+    many = {f"H{i}": str(i) for i in range(10_000)}
+    await conn.nc.publish("garbage", b"", headers=many)
+    await conn.nc.publish("garbage", b"", headers={"K": "\u00e9\u00ff"})
+    (big, accented) = await received.wait_for(2)
+
+    assert peek_header(big, "H9999") == "9999"
+    assert big.headers == many
+    assert header_block_size(accented)[1] == 1
+    assert accented.headers == {"K": "\u00e9\u00ff"}
+    uninstall(conn.nc)
