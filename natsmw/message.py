@@ -15,8 +15,7 @@ subscriptions with ``manual_ack=False``) sees what happened.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -68,6 +67,22 @@ else:
     _Proxy = wrapt.ObjectProxy
 
 
+class _Intercepting:
+    """The ``with`` block of :meth:`MessageProxy.intercept` (a class: it is on the hot path)."""
+
+    __slots__ = ("_interceptor", "_interceptors")
+
+    def __init__(self, interceptors: list[Interceptor], interceptor: Interceptor) -> None:
+        self._interceptors = interceptors
+        self._interceptor = interceptor
+
+    def __enter__(self) -> None:
+        self._interceptors.append(self._interceptor)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._interceptors.remove(self._interceptor)
+
+
 class MessageProxy(_Proxy):
     """A :class:`~nats.aio.msg.Msg` as every natsmw middleware sees it.
 
@@ -112,19 +127,14 @@ class MessageProxy(_Proxy):
         reply = self.__wrapped__.reply
         return bool(reply) and reply.startswith(_JS_ACK_PREFIX)
 
-    @contextmanager
-    def intercept(self, interceptor: Interceptor) -> Iterator[None]:
+    def intercept(self, interceptor: Interceptor) -> _Intercepting:
         """See every settlement call made on this message while the ``with`` block runs.
 
         Interceptors nest like the middlewares that install them: the one installed last (the
         innermost, closest to the handler) sees a call first, and its ``send`` leads to the
         one installed before it, and in the end to the server.
         """
-        self._self_interceptors.append(interceptor)
-        try:
-            yield
-        finally:
-            self._self_interceptors.remove(interceptor)
+        return _Intercepting(self._self_interceptors, interceptor)
 
     async def ack(self) -> None:
         """Acknowledge the message (``+ACK``), through the interceptors."""

@@ -26,33 +26,42 @@ class Call:
     handler_calls: int
 
 
-class LegacyHandler:
-    """A handler as teams write it: nak for ``delay`` on the first call, ack after."""
+class CallLog:
+    """Records each call of a handler and lets a test wait for a number of them."""
 
-    def __init__(self, delay: float | timedelta = DELAY) -> None:
-        self.delay = delay
+    def __init__(self) -> None:
         self.calls: list[Call] = []
-        self.asked_at: float | None = None
         self._changed = asyncio.Condition()
-        self.deferred = asyncio.Event()  # set once the first call's nak has been sent
 
-    async def __call__(self, msg: Msg) -> None:
+    async def record(self, msg: Msg) -> None:
         async with self._changed:
             self.calls.append(Call(time.time(), msg.metadata.num_delivered, handler_calls(msg)))
             self._changed.notify_all()
+
+    async def wait_calls(self, count: int, timeout: float = 10.0) -> list[Call]:
+        async with self._changed:
+            enough = lambda: len(self.calls) >= count  # noqa: E731
+            await asyncio.wait_for(self._changed.wait_for(enough), timeout)
+        return self.calls[:count]
+
+
+class LegacyHandler(CallLog):
+    """A handler as teams write it: nak for ``delay`` on the first call, ack after."""
+
+    def __init__(self, delay: float | timedelta = DELAY) -> None:
+        super().__init__()
+        self.delay = delay
+        self.asked_at: float | None = None
+        self.deferred = asyncio.Event()  # set once the first call's nak has been sent
+
+    async def __call__(self, msg: Msg) -> None:
+        await self.record(msg)
         if len(self.calls) == 1:
             self.asked_at = time.time()
             await msg.nak(delay=self.delay)
             self.deferred.set()
         else:
             await msg.ack()
-
-    async def wait_calls(self, count: int, timeout: float = 10.0) -> list[Call]:
-        async with self._changed:
-            await asyncio.wait_for(
-                self._changed.wait_for(lambda: len(self.calls) >= count), timeout
-            )
-        return self.calls[:count]
 
     @property
     def earliest_allowed(self) -> float:
@@ -95,3 +104,36 @@ async def pulling(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await psub.unsubscribe()
+
+
+async def wait_until(moment: float) -> None:
+    """Wait for the wall clock to pass ``moment``: the one thing a deadline test must wait for."""
+    await asyncio.sleep(max(moment - time.time(), 0.0) + 0.01)
+
+
+class ScriptedHandler(CallLog):
+    """A handler that settles each call as its script says: ("nak", delay) or ("ack",)."""
+
+    def __init__(self, *script: tuple[object, ...]) -> None:
+        super().__init__()
+        self.script = list(script)
+        self.naked_at: list[float] = []
+        self.settled = 0
+
+    async def __call__(self, msg: Msg) -> None:
+        step = self.script[min(len(self.calls), len(self.script) - 1)]
+        await self.record(msg)
+        if step[0] == "nak":
+            self.naked_at.append(time.time())
+            await msg.nak(delay=step[1])
+        else:
+            await msg.ack()
+        async with self._changed:
+            self.settled += 1
+            self._changed.notify_all()
+
+    async def wait_settled(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``count`` calls have sent their settlement."""
+        async with self._changed:
+            enough = lambda: self.settled >= count  # noqa: E731
+            await asyncio.wait_for(self._changed.wait_for(enough), timeout)

@@ -4,7 +4,7 @@
 
 Pulls from an existing durable; its legacy handler naks for <delay> on its first call for a
 message (as counted by natsmw, across processes) and acks on the second. Prints one JSON line
-per event on stdout.
+per event on stdout: ready, call, deferred, and held (a delivery natsmw held).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 import nats
 from nats.aio.msg import Msg
 
+from natsmw import Handler, MessageProxy, compose, middleware
 from natsmw.delay import handler_calls, with_delay_cap
 
 
@@ -29,8 +30,14 @@ async def main(url: str, stream: str, durable: str, cap: float, delay: float) ->
     nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
     js = nc.jetstream()
 
-    @with_delay_cap(cap)
+    async def report_holds(msg: MessageProxy, call_next: Handler) -> None:
+        await call_next(msg)
+        if not msg.state.get("ran"):
+            emit("held", msg, num_delivered=msg.metadata.num_delivered)
+
+    @compose(middleware(report_holds), with_delay_cap(cap))
     async def handle(msg: Msg) -> None:
+        msg.state["ran"] = True  # type: ignore[attr-defined]
         calls = handler_calls(msg)
         emit("call", msg, calls=calls, num_delivered=msg.metadata.num_delivered)
         if calls == 1:

@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js.api import ConsumerConfig
 
-from natsmw import compose
+from natsmw import Handler, MessageProxy, Settlement, compose, middleware
 from natsmw.delay import (
     DEADLINE_HEADER,
     DeadlineKey,
@@ -22,8 +22,16 @@ from natsmw.delay import (
     publish_not_before,
     with_delay_cap,
 )
+from natsmw.message import Settle
 from tests.conftest import Connection, Inbox, Stream, spy_acks
-from tests.delay_support import CAP, LegacyHandler, nak_delays, pulling
+from tests.delay_support import (
+    CAP,
+    LegacyHandler,
+    ScriptedHandler,
+    nak_delays,
+    pulling,
+    wait_until,
+)
 
 
 @pytest.mark.parametrize("mode", ["push-manual", "push-auto-ack", "pull"])
@@ -106,7 +114,7 @@ async def test_timedelta_cap_and_timedelta_delay(conn: Connection, stream: Strea
 
 
 async def test_max_deliver_three_stretches_the_hold_and_the_message_is_handled(
-    conn: Connection, stream: Stream
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
 ) -> None:
     spy = await spy_acks(conn.nc, stream.name)
     await conn.js.add_consumer(
@@ -114,6 +122,7 @@ async def test_max_deliver_three_stretches_the_hold_and_the_message_is_handled(
     )
     legacy = LegacyHandler()
     cap = with_delay_cap(CAP)
+    caplog.set_level(logging.WARNING, logger="natsmw.delay")
     async with pulling(conn.js, stream.subject, "strict", cap(legacy)):
         ack = await conn.js.publish(stream.subject, b"x")
         _, second = await legacy.wait_calls(2)
@@ -126,6 +135,8 @@ async def test_max_deliver_three_stretches_the_hold_and_the_message_is_handled(
     assert len(delays) == 2
     assert min(delays) > CAP  # stretched past the cap: survival first
     assert cap.stats.stretched == 2
+    assert "stretched" in caplog.text
+    assert "max_deliver=3" in caplog.text
     assert spy.settlements(ack.seq)[-1] == b"+ACK"
 
 
@@ -275,14 +286,28 @@ async def test_another_instance_holds_until_the_deadline_via_the_store(
 async def test_compose_with_other_middlewares_keeps_the_cap(
     conn: Connection, stream: Stream
 ) -> None:
+    outer_saw: list[tuple[int, Settlement]] = []
+
+    async def observe(msg: MessageProxy, call_next: Handler) -> None:
+        async def record(settlement: Settlement, send: Settle) -> object:
+            outer_saw.append((msg.metadata.num_delivered, settlement))
+            return await send(settlement)
+
+        with msg.intercept(record):
+            await call_next(msg)
+
     legacy = LegacyHandler()
     cap = with_delay_cap(CAP, store=MemoryDeadlineStore())
-    handler = compose(cap)(legacy)
+    handler = compose(middleware(observe), cap)(legacy)
     await conn.js.subscribe(stream.subject, durable="composed", cb=handler, manual_ack=True)
     await conn.js.publish(stream.subject, b"x")
-
     _, second = await legacy.wait_calls(2)
+
     assert second.at >= legacy.earliest_allowed
+    # The outer middleware sees what reaches the server: the capped nak, each hold, the ack.
+    kinds = [s.kind for _, s in outer_saw]
+    assert kinds == ["nak"] * (second.num_delivered - 1) + ["ack"]
+    assert all(s.delay is not None and s.delay <= CAP + 0.01 for _, s in outer_saw[:-1])
 
 
 async def test_holds_on_the_deferring_instance_cost_no_server_round_trip(
@@ -309,6 +334,56 @@ async def test_holds_on_the_deferring_instance_cost_no_server_round_trip(
     made = [m.subject.split(".")[:4] for m in requests.items if m.subject.startswith(per_message)]
     assert cap.stats.holds >= 8
     # nats-py's pull_subscribe asks for consumer info once. natsmw: one consumer info
-    # (max_deliver, then cached), one KV put at the deferral, one KV read and one KV put when
-    # the deadline has passed: four in all, however many holds.
-    assert len(made) == 1 + 4, made
+    # (max_deliver, then cached), one KV put at the deferral and one when the deadline has
+    # passed (for handler_calls): three in all, however many holds. No KV read: this instance
+    # saw every delivery, so nobody else can have moved the deadline.
+    assert len(made) == 1 + 3, made
+
+
+async def test_handler_calls_counts_every_real_call_across_deferrals(
+    conn: Connection, stream: Stream
+) -> None:
+    scripted = ScriptedHandler(("nak", 1.0), ("nak", None), ("nak", 1.0), ("ack",))
+    cap = with_delay_cap(CAP)
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="count", ack_wait=30))
+    async with pulling(conn.js, stream.subject, "count", cap(scripted)):
+        await conn.js.publish(stream.subject, b"x")
+        calls = await scripted.wait_calls(4, timeout=15)
+
+    assert [c.handler_calls for c in calls] == [1, 2, 3, 4]
+    assert calls[1].at >= scripted.naked_at[0] + 1.0
+    assert calls[3].at >= scripted.naked_at[2] + 1.0
+    assert calls[3].num_delivered > 6  # holds in between, not counted as calls
+
+
+async def test_late_consumer_of_a_due_header_counts_calls_from_one(
+    conn: Connection, stream: Stream
+) -> None:
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="late", ack_wait=30))
+    scripted = ScriptedHandler(("nak", None), ("ack",))
+    published = time.time()
+    await publish_not_before(conn.js, stream.subject, b"x", not_before=0.2)
+    await wait_until(published + 0.3)  # the consumer starts after the deadline has passed
+    cap = with_delay_cap(CAP)
+    async with pulling(conn.js, stream.subject, "late", cap(scripted)):
+        calls = await scripted.wait_calls(2)
+
+    assert [(c.num_delivered, c.handler_calls) for c in calls] == [(1, 1), (2, 2)]
+    assert cap.stats.holds == 0
+
+
+async def test_deadline_on_the_last_allowed_delivery_runs_rather_than_lose_it(
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="once", max_deliver=1))
+    scripted = ScriptedHandler(("ack",))
+    cap = with_delay_cap(CAP)
+    with caplog.at_level(logging.ERROR, logger="natsmw.delay"):
+        async with pulling(conn.js, stream.subject, "once", cap(scripted)):
+            await publish_not_before(conn.js, stream.subject, b"x", not_before=60)
+            (call,) = await scripted.wait_calls(1)
+
+    assert call.num_delivered == 1
+    assert cap.stats.forced_runs == 1
+    assert cap.stats.holds == 0
+    assert "before its deadline" in caplog.text

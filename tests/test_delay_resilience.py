@@ -18,7 +18,15 @@ from nats.js.api import ConsumerConfig, StreamConfig
 from natsmw.delay import KeyValueDeadlineStore, with_delay_cap
 from natsmw.server import NatsCluster, NatsServer
 from tests.conftest import Connection, Stream, connect, spy_acks
-from tests.delay_support import CAP, DELAY, LegacyHandler, nak_delays, pulling
+from tests.delay_support import (
+    CAP,
+    DELAY,
+    LegacyHandler,
+    ScriptedHandler,
+    nak_delays,
+    pulling,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,8 +113,11 @@ async def test_two_consumer_processes_on_one_durable_never_call_early(
         await pool.wait(all_handled(len(sequences)))
 
         assert_each_called_twice_and_never_early(pool, sequences)
-        holders = {e["worker"] for e in pool.events if e["event"] == "call"}
-        assert holders == {0, 1}  # both processes took part
+        deferred_by = {e["seq"]: e["worker"] for e in pool.events if e["event"] == "deferred"}
+        held_elsewhere = [
+            e for e in pool.events if e["event"] == "held" and e["worker"] != deferred_by[e["seq"]]
+        ]
+        assert held_elsewhere  # one process held deadlines the other one recorded
 
 
 async def test_consumer_process_restarted_mid_hold(conn: Connection, stream: Stream) -> None:
@@ -122,6 +133,8 @@ async def test_consumer_process_restarted_mid_hold(conn: Connection, stream: Str
 
         assert_each_called_twice_and_never_early(pool, sequences)
         assert {e["worker"] for e in pool.calls() if e["calls"] == 2} == {1}
+        held_by_new = {e["seq"] for e in pool.events if e["event"] == "held" and e["worker"] == 1}
+        assert held_by_new == set(sequences)  # the new process held what the old one deferred
 
 
 async def test_nats_server_restarted_mid_hold(own_server: NatsServer) -> None:
@@ -164,7 +177,10 @@ async def test_cluster_node_stopped_mid_hold(cluster: NatsCluster) -> None:
 
     assert second.at >= legacy.earliest_allowed
     assert second.handler_calls == 2
+    assert fresh.stats.holds >= 1  # held from the replicated bucket, with a node down
     assert len(legacy.calls) == 2
+    bucket = await conn.js.stream_info("KV_natsmw_deadlines")
+    assert bucket.config.num_replicas == 3
     await conn.nc.close()
 
 
@@ -226,3 +242,29 @@ async def test_store_unreachable_when_deferring_sends_the_nak_uncapped(
     assert nak_delays(spy.settlements(ack.seq)) == [1.0]  # as the handler asked: safe, uncapped
     assert cap.stats.uncapped == 1
     assert cap.stats.store_errors >= 1
+
+
+async def test_unreachable_store_never_trusts_a_stale_local_deadline(
+    conn: Connection, stream: Stream, remote_store: tuple[NatsServer, KeyValueDeadlineStore]
+) -> None:
+    """Instance A deferred to T1; B ran the handler at T1, which deferred again to T2.
+    With the store gone, A must not take T1 as the deadline: it holds blind instead."""
+    store_server, store = remote_store
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="ab", ack_wait=30))
+    scripted = ScriptedHandler(("nak", 1.0), ("nak", 1.5), ("ack",))
+    first, second = with_delay_cap(CAP, store=store), with_delay_cap(CAP, store=store)
+    async with pulling(conn.js, stream.subject, "ab", first(scripted)):
+        await conn.js.publish(stream.subject, b"x")
+        await scripted.wait_settled(1)
+    async with pulling(conn.js, stream.subject, "ab", second(scripted)):
+        await scripted.wait_settled(2)
+    store_server.stop()
+    async with pulling(conn.js, stream.subject, "ab", first(scripted)):
+        await wait_until(scripted.naked_at[1] + 0.5)  # well past T1, still before T2
+        assert len(scripted.calls) == 2
+        assert first.stats.blind_holds >= 1
+        store_server.start()
+        calls = await scripted.wait_calls(3)
+
+    assert calls[2].at >= scripted.naked_at[1] + 1.5
+    assert calls[2].handler_calls == 3

@@ -18,6 +18,7 @@ import random
 import time
 import weakref
 from dataclasses import dataclass, replace
+from itertools import islice
 from typing import Any
 
 from nats.aio.client import Client
@@ -29,6 +30,7 @@ from natsmw.delay.deadline import DEADLINE_HEADER, parse_deadline
 from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDeadlineStore
 from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlineStoreError
+from natsmw.headers import peek_header
 from natsmw.message import MessageProxy, Settle, Settlement
 
 __all__ = ["DelayCap", "DelayCapStats", "handler_calls", "with_delay_cap"]
@@ -73,11 +75,16 @@ class DelayCapStats:
 @dataclass(frozen=True)
 class _Found:
     deferral: Deferral | None
-    recorded: bool  # whether the deferral is (or should be) kept in the store
-    known: bool = True  # False when the store could not be asked and nothing is known locally
+    recorded: bool  # whether the deferral is (or is to be) kept in the store
+    known: bool = True  # False: the store could not be asked, and nothing is known locally
 
 
-_NOTHING = _Found(None, recorded=False)
+@dataclass
+class _Local:
+    """What this instance knows of one message: its deferral, and the last delivery it saw."""
+
+    deferral: Deferral | None
+    seen: int
 
 
 def with_delay_cap(
@@ -124,7 +131,7 @@ class DelayCap:
         self.stats = DelayCapStats()
         self._store = store
         self._stores: weakref.WeakKeyDictionary[Client, DeadlineStore] = weakref.WeakKeyDictionary()
-        self._cache: dict[DeadlineKey, Deferral] = {}
+        self._local: dict[DeadlineKey, _Local] = {}
         self._limits = _ConsumerLimits()
 
     def __call__(self, handler: Handler) -> Handler:
@@ -140,57 +147,72 @@ class DelayCap:
         meta = msg.metadata
         key = DeadlineKey(meta.stream, meta.consumer, meta.sequence.stream)
         delivery = meta.num_delivered
-        found = await self._find(msg, key, delivery)
-        if await self._held(msg, found, delivery):
-            return
+        header = self._header_deferral(msg, meta)
+        if header is None and delivery == 1 and key not in self._local:
+            found = _NOTHING  # the hot path: nothing to look up for a first, plain delivery
+        else:
+            found = await self._find(msg, key, delivery, header)
+            if await self._held(msg, key, found, delivery):
+                return
         calls = await self._release(msg, key, found, delivery)
         msg.state[_CALLS_KEY] = calls
 
         async def on_settle(settlement: Settlement, send: Settle) -> Any:
             return await self._settle(msg, key, delivery, delivery - calls, settlement, send)
 
-        with msg.intercept(on_settle):
-            await call_next(msg)
+        try:
+            with msg.intercept(on_settle):
+                await call_next(msg)
+        finally:
+            self._after_call(msg, key, delivery, found.deferral)
 
     # -- finding the deadline ---------------------------------------------------------------
 
-    async def _find(self, msg: MessageProxy, key: DeadlineKey, delivery: int) -> _Found:
+    async def _find(
+        self, msg: MessageProxy, key: DeadlineKey, delivery: int, header: Deferral | None
+    ) -> _Found:
         now = time.time()
-        header = self._header_deferral(msg)
         if header is not None and header.deadline > now:
             return _Found(header, recorded=False)
-        cached = self._cache.get(key)
-        if cached is not None and cached.deadline > now:
+        local = self._local.get(key)
+        if local is not None and local.deferral is not None and local.deferral.deadline > now:
             # Only a handler run can move a deadline, and no handler runs before this one.
-            return _Found(cached, recorded=True)
-        if cached is None and delivery <= 1:
-            # Records are written when a handler naks, so a first delivery has none.
-            return _Found(header, recorded=False)
+            return _Found(local.deferral, recorded=True)
+        if local is not None and local.seen == delivery - 1:
+            # This instance saw every delivery since it last looked: nobody else ran the
+            # handler, so what it knows is all there is.
+            return _Found(local.deferral or header, recorded=local.deferral is not None)
+        if local is None and delivery == 1:
+            return _Found(header, recorded=False)  # records are written when a handler naks
         try:
             stored = await self._store_for(msg).get(key)
         except DeadlineStoreError as error:
             self.stats.store_errors += 1
             log.warning("deadline store unreachable for %s: %s", key, error)
-            if cached is not None:
-                return _Found(cached, recorded=True)
-            return _Found(header, recorded=False, known=header is not None)
+            return _Found(None, recorded=False, known=False)
+        if stored is not None and not stored.fits(delivery, msg.metadata.timestamp.timestamp()):
+            log.warning(
+                "ignoring a deadline record for %s left by an earlier stream or consumer", key
+            )
+            stored = None
         if stored is None:
             return _Found(header, recorded=False)
-        self._remember(key, stored)
         return _Found(stored, recorded=True)
 
-    def _header_deferral(self, msg: MessageProxy) -> Deferral | None:
-        headers = msg.headers
-        value = headers.get(DEADLINE_HEADER) if headers else None
+    def _header_deferral(self, msg: MessageProxy, meta: Msg.Metadata) -> Deferral | None:
+        value = peek_header(msg, DEADLINE_HEADER)
         if value is None:
             return None
+        stored_at = meta.timestamp.timestamp()
         try:
             deadline = parse_deadline(value).timestamp()
         except ValueError as error:
             self.stats.malformed_headers += 1
             log.warning("ignoring the deadline of %s seq %s: %s", msg.subject, _seq(msg), error)
             return None
-        return Deferral(deadline=deadline)
+        if deadline <= stored_at:
+            return None  # due before the message was even stored: nothing to hold
+        return Deferral(deadline=deadline, stored_at=stored_at)
 
     def _store_for(self, msg: MessageProxy) -> DeadlineStore:
         if self._store is not None:
@@ -201,25 +223,40 @@ class DelayCap:
             store = self._stores[client] = KeyValueDeadlineStore(client.jetstream())
         return store
 
-    def _remember(self, key: DeadlineKey, deferral: Deferral) -> None:
-        self._cache[key] = deferral
-        if len(self._cache) > _CACHE_LIMIT:
-            now = time.time()
-            for old in [k for k, d in self._cache.items() if d.deadline <= now]:
-                del self._cache[old]
-            while len(self._cache) > _CACHE_LIMIT:
-                del self._cache[next(iter(self._cache))]
+    def _remember(self, key: DeadlineKey, deferral: Deferral | None, seen: int) -> None:
+        self._local[key] = _Local(deferral, seen)
+        if len(self._local) > _CACHE_LIMIT:
+            # Forget the oldest tenth at once, so that eviction costs O(1) per message.
+            for old in list(islice(self._local, _CACHE_LIMIT // 10)):
+                del self._local[old]
+
+    def _after_call(
+        self, msg: MessageProxy, key: DeadlineKey, delivery: int, deferral: Deferral | None
+    ) -> None:
+        settlement = msg.settlement
+        if settlement is not None and settlement.kind != "nak":
+            self._local.pop(key, None)  # acked or termed: it will not come back
+            return
+        local = self._local.get(key)
+        if local is not None and local.seen == delivery:
+            return  # the handler deferred it: _settle remembered the new deadline
+        self._remember(key, deferral, delivery)
 
     # -- holding ----------------------------------------------------------------------------
 
-    async def _held(self, msg: MessageProxy, found: _Found, delivery: int) -> bool:
+    async def _held(
+        self, msg: MessageProxy, key: DeadlineKey, found: _Found, delivery: int
+    ) -> bool:
         """Hold the delivery if its deadline is ahead (or unknown); say whether it was held."""
         if not found.known:
             return await self._hold_blind(msg, delivery)
         deferral = found.deferral
-        if deferral is not None and deferral.deadline > time.time():
-            return await self._hold(msg, deferral, delivery)
-        return False
+        if deferral is None or deferral.deadline <= time.time():
+            return False
+        held = await self._hold(msg, deferral, delivery)
+        if held and found.recorded:
+            self._remember(key, deferral, delivery)
+        return held
 
     async def _hold(self, msg: MessageProxy, deferral: Deferral, delivery: int) -> bool:
         remaining = deferral.deadline - time.time()
@@ -227,8 +264,8 @@ class DelayCap:
         if interval is None:
             self.stats.forced_runs += 1
             log.error(
-                "calling the handler for %s seq %s %.3fs before its deadline: max_deliver "
-                "leaves no delivery to hold it with, and a nak now would lose it",
+                "calling the handler for %s seq %s %.3fs before its deadline: a nak now could "
+                "lose it (max_deliver leaves no delivery to hold with, or cannot be read)",
                 msg.subject, _seq(msg), remaining,
             )  # fmt: skip
             return False
@@ -240,9 +277,10 @@ class DelayCap:
     async def _hold_blind(self, msg: MessageProxy, delivery: int) -> bool:
         interval = await self._interval(msg, delivery, self.cap)
         if interval is None:
+            self.stats.forced_runs += 1
             log.error(
                 "calling the handler for %s seq %s without knowing its deadline: the store is "
-                "unreachable and max_deliver leaves no delivery to wait with",
+                "unreachable and a nak now could lose the message (max_deliver)",
                 msg.subject, _seq(msg),
             )  # fmt: skip
             return False
@@ -256,15 +294,13 @@ class DelayCap:
         return True
 
     async def _interval(self, msg: MessageProxy, delivery: int, remaining: float) -> float | None:
-        """The nak delay for a hold with ``remaining`` seconds to go; ``None``: cannot hold."""
+        """The nak delay for a hold with ``remaining`` seconds to go.
+
+        ``None`` when no nak is safe: this may be the consumer's last allowed delivery.
+        """
         max_deliver = await self._limits.max_deliver(msg)
         if max_deliver is _UNKNOWN:
-            self.stats.uncapped += 1
-            log.warning(
-                "consumer limits of %s unknown: naking for the whole %.3fs remaining",
-                msg.metadata.consumer, remaining,
-            )  # fmt: skip
-            return remaining + _SLACK
+            return None
         left = max_deliver - delivery if isinstance(max_deliver, int) else None
         if left is not None and left <= 0:
             return None
@@ -301,13 +337,14 @@ class DelayCap:
             deferred_at=delivery,
             skipped_before=skipped,
             requested=settlement.delay,
+            stored_at=msg.metadata.timestamp.timestamp(),
         )
+        # Remembered even if the store refuses it: this instance then knows the deadline,
+        # and that the whole delay went to the server, so it will not hold the redelivery blind.
+        self._remember(key, deferral, delivery)
         try:
             await self._store_for(msg).put(key, deferral)
         except DeadlineStoreError as error:
-            # Remembered here all the same: this instance knows the deadline, and that the
-            # whole delay went to the server, so it will not hold the redelivery blind.
-            self._remember(key, deferral)
             self.stats.store_errors += 1
             self.stats.uncapped += 1
             log.warning(
@@ -315,12 +352,12 @@ class DelayCap:
                 msg.subject, _seq(msg), error, settlement.delay,
             )  # fmt: skip
             return await send(settlement)
-        self._remember(key, deferral)
         interval = await self._interval(msg, delivery, settlement.delay)
         if interval is None:
+            self.stats.uncapped += 1
             log.warning(
-                "%s seq %s is on its last delivery (max_deliver): its %.3fs nak goes as asked, "
-                "and the server will not deliver it again",
+                "%s seq %s: max_deliver leaves no delivery to hold with, or cannot be read; "
+                "its %.3fs nak goes as the handler asked",
                 msg.subject, _seq(msg), settlement.delay,
             )  # fmt: skip
             return await send(settlement)
@@ -335,9 +372,10 @@ class DelayCap:
         deferral = found.deferral
         if deferral is None:
             return delivery
-        if deferral.released_at is None and (found.recorded or delivery > 1):
+        if deferral.released_at is None:
             deferral = replace(deferral, released_at=delivery)
-            self._remember(key, deferral)
+            found = _Found(deferral, recorded=True)
+            self._remember(key, deferral, delivery)
             try:
                 await self._store_for(msg).put(key, deferral)
             except DeadlineStoreError as error:
@@ -361,36 +399,46 @@ def handler_calls(msg: Msg) -> int:
     return msg.metadata.num_delivered
 
 
+_NOTHING = _Found(None, recorded=False)
+
+
 class _Unknown:
     pass
 
 
 _UNKNOWN = _Unknown()
 _LIMITS_TTL = 60.0
+_LIMITS_RETRY = 5.0
 
 
 class _ConsumerLimits:
-    """The consumers' ``max_deliver``, read with consumer info and cached for a minute."""
+    """The consumers' ``max_deliver``, read with consumer info.
+
+    Refreshed every minute; a value once read is kept when a refresh fails, and a failed read
+    is not retried for a few seconds (every hold would otherwise wait for it).
+    """
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, str], tuple[int | None, float]] = {}
+        self._known: dict[tuple[str, str], int | None] = {}
+        self._next_read: dict[tuple[str, str], float] = {}
 
     async def max_deliver(self, msg: MessageProxy) -> int | _Unknown | None:
-        """``max_deliver`` (``None``: unlimited), or ``_UNKNOWN`` if it cannot be read."""
+        """``max_deliver`` (``None``: unlimited), or ``_UNKNOWN`` if it was never read."""
         meta = msg.metadata
         consumer = (meta.stream, meta.consumer)
-        known = self._known.get(consumer)
-        if known is not None and time.monotonic() - known[1] < _LIMITS_TTL:
-            return known[0]
+        if time.monotonic() < self._next_read.get(consumer, 0.0):
+            return self._known.get(consumer, _UNKNOWN)
         try:
             js = msg.message._client.jetstream(domain=meta.domain or None)
             info = await js.consumer_info(meta.stream, meta.consumer, timeout=2.0)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             log.warning("cannot read consumer info of %s/%s: %s", *consumer, error)
-            return known[0] if known is not None else _UNKNOWN
+            self._next_read[consumer] = time.monotonic() + _LIMITS_RETRY
+            return self._known.get(consumer, _UNKNOWN)
         limit = info.config.max_deliver
         value = limit if limit is not None and limit > 0 else None
-        self._known[consumer] = (value, time.monotonic())
+        self._known[consumer] = value
+        self._next_read[consumer] = time.monotonic() + _LIMITS_TTL
         return value
 
 

@@ -63,9 +63,9 @@ def parse_deadline(value: str) -> datetime:
             int(year), int(month), int(day), int(hour), int(minute), min(int(second), 59),
             micros, tzinfo=timezone(offset),
         )  # fmt: skip
-    except ValueError as error:
+        return when.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as error:
         raise ValueError(f"{DEADLINE_HEADER} is not a real time: {value!r} ({error})") from None
-    return when.astimezone(timezone.utc)
 
 
 _RFC3339 = re.compile(

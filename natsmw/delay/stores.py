@@ -13,8 +13,9 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("natsmw.delay")
+_T = TypeVar("_T")
 
 
 class DeadlineKey(NamedTuple):
@@ -68,6 +70,8 @@ class Deferral:
         released_at: the first delivery that reached the handler after the deadline, once
             known.
         requested: the delay the handler asked for, in seconds (``None`` for a header).
+        stored_at: when the stream stored the message (Unix time), to tell a record from
+            one left by an earlier stream or consumer of the same name.
     """
 
     deadline: float
@@ -75,11 +79,20 @@ class Deferral:
     skipped_before: int = 0
     released_at: int | None = None
     requested: float | None = None
+    stored_at: float | None = None
 
     def skipped(self, delivery: int) -> int:
         """How many deliveries up to ``delivery`` natsmw held instead of calling the handler."""
         last_hold = (self.released_at if self.released_at is not None else delivery) - 1
         return self.skipped_before + max(last_hold - self.deferred_at, 0)
+
+    def fits(self, delivery: int, stored_at: float) -> bool:
+        """Whether this record can be about the message at ``delivery``, stored at ``stored_at``."""
+        return (
+            self.deferred_at < delivery
+            and (self.released_at is None or self.released_at <= delivery)
+            and (self.stored_at is None or self.stored_at == stored_at)
+        )
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -89,15 +102,33 @@ class Deferral:
         """Raises ``ValueError`` when ``data`` is not a deferral natsmw wrote."""
         try:
             fields = json.loads(data)
-            return cls(
-                deadline=float(fields["deadline"]),
-                deferred_at=int(fields.get("deferred_at", 0)),
-                skipped_before=int(fields.get("skipped_before", 0)),
-                released_at=fields.get("released_at"),
-                requested=fields.get("requested"),
+            deferral = cls(
+                deadline=_number(fields["deadline"]),
+                deferred_at=_count(fields.get("deferred_at", 0)),
+                skipped_before=_count(fields.get("skipped_before", 0)),
+                released_at=_optional(_count, fields.get("released_at")),
+                requested=_optional(_number, fields.get("requested")),
+                stored_at=_optional(_number, fields.get("stored_at")),
             )
-        except (ValueError, TypeError, KeyError) as error:
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise ValueError(f"not a natsmw deferral record: {data[:100]!r}") from error
+        return deferral
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"expected a count, got {value!r}")
+    return value
+
+
+def _optional(convert: Callable[[object], _T], value: object) -> _T | None:
+    return None if value is None else convert(value)
 
 
 class DeadlineStore(Protocol):
@@ -208,6 +239,12 @@ class KeyValueDeadlineStore:
         replicas = [self._replicas] if self._replicas else [3, 1]
         last: BaseException | None = None
         for count in replicas:
+            if last is not None:
+                log.warning(
+                    "could not create bucket %r with %d replicas (%r); creating it with %d: "
+                    "its deadlines will not survive the loss of its server",
+                    self.bucket, replicas[0], last, count,
+                )  # fmt: skip
             try:
                 return await asyncio.wait_for(
                     self._js.create_key_value(KeyValueConfig(bucket=self.bucket, replicas=count)),
