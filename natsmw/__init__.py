@@ -10,6 +10,9 @@ from natsmw.delay import (
     publish_not_before,
     with_delay_cap,
 )
+from natsmw.guards import SizeGuard, with_size_limit
+from natsmw.headers import peek_header
+from natsmw.install import install, installed, uninstall
 from natsmw.message import MessageProxy, Settlement
 
 __all__ = [
@@ -21,9 +24,15 @@ __all__ = [
     "MessageProxy",
     "Middleware",
     "Settlement",
+    "SizeGuard",
     "compose",
     "handler_calls",
+    "install",
+    "installed",
     "middleware",
+    "peek_header",
     "publish_not_before",
+    "uninstall",
     "with_delay_cap",
+    "with_size_limit",
 ]

@@ -1,0 +1,218 @@
+"""Size guards: oversized messages never reach the handler, and are never lost.
+
+    @with_size_limit(max_body=1 << 20, max_headers=64)
+    async def handle(msg): ...
+
+A JetStream message over a limit is, by default, copied to a dead-letter subject; once the
+server has stored the copy the original is terminated. If the copy cannot be stored, the
+original is naked instead, to come back later. Core NATS messages have nothing to settle:
+they are dropped, with a log line and a counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from nats.errors import Error as NatsError
+
+from natsmw.chain import Handler, middleware
+from natsmw.duration import Duration, to_seconds
+from natsmw.headers import header_block_size
+from natsmw.message import MessageProxy
+
+__all__ = ["OversizeAction", "Rejection", "SizeGuard", "SizeGuardStats", "with_size_limit"]
+
+log = logging.getLogger("natsmw.guards")
+
+OversizeAction = Literal["dead_letter", "term", "nak"]
+_ACTIONS = ("dead_letter", "term", "nak")
+
+# Headers a copy must not carry over: they would make the server refuse or deduplicate it.
+_NOT_COPIED = ("Nats-Msg-Id", "Nats-Expected-")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a message was refused: which ``limit``, the measured ``size`` and the ``maximum``."""
+
+    limit: Literal["body", "header_bytes", "header_count"]
+    size: int
+    maximum: int
+
+
+@dataclass
+class SizeGuardStats:
+    """What one :class:`SizeGuard` did: ``rejected`` in all, and what became of them."""
+
+    rejected: int = 0
+    dead_lettered: int = 0
+    dead_letter_failures: int = 0
+    termed: int = 0
+    naked: int = 0
+    dropped: int = 0
+
+
+def with_size_limit(
+    *,
+    max_body: int | None = None,
+    max_header_bytes: int | None = None,
+    max_headers: int | None = None,
+    on_oversize: OversizeAction = "dead_letter",
+    dead_letter_subject: str = "natsmw.dead_letter.{stream}",
+    nak_delay: Duration = 30.0,
+) -> SizeGuard:
+    """Keep messages over a size limit away from the handler.
+
+    Args:
+        max_body: most bytes of body a handler may get.
+        max_header_bytes: most bytes of header block (``NATS/1.0`` line included).
+        max_headers: most header lines.
+        on_oversize: for JetStream messages: ``"dead_letter"`` (copy, then ``term`` once the
+            copy is stored; ``nak`` if it cannot be), ``"term"`` (no copy) or ``"nak"``.
+        dead_letter_subject: where copies go; ``{stream}``, ``{consumer}`` and ``{subject}``
+            are filled in. A stream must capture it, or copies fail and originals are naked.
+        nak_delay: the delay of the naks above (seconds or ``timedelta``).
+
+    Raises:
+        ValueError: no limit given, a negative limit, an unknown ``on_oversize``, or a
+            ``dead_letter_subject`` with an unknown placeholder.
+        TypeError: a limit that is not an ``int``, or a bad ``nak_delay``.
+    """
+    return SizeGuard(
+        max_body=max_body,
+        max_header_bytes=max_header_bytes,
+        max_headers=max_headers,
+        on_oversize=on_oversize,
+        dead_letter_subject=dead_letter_subject,
+        nak_delay=nak_delay,
+    )
+
+
+class SizeGuard:
+    """The size-guard middleware; build it with :func:`with_size_limit`."""
+
+    def __init__(
+        self,
+        *,
+        max_body: int | None,
+        max_header_bytes: int | None,
+        max_headers: int | None,
+        on_oversize: OversizeAction,
+        dead_letter_subject: str,
+        nak_delay: Duration,
+    ) -> None:
+        limits = {"max_body": max_body, "max_header_bytes": max_header_bytes}
+        limits["max_headers"] = max_headers
+        for name, value in limits.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be a number of bytes or lines (int), got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be zero or more, got {value!r}")
+        if all(value is None for value in limits.values()):
+            raise ValueError("with_size_limit needs max_body, max_header_bytes or max_headers")
+        if on_oversize not in _ACTIONS:
+            raise ValueError(f"on_oversize must be one of {_ACTIONS}, got {on_oversize!r}")
+        try:
+            dead_letter_subject.format(stream="S", consumer="C", subject="s")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"dead_letter_subject may use {{stream}}, {{consumer}} and {{subject}}, "
+                f"got {dead_letter_subject!r} ({error!r})"
+            ) from None
+        self.max_body = max_body
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.on_oversize = on_oversize
+        self.dead_letter_subject = dead_letter_subject
+        self.nak_delay = to_seconds(nak_delay, "nak_delay")
+        self.stats = SizeGuardStats()
+
+    def __call__(self, handler: Handler) -> Handler:
+        return middleware(self._step)(handler)
+
+    def check(self, msg: MessageProxy) -> Rejection | None:
+        """The first limit ``msg`` breaks, measured without decoding its headers; or ``None``."""
+        body = len(msg.data)
+        if self.max_body is not None and body > self.max_body:
+            return Rejection("body", body, self.max_body)
+        if self.max_header_bytes is None and self.max_headers is None:
+            return None
+        size, count = header_block_size(msg)
+        if self.max_header_bytes is not None and size > self.max_header_bytes:
+            return Rejection("header_bytes", size, self.max_header_bytes)
+        if self.max_headers is not None and count > self.max_headers:
+            return Rejection("header_count", count, self.max_headers)
+        return None
+
+    async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
+        rejection = self.check(msg)
+        if rejection is None:
+            await call_next(msg)
+            return
+        self.stats.rejected += 1
+        if not msg.is_jetstream:
+            self.stats.dropped += 1
+            log.warning("dropped core message on %s: %s", msg.subject, _describe(rejection))
+            return
+        if self.on_oversize == "term":
+            await msg.term()
+            self.stats.termed += 1
+            log.warning("terminated %s: %s", _where(msg), _describe(rejection))
+        elif self.on_oversize == "nak":
+            await msg.nak(self.nak_delay)
+            self.stats.naked += 1
+            log.warning("naked %s: %s", _where(msg), _describe(rejection))
+        else:
+            await self._dead_letter(msg, rejection)
+
+    async def _dead_letter(self, msg: MessageProxy, rejection: Rejection) -> None:
+        meta = msg.metadata
+        subject = self.dead_letter_subject.format(
+            stream=meta.stream, consumer=meta.consumer, subject=msg.subject
+        )
+        original = msg.headers or {}
+        headers = {k: v for k, v in original.items() if not k.startswith(_NOT_COPIED)}
+        headers.update(
+            {
+                "Nats-Msg-Id": f"natsmw-dead-letter:{meta.stream}:{meta.sequence.stream}",
+                "Natsmw-Rejected-Limit": rejection.limit,
+                "Natsmw-Rejected-Size": str(rejection.size),
+                "Natsmw-Rejected-Maximum": str(rejection.maximum),
+                "Natsmw-Original-Subject": msg.subject,
+                "Natsmw-Original-Stream": meta.stream,
+                "Natsmw-Original-Consumer": meta.consumer,
+                "Natsmw-Original-Sequence": str(meta.sequence.stream),
+            }
+        )
+        if "Nats-Msg-Id" in original:
+            headers["Natsmw-Original-Msg-Id"] = original["Nats-Msg-Id"]
+        try:
+            js = msg.message._client.jetstream()
+            await js.publish(subject, msg.data, headers=headers)
+        except (NatsError, asyncio.TimeoutError, OSError) as error:
+            self.stats.dead_letter_failures += 1
+            log.error(
+                "could not store a dead-letter copy of %s on %s (%r): naking it for %.1fs so "
+                "that it comes back; %s",
+                _where(msg), subject, error, self.nak_delay, _describe(rejection),
+            )  # fmt: skip
+            await msg.nak(self.nak_delay)
+            self.stats.naked += 1
+            return
+        await msg.term()
+        self.stats.dead_lettered += 1
+        log.warning("moved %s to %s: %s", _where(msg), subject, _describe(rejection))
+
+
+def _where(msg: MessageProxy) -> str:
+    meta = msg.metadata
+    return f"{msg.subject} ({meta.stream} seq {meta.sequence.stream})"
+
+
+def _describe(rejection: Rejection) -> str:
+    return f"{rejection.limit} {rejection.size} over the limit of {rejection.maximum}"

@@ -1,0 +1,174 @@
+"""Size guards on a real server: nothing oversized reaches the handler, nothing is lost."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from nats.aio.msg import Msg
+
+from natsmw.guards import with_size_limit
+from natsmw.headers import Undecoded
+from natsmw.install import installed
+from tests.conftest import Connection, Inbox, Stream, spy_acks
+
+
+@pytest.fixture
+async def dead_letters(conn: Connection) -> Inbox:
+    """A stream that stores the default dead-letter subjects, and what arrives there."""
+    await conn.js.add_stream(name="DEAD", subjects=["natsmw.dead_letter.>"])
+    arrived = Inbox()
+    await conn.js.subscribe("natsmw.dead_letter.>", cb=arrived.put, ordered_consumer=True)
+    yield arrived
+    await conn.js.delete_stream("DEAD")
+
+
+async def test_oversized_body_is_copied_to_dead_letter_then_terminated(
+    conn: Connection, stream: Stream, dead_letters: Inbox
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    handled = Inbox()
+    guard = with_size_limit(max_body=10)
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        await handled.put(msg)
+        await msg.ack()
+
+    await conn.js.subscribe(stream.subject, durable="g", cb=handler, manual_ack=True)
+    big = await conn.js.publish(
+        stream.subject, b"x" * 11, headers={"Nats-Msg-Id": "big-1", "K": "v"}
+    )
+    exact = await conn.js.publish(stream.subject, b"y" * 10)
+    empty = await conn.js.publish(stream.subject, b"")
+    (copy,) = await dead_letters.wait_for(1)
+    passed = await handled.wait_for(2)
+    await spy.catch_up(conn.nc)
+
+    assert [m.data for m in passed] == [b"y" * 10, b""]  # at the limit, and empty, pass
+    assert copy.subject == f"natsmw.dead_letter.{stream.name}"
+    assert copy.data == b"x" * 11
+    assert copy.headers is not None
+    assert {k: v for k, v in copy.headers.items() if k.startswith("Natsmw-")} == {
+        "Natsmw-Rejected-Limit": "body",
+        "Natsmw-Rejected-Size": "11",
+        "Natsmw-Rejected-Maximum": "10",
+        "Natsmw-Original-Subject": stream.subject,
+        "Natsmw-Original-Stream": stream.name,
+        "Natsmw-Original-Consumer": "g",
+        "Natsmw-Original-Sequence": str(big.seq),
+        "Natsmw-Original-Msg-Id": "big-1",
+    }
+    assert copy.headers["K"] == "v"
+    assert spy.settlements(big.seq) == [b"+TERM"]
+    assert spy.settlements(exact.seq) == [b"+ACK"]
+    assert spy.settlements(empty.seq) == [b"+ACK"]
+    assert guard.stats.dead_lettered == 1
+
+
+async def test_copy_that_cannot_be_stored_naks_the_original(
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    handled = Inbox()
+    guard = with_size_limit(max_body=10, dead_letter_subject="nowhere.{stream}", nak_delay=0.2)
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        await handled.put(msg)
+
+    await conn.js.subscribe(stream.subject, durable="nowhere", cb=handler, manual_ack=True)
+    with caplog.at_level(logging.ERROR, logger="natsmw.guards"):
+        big = await conn.js.publish(stream.subject, b"x" * 11)
+        await spy.wait_for(2)  # naked, redelivered after 0.2 s, naked again: still not lost
+
+    payloads = spy.settlements(big.seq)
+    assert payloads[:2] == [b'-NAK {"delay": 200000000}'] * 2
+    assert handled.items == []
+    assert guard.stats.dead_letter_failures >= 2
+    assert "could not store a dead-letter copy" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("action", "sent"), [("term", b"+TERM"), ("nak", b'-NAK {"delay": 5000000000}')]
+)
+async def test_explicit_term_and_nak_actions(
+    conn: Connection, stream: Stream, action: str, sent: bytes
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    guard = with_size_limit(max_body=1, on_oversize=action, nak_delay=5)  # type: ignore[arg-type]
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        raise AssertionError("an oversized message reached the handler")
+
+    await conn.js.subscribe(stream.subject, durable=action, cb=handler, manual_ack=True)
+    big = await conn.js.publish(stream.subject, b"xx")
+    await spy.wait_for(1)
+    await spy.catch_up(conn.nc)
+
+    assert spy.settlements(big.seq) == [sent]
+    assert conn.errors == []
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+async def test_header_limits_measure_without_decoding(
+    conn: Connection, stream: Stream, dead_letters: Inbox, lazy: bool
+) -> None:
+    handled = Inbox()
+    guard = with_size_limit(max_headers=100, max_header_bytes=40_000)
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        await handled.put(msg)
+        await msg.ack()
+
+    with installed(conn.nc, lazy_headers=lazy):
+        await conn.js.subscribe(stream.subject, durable=f"h{lazy}", cb=handler, manual_ack=True)
+        many = {f"H{i}": "v" for i in range(3_000)}  # JetStream stores at most 64 KiB of headers
+        await conn.js.publish(stream.subject, b"", headers=many)
+        await conn.js.publish(stream.subject, b"", headers={"Wide": "w" * 50_000})
+        await conn.js.publish(stream.subject, b"", headers={f"H{i}": "v" for i in range(100)})
+        copies = await dead_letters.wait_for(2)
+        (ok,) = await handled.wait_for(1)
+        # The guard measured the passing message without decoding its headers.
+        assert isinstance(vars(ok).get("_natsmw_headers"), Undecoded) is lazy
+
+    limits = [c.headers["Natsmw-Rejected-Limit"] for c in copies]  # type: ignore[index]
+    assert limits == ["header_count", "header_bytes"]
+    assert int(copies[0].headers["Natsmw-Rejected-Size"]) == 3000  # type: ignore[index]
+    assert len(ok.headers or {}) == 100
+
+
+async def test_oversized_core_message_is_dropped_with_a_report(
+    conn: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    handled = Inbox()
+    guard = with_size_limit(max_body=3)
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        await handled.put(msg)
+
+    await conn.nc.subscribe("core.sized", cb=handler)
+    with caplog.at_level(logging.WARNING, logger="natsmw.guards"):
+        await conn.nc.publish("core.sized", b"toolong")
+        await conn.nc.publish("core.sized", b"ok")
+        (msg,) = await handled.wait_for(1)
+
+    assert msg.data == b"ok"
+    assert guard.stats.dropped == 1
+    assert "dropped core message on core.sized: body 7 over the limit of 3" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [({}, ValueError, "needs max_body"), ({"max_body": -1}, ValueError, "max_body"),
+     ({"max_body": 1.5}, TypeError, "max_body"), ({"max_body": True}, TypeError, "max_body"),
+     ({"max_body": 1, "on_oversize": "drop"}, ValueError, "on_oversize"),
+     ({"max_body": 1, "dead_letter_subject": "dl.{queue}"}, ValueError, "dead_letter_subject"),
+     ({"max_body": 1, "nak_delay": -1}, ValueError, "nak_delay")],
+)  # fmt: skip
+def test_bad_limits_fail_at_decoration(kwargs: dict[str, object], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        with_size_limit(**kwargs)  # type: ignore[arg-type]
