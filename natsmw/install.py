@@ -10,6 +10,8 @@ on the instance, so other clients in the process are untouched.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,16 +20,22 @@ from typing import Any
 
 import wrapt
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from natsmw.chain import Handler, Middleware
 from natsmw.errors import NatsmwError
 from natsmw.headers import Undecoded, can_defer, lazy_message_class
+from natsmw.message import MessageProxy
 
-__all__ = ["install", "installed", "uninstall"]
+__all__ = ["FETCH_SETTLE_TIMEOUT", "install", "installed", "uninstall"]
+
+FETCH_SETTLE_TIMEOUT = 300.0
+"""How long the chain around a fetched message waits for the caller to settle it."""
 
 # Callbacks nats-py installs for its own machinery: replies to requests, key-value and
 # object-store watchers. A user's chain has no business with them.
 _INTERNAL_MODULES = ("nats.js.kv", "nats.js.object_store")
+log = logging.getLogger("natsmw.install")
 
 
 @dataclass
@@ -50,8 +58,15 @@ def install(nc: Client, *, lazy_headers: bool = True, chain: Middleware | None =
             Applies at once to every subscription of the client, existing ones included.
         chain: a middleware (for example ``compose(...)``) put in front of the callback of
             every subscription made on ``nc`` from now on: ``nc.subscribe(cb=...)`` and
-            ``js.subscribe(cb=...)`` (push, auto-ack or not). Subscriptions that exist already
-            keep their callbacks as they are.
+            ``js.subscribe(cb=...)`` (push, auto-ack or not); and around every message that
+            ``fetch`` returns, on pull subscriptions made from ``nc.jetstream()`` contexts
+            created from now on. Subscriptions that exist already are left as they are.
+
+    A fetched message goes through the chain as if its handler were "the code that got it
+    from ``fetch``": ``fetch`` returns the messages the chain lets through (a delay cap
+    holds some, a size guard rejects some), as proxies, and the chain around each one ends
+    when the caller settles it (or after ``FETCH_SETTLE_TIMEOUT`` seconds), so settlement
+    interceptors such as the delay cap's see the caller's ``nak``.
 
     Raises:
         NatsmwError: natsmw is already installed on ``nc`` (``uninstall`` it first).
@@ -72,6 +87,7 @@ def install(nc: Client, *, lazy_headers: bool = True, chain: Middleware | None =
         nc._process_headers = wrapt.FunctionWrapper(nc._process_headers, _defer_decoding)  # type: ignore[method-assign]
     if chain is not None:
         nc.subscribe = wrapt.FunctionWrapper(nc.subscribe, _chained_subscribe(chain))  # type: ignore[method-assign]
+        nc.jetstream = wrapt.FunctionWrapper(nc.jetstream, _chained_jetstream(chain))  # type: ignore[method-assign]
     _installed[nc] = installation
 
 
@@ -87,7 +103,7 @@ def uninstall(nc: Client) -> None:
     if installation is None:
         return
     instance = vars(nc)
-    for name in ("_process_headers", "subscribe"):
+    for name in ("_process_headers", "subscribe", "jetstream"):
         if isinstance(instance.get(name), wrapt.FunctionWrapper):
             del instance[name]
     if installation.lazy_headers:
@@ -138,3 +154,72 @@ def _chained(chain: Middleware, nc: Client, callback: Handler | None) -> Handler
     if getattr(callback, "__module__", "").startswith(_INTERNAL_MODULES):
         return callback
     return chain(callback)
+
+
+def _chained_jetstream(chain: Middleware) -> Any:
+    def jetstream(
+        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        js = wrapped(*args, **kwargs)
+        for name in ("pull_subscribe", "pull_subscribe_bind"):
+            method = getattr(js, name)
+            setattr(js, name, wrapt.FunctionWrapper(method, _chained_pull_subscribe(chain)))
+        return js
+
+    return jetstream
+
+
+def _chained_pull_subscribe(chain: Middleware) -> Any:
+    async def pull_subscribe(
+        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        psub = await wrapped(*args, **kwargs)
+        psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(chain))
+        return psub
+
+    return pull_subscribe
+
+
+def _chained_fetch(chain: Middleware) -> Any:
+    async def fetch(
+        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> list[MessageProxy]:
+        return await _through_chain(chain, await wrapped(*args, **kwargs))
+
+    return fetch
+
+
+_running: set[asyncio.Task[None]] = set()
+
+
+async def _through_chain(chain: Middleware, msgs: list[Msg]) -> list[MessageProxy]:
+    """Run each fetched message through ``chain``; return those that reached its end."""
+    released: list[MessageProxy | None] = [None] * len(msgs)
+    decided = [asyncio.Event() for _ in msgs]
+
+    async def run(index: int, msg: Msg) -> None:
+        async def release(proxy: Msg) -> None:
+            released[index] = MessageProxy.of(proxy)
+            decided[index].set()
+            await released[index].wait_settled(FETCH_SETTLE_TIMEOUT)  # type: ignore[union-attr]
+
+        try:
+            await chain(release)(msg)
+        finally:
+            decided[index].set()
+
+    tasks = [asyncio.create_task(run(index, msg)) for index, msg in enumerate(msgs)]
+    _running.update(tasks)
+    for task in tasks:
+        task.add_done_callback(_finished)
+    await asyncio.gather(*(event.wait() for event in decided))
+    failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+    if failed:
+        raise failed[0].exception()  # type: ignore[misc]  # a middleware failed before release
+    return [proxy for proxy in released if proxy is not None]
+
+
+def _finished(task: asyncio.Task[None]) -> None:
+    _running.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("natsmw chain around a fetched message failed", exc_info=task.exception())

@@ -15,6 +15,7 @@ subscriptions with ``manual_ack=False``) sees what happened.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -97,6 +98,7 @@ class MessageProxy(_Proxy):
         self._self_interceptors: list[Interceptor] = []
         self._self_state: dict[object, Any] = {}
         self._self_settlement: Settlement | None = None
+        self._self_settled: asyncio.Event | None = None
 
     @classmethod
     def of(cls, msg: Msg) -> MessageProxy:
@@ -135,6 +137,21 @@ class MessageProxy(_Proxy):
         one installed before it, and in the end to the server.
         """
         return _Intercepting(self._self_interceptors, interceptor)
+
+    async def wait_settled(self, timeout: float | None = None) -> bool:
+        """Wait until the delivery is settled (any call but ``in_progress``) through the proxy.
+
+        Returns whether it was, before ``timeout`` seconds (``None``: no limit).
+        """
+        if self._self_settlement is not None:
+            return True
+        if self._self_settled is None:
+            self._self_settled = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._self_settled.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def ack(self) -> None:
         """Acknowledge the message (``+ACK``), through the interceptors."""
@@ -201,4 +218,6 @@ class MessageProxy(_Proxy):
             await msg.in_progress()
         if settlement.is_final:
             self._self_settlement = settlement
+            if self._self_settled is not None:
+                self._self_settled.set()
         return result

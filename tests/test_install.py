@@ -6,9 +6,10 @@ import asyncio
 
 from nats.aio.msg import Msg
 
-from natsmw import Handler, MessageProxy, middleware
+from natsmw import Handler, MessageProxy, compose, middleware, with_delay_cap, with_size_limit
 from natsmw.install import install, installed, uninstall
 from tests.conftest import Connection, Inbox, Stream, spy_acks
+from tests.delay_support import CAP, LegacyHandler
 
 
 def tagging(seen: list[str]) -> object:
@@ -64,3 +65,40 @@ async def test_uninstall_leaves_new_subscriptions_unchained(conn: Connection) ->
     assert not isinstance(after, MessageProxy)
     assert "subscribe" not in vars(conn.nc)
     await asyncio.wait_for(conn.nc.flush(), 5)
+
+
+async def test_chain_runs_around_fetched_messages_until_the_caller_settles(
+    conn: Connection, stream: Stream, nats_server: object
+) -> None:
+    """A legacy pull worker: fetch, handle, settle. The install holds and guards for it."""
+    cap = with_delay_cap(CAP)
+    guard = with_size_limit(max_body=100, on_oversize="term")
+    install(conn.nc, chain=compose(guard, cap))
+    js = conn.nc.jetstream()  # a context made after install
+    psub = await js.pull_subscribe(stream.subject, durable="worker")
+    legacy = LegacyHandler()
+    await js.publish(stream.subject, b"x" * 101)  # rejected by the guard, never returned
+    await js.publish(stream.subject, b"job")
+    got: list[MessageProxy] = []
+
+    async def worker() -> None:
+        while len(legacy.calls) < 2:
+            try:
+                batch = await psub.fetch(10, timeout=0.5)
+            except asyncio.TimeoutError:
+                continue
+            got.extend(batch)  # type: ignore[arg-type]
+            for msg in batch:
+                await legacy(msg)
+
+    await asyncio.wait_for(worker(), 10)
+
+    first, second = legacy.calls
+    assert [m.data for m in got] == [b"job", b"job"]
+    assert second.at >= legacy.earliest_allowed
+    assert (first.handler_calls, second.handler_calls) == (1, 2)
+    assert cap.stats.capped == 1
+    assert cap.stats.holds >= 3
+    assert guard.stats.termed == 1
+    await psub.unsubscribe()
+    uninstall(conn.nc)
