@@ -53,6 +53,11 @@ class Settlement:
         return self.kind != "in_progress"
 
 
+_ACK = Settlement("ack")
+_NAK = Settlement("nak")
+_TERM = Settlement("term")
+_IN_PROGRESS = Settlement("in_progress")
+
 Settle: TypeAlias = Callable[[Settlement], Awaitable[Any]]
 """Sends a settlement onward: to the next interceptor, and in the end to the server."""
 
@@ -100,6 +105,45 @@ class MessageProxy(_Proxy):
         self._self_settlement: Settlement | None = None
         self._self_settled: asyncio.Event | None = None
 
+    # The message's own fields, forwarded by properties: a wrapt proxy finds these on its
+    # class at once, instead of failing over to the wrapped object for every access (5x
+    # slower), and handlers read them on every message.
+    @property
+    def subject(self) -> str:
+        return self.__wrapped__.subject
+
+    @subject.setter
+    def subject(self, value: str) -> None:
+        self.__wrapped__.subject = value
+
+    @property
+    def reply(self) -> str:
+        return self.__wrapped__.reply
+
+    @reply.setter
+    def reply(self, value: str) -> None:
+        self.__wrapped__.reply = value
+
+    @property
+    def data(self) -> bytes:
+        return self.__wrapped__.data
+
+    @data.setter
+    def data(self, value: bytes) -> None:
+        self.__wrapped__.data = value
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return self.__wrapped__.headers
+
+    @headers.setter
+    def headers(self, value: dict[str, str] | None) -> None:
+        self.__wrapped__.headers = value
+
+    @property
+    def metadata(self) -> Msg.Metadata:
+        return self.__wrapped__.metadata
+
     @classmethod
     def of(cls, msg: Msg) -> MessageProxy:
         """Return the proxy of ``msg``: ``msg`` itself if it is one already, else a new one."""
@@ -126,8 +170,8 @@ class MessageProxy(_Proxy):
     @property
     def is_jetstream(self) -> bool:
         """Whether the message came from a JetStream consumer (and so can be settled)."""
-        reply = self.__wrapped__.reply
-        return bool(reply) and reply.startswith(_JS_ACK_PREFIX)
+        reply: str = self.__wrapped__.reply
+        return reply.startswith(_JS_ACK_PREFIX) if reply else False
 
     def intercept(self, interceptor: Interceptor) -> _Intercepting:
         """See every settlement call made on this message while the ``with`` block runs.
@@ -155,7 +199,7 @@ class MessageProxy(_Proxy):
 
     async def ack(self) -> None:
         """Acknowledge the message (``+ACK``), through the interceptors."""
-        await self._settle(Settlement("ack"))
+        await self._settle(_ACK)
 
     async def ack_sync(self, timeout: float = 1.0) -> Msg:
         """Acknowledge and wait for the server's confirmation, through the interceptors."""
@@ -172,23 +216,24 @@ class MessageProxy(_Proxy):
             and comes back after the consumer's ``ack_wait``.
         """
         seconds = None if delay is None else to_seconds(delay, "nak delay")
-        await self._settle(Settlement("nak", delay=seconds or None))
+        await self._settle(Settlement("nak", delay=seconds) if seconds else _NAK)
 
     async def term(self) -> None:
         """Stop redeliveries of the message (``+TERM``), through the interceptors."""
-        await self._settle(Settlement("term"))
+        await self._settle(_TERM)
 
     async def in_progress(self) -> None:
         """Reset the consumer's ack timer (``+WPI``), through the interceptors."""
-        await self._settle(Settlement("in_progress"))
+        await self._settle(_IN_PROGRESS)
 
     async def _settle(self, settlement: Settlement) -> Any:
-        msg = self.message
-        if not self.is_jetstream:
-            return await self._send(settlement)  # nats-py raises its own NotJSMessageError
-        if settlement.is_final and msg._ackd:
+        interceptors = self._self_interceptors
+        if not interceptors or not self.is_jetstream:
+            return await self._send(settlement)  # core: nats-py raises NotJSMessageError
+        msg: Msg = self.__wrapped__
+        if settlement.kind != "in_progress" and msg._ackd:
             raise MsgAlreadyAckdError(msg)
-        return await self._through(len(self._self_interceptors) - 1, settlement)
+        return await self._through(len(interceptors) - 1, settlement)
 
     async def _through(self, index: int, settlement: Settlement) -> Any:
         if index < 0:
@@ -201,22 +246,24 @@ class MessageProxy(_Proxy):
         return await interceptor(settlement, send)
 
     async def _send(self, settlement: Settlement) -> Any:
-        msg = self.message
-        if settlement.is_final and msg._ackd:
+        msg: Msg = self.__wrapped__
+        kind = settlement.kind
+        final = kind != "in_progress"
+        if final and msg._ackd:
             # Two middlewares both settled: the first one won; say so the way nats-py does.
             raise MsgAlreadyAckdError(msg)
         result: Any = None
-        if settlement.kind == "ack_sync":
-            result = await msg.ack_sync(timeout=settlement.timeout)
-        elif settlement.kind == "ack":
+        if kind == "ack":
             await msg.ack()
-        elif settlement.kind == "nak":
+        elif kind == "nak":
             await msg.nak(delay=settlement.delay)
-        elif settlement.kind == "term":
+        elif kind == "ack_sync":
+            result = await msg.ack_sync(timeout=settlement.timeout)
+        elif kind == "term":
             await msg.term()
         else:
             await msg.in_progress()
-        if settlement.is_final:
+        if final:
             self._self_settlement = settlement
             if self._self_settled is not None:
                 self._self_settled.set()
