@@ -31,14 +31,6 @@ from natsmw.server import NatsServer
 Handler = Callable[[Msg], Awaitable[None]]
 
 
-def raw_handler(msg: Msg) -> Handler:
-    async def handle(msg: Msg) -> None:
-        assert msg.headers is None or "H0" in msg.headers or True
-        await msg.ack()
-
-    return handle
-
-
 async def read_dict(msg: Msg) -> None:
     _ = msg.headers.get("Nats-Msg-Id") if msg.headers else None
     await msg.ack()

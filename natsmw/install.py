@@ -129,7 +129,9 @@ async def _defer_decoding(
     wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     raw = args[0] if args else kwargs.get("headers")
-    if raw and can_defer(raw):
+    if not raw:
+        return None  # what nats-py returns for a message without headers, without the call
+    if can_defer(raw):
         return Undecoded(wrapped.__self__, raw)
     return await wrapped(*args, **kwargs)
 

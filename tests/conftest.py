@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from nats.js.errors import NoStreamResponseError
 
 from natsmw.server import NatsCluster, NatsServer
 
@@ -147,3 +150,23 @@ async def spy_acks(nc: Client, stream: str) -> AckSpy:
     await nc.subscribe(f"$JS.ACK.{stream}.>", cb=spy.put)
     await nc.flush()
     return spy
+
+
+async def publish_until_stored(
+    conn: Connection, subject: str, data: bytes, *, msg_id: str | None = None
+) -> PubAck:
+    """Publish to JetStream, retrying while a clustered stream elects its leader.
+
+    ``msg_id`` (Nats-Msg-Id) keeps a retry of a publish that was in fact stored from
+    storing it twice.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+    while True:
+        try:
+            return await conn.js.publish(subject, data, timeout=2, headers=headers)
+        except (NoStreamResponseError, nats.errors.TimeoutError):
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.1)  # back off between attempts; the deadline bounds the wait

@@ -17,7 +17,7 @@ from nats.js.api import ConsumerConfig, StreamConfig
 
 from natsmw.delay import KeyValueDeadlineStore, with_delay_cap
 from natsmw.server import NatsCluster, NatsServer
-from tests.conftest import Connection, Stream, connect, spy_acks
+from tests.conftest import Connection, Stream, connect, publish_until_stored, spy_acks
 from tests.delay_support import (
     CAP,
     DELAY,
@@ -165,7 +165,7 @@ async def test_cluster_node_stopped_mid_hold(cluster: NatsCluster) -> None:
     await conn.js.add_consumer("HA", ConsumerConfig(durable_name="ha", ack_wait=1))
     legacy = LegacyHandler(delay=4.0)
     async with pulling(conn.js, "ha.x", "ha", with_delay_cap(CAP)(legacy)):
-        await conn.js.publish("ha.x", b"x")
+        await publish_until_stored(conn, "ha.x", b"x", msg_id="ha-1")
         await asyncio.wait_for(legacy.deferred.wait(), 10)
 
     connected = cluster.urls.index(f"nats://{conn.nc.connected_url.netloc}")  # type: ignore[union-attr]

@@ -7,15 +7,13 @@ import socket
 import sys
 from pathlib import Path
 
-import nats.errors
 import pytest
-from nats.js.api import PubAck, StreamConfig
-from nats.js.errors import NoStreamResponseError
+from nats.js.api import StreamConfig
 
 from natsmw import server as server_module
 from natsmw.errors import ServerError, ServerNotFoundError
 from natsmw.server import NatsCluster, NatsServer
-from tests.conftest import Connection, connect
+from tests.conftest import connect, publish_until_stored
 
 
 async def test_jetstream_round_trip_and_stream_survives_a_restart(own_server: NatsServer) -> None:
@@ -78,19 +76,6 @@ def test_a_server_that_cannot_listen_reports_its_log(tmp_path: Path) -> None:
             server.close()
 
 
-async def publish_until_stored(conn: Connection, subject: str, data: bytes) -> PubAck:
-    """Publish, retrying while the stream elects a new leader; deduplicated by Nats-Msg-Id."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    while True:
-        try:
-            return await conn.js.publish(subject, data, timeout=2, headers={"Nats-Msg-Id": "two"})
-        except (NoStreamResponseError, nats.errors.TimeoutError):
-            if loop.time() > deadline:
-                raise
-            await asyncio.sleep(0.1)  # back off between attempts; the deadline bounds the wait
-
-
 async def test_cluster_forms_and_an_r3_stream_survives_a_stopped_node(
     cluster: NatsCluster,
 ) -> None:
@@ -105,6 +90,6 @@ async def test_cluster_forms_and_an_r3_stream_survives_a_stopped_node(
     connected_to = cluster.urls.index(f"nats://{conn.nc.connected_url.netloc}")
     cluster.servers[connected_to].stop()
     await asyncio.wait_for(conn.reconnected.wait(), 10)
-    second = await publish_until_stored(conn, "r3.a", b"two")
+    second = await publish_until_stored(conn, "r3.a", b"two", msg_id="two")
     assert second.seq == first.seq + 1
     await conn.nc.close()
