@@ -13,7 +13,8 @@ from natsmw.delay import (
 from natsmw.guards import SizeGuard, with_size_limit
 from natsmw.headers import peek_header
 from natsmw.install import install, installed, uninstall
-from natsmw.message import MessageProxy, Settlement
+from natsmw.message import MessageProxy, Report, Settlement
+from natsmw.tracing import Tracing, publish, with_tracing
 
 __all__ = [
     "DEADLINE_HEADER",
@@ -23,16 +24,20 @@ __all__ = [
     "MemoryDeadlineStore",
     "MessageProxy",
     "Middleware",
+    "Report",
     "Settlement",
     "SizeGuard",
+    "Tracing",
     "compose",
     "handler_calls",
     "install",
     "installed",
     "middleware",
     "peek_header",
+    "publish",
     "publish_not_before",
     "uninstall",
     "with_delay_cap",
     "with_size_limit",
+    "with_tracing",
 ]

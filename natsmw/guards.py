@@ -155,6 +155,12 @@ class SizeGuard:
             await call_next(msg)
             return
         self.stats.rejected += 1
+        action = self.on_oversize if msg.is_jetstream else "drop"
+        msg.report(
+            "natsmw.guard.rejected",
+            {"natsmw.guard.limit": rejection.limit, "natsmw.guard.size": rejection.size,
+             "natsmw.guard.maximum": rejection.maximum, "natsmw.guard.action": action},
+        )  # fmt: skip
         if not msg.is_jetstream:
             self.stats.dropped += 1
             log.warning("dropped core message on %s: %s", msg.subject, _describe(rejection))
@@ -201,11 +207,15 @@ class SizeGuard:
                 "that it comes back; %s",
                 _where(msg), subject, error, self.nak_delay, _describe(rejection),
             )  # fmt: skip
+            msg.report(
+                "natsmw.guard.dead_letter_failed", {"natsmw.guard.dead_letter_subject": subject}
+            )
             await msg.nak(self.nak_delay)
             self.stats.naked += 1
             return
         await msg.term()
         self.stats.dead_lettered += 1
+        msg.report("natsmw.guard.dead_lettered", {"natsmw.guard.dead_letter_subject": subject})
         log.warning("moved %s to %s: %s", _where(msg), subject, _describe(rejection))
 
 

@@ -16,9 +16,9 @@ subscriptions with ``manual_ack=False``) sees what happened.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar
 
 import wrapt
 from nats.aio.msg import Msg
@@ -26,11 +26,20 @@ from nats.errors import MsgAlreadyAckdError
 
 from natsmw.duration import to_seconds
 
-__all__ = ["Interceptor", "MessageProxy", "Settle", "Settlement", "SettlementKind"]
+__all__ = [
+    "Interceptor",
+    "MessageProxy",
+    "Observer",
+    "Report",
+    "Settle",
+    "Settlement",
+    "SettlementKind",
+]
 
 SettlementKind: TypeAlias = Literal["ack", "ack_sync", "nak", "term", "in_progress"]
 
 _JS_ACK_PREFIX = "$JS.ACK."
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,24 @@ class Settlement:
         return self.kind != "in_progress"
 
 
+@dataclass(frozen=True)
+class Report:
+    """Something a middleware did to a message, for whoever observes it (tracing, metrics).
+
+    Attributes:
+        name: what happened, for example ``natsmw.delay.hold``.
+        attributes: low-cardinality details, as OpenTelemetry attribute values.
+        link: a W3C ``traceparent`` the message's span should link to, if any.
+    """
+
+    name: str
+    attributes: Mapping[str, str | bool | int | float] = field(default_factory=dict)
+    link: str | None = None
+
+
+Observer: TypeAlias = Callable[[Report], None]
+"""Called with each :class:`Report` made on a message while it observes."""
+
 _ACK = Settlement("ack")
 _NAK = Settlement("nak")
 _TERM = Settlement("term")
@@ -73,20 +100,21 @@ else:
     _Proxy = wrapt.ObjectProxy
 
 
-class _Intercepting:
-    """The ``with`` block of :meth:`MessageProxy.intercept` (a class: it is on the hot path)."""
+class _Registration(Generic[_T]):
+    """A ``with`` block that keeps ``item`` in ``items`` while it runs (a class, not a
+    generator: it is on the hot path)."""
 
-    __slots__ = ("_interceptor", "_interceptors")
+    __slots__ = ("_item", "_items")
 
-    def __init__(self, interceptors: list[Interceptor], interceptor: Interceptor) -> None:
-        self._interceptors = interceptors
-        self._interceptor = interceptor
+    def __init__(self, items: list[_T], item: _T) -> None:
+        self._items = items
+        self._item = item
 
     def __enter__(self) -> None:
-        self._interceptors.append(self._interceptor)
+        self._items.append(self._item)
 
     def __exit__(self, *exc_info: object) -> None:
-        self._interceptors.remove(self._interceptor)
+        self._items.remove(self._item)
 
 
 class MessageProxy(_Proxy):
@@ -104,6 +132,7 @@ class MessageProxy(_Proxy):
         self._self_state: dict[object, Any] = {}
         self._self_settlement: Settlement | None = None
         self._self_settled: asyncio.Event | None = None
+        self._self_observers: list[Observer] = []
 
     # The message's own fields, forwarded by properties: a wrapt proxy finds these on its
     # class at once, instead of failing over to the wrapped object for every access (5x
@@ -173,14 +202,31 @@ class MessageProxy(_Proxy):
         reply: str = self.__wrapped__.reply
         return reply.startswith(_JS_ACK_PREFIX) if reply else False
 
-    def intercept(self, interceptor: Interceptor) -> _Intercepting:
+    def intercept(self, interceptor: Interceptor) -> _Registration[Interceptor]:
         """See every settlement call made on this message while the ``with`` block runs.
 
         Interceptors nest like the middlewares that install them: the one installed last (the
         innermost, closest to the handler) sees a call first, and its ``send`` leads to the
         one installed before it, and in the end to the server.
         """
-        return _Intercepting(self._self_interceptors, interceptor)
+        return _Registration(self._self_interceptors, interceptor)
+
+    def observe(self, observer: Observer) -> _Registration[Observer]:
+        """Receive every :meth:`report` made on this message while the ``with`` block runs."""
+        return _Registration(self._self_observers, observer)
+
+    def report(self, name: str, attributes: Mapping[str, str | bool | int | float], *,
+               link: str | None = None) -> None:  # fmt: skip
+        """Tell the observers (tracing, when installed) what a middleware did.
+
+        Costs nothing but a check when nobody observes.
+        """
+        observers = self._self_observers
+        if not observers:
+            return
+        made = Report(name, attributes, link)
+        for observer in observers:
+            observer(made)
 
     async def wait_settled(self, timeout: float | None = None) -> bool:
         """Wait until the delivery is settled (any call but ``in_progress``) through the proxy.

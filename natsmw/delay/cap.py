@@ -18,15 +18,18 @@ import random
 import time
 import weakref
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from itertools import islice
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from natsmw.chain import Handler, middleware
-from natsmw.delay.deadline import DEADLINE_HEADER, parse_deadline
+from natsmw.delay.deadline import DEADLINE_HEADER, format_deadline, parse_deadline
 from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDeadlineStore
 from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlineStoreError
@@ -263,6 +266,7 @@ class DelayCap:
         interval = await self._interval(msg, delivery, remaining)
         if interval is None:
             self.stats.forced_runs += 1
+            _survival(msg, "forced_run", delivery, remaining)
             log.error(
                 "calling the handler for %s seq %s %.3fs before its deadline: a nak now could "
                 "lose it (max_deliver leaves no delivery to hold with, or cannot be read)",
@@ -271,6 +275,11 @@ class DelayCap:
             return False
         self.stats.holds += 1
         log.debug("holding %s seq %s for %.3fs more", msg.subject, _seq(msg), remaining)
+        msg.report(
+            "natsmw.delay.hold",
+            {"natsmw.delay.remaining_s": remaining, "natsmw.delay.nak_s": interval,
+             "messaging.nats.message.delivery_count": delivery},
+        )  # fmt: skip
         await msg.nak(interval)
         return True
 
@@ -278,6 +287,7 @@ class DelayCap:
         interval = await self._interval(msg, delivery, self.cap)
         if interval is None:
             self.stats.forced_runs += 1
+            _survival(msg, "forced_run", delivery, None)
             log.error(
                 "calling the handler for %s seq %s without knowing its deadline: the store is "
                 "unreachable and a nak now could lose the message (max_deliver)",
@@ -285,6 +295,10 @@ class DelayCap:
             )  # fmt: skip
             return False
         self.stats.blind_holds += 1
+        msg.report(
+            "natsmw.delay.blind_hold",
+            {"natsmw.delay.nak_s": interval, "messaging.nats.message.delivery_count": delivery},
+        )
         log.warning(
             "holding %s seq %s for %.3fs: the deadline store is unreachable, so whether it "
             "has a deadline is unknown",
@@ -312,6 +326,9 @@ class DelayCap:
             # last one still reaches the handler after the deadline.
             interval = remaining / left
             self.stats.stretched += 1
+            _survival(
+                msg, "stretched", delivery, remaining, max_deliver=max_deliver, nak_s=interval
+            )
             log.warning(
                 "nak of %s seq %s stretched to %.3fs (cap %.3fs): max_deliver=%s leaves %s "
                 "deliveries for %.3fs",
@@ -338,6 +355,7 @@ class DelayCap:
             skipped_before=skipped,
             requested=settlement.delay,
             stored_at=msg.metadata.timestamp.timestamp(),
+            traceparent=_current_traceparent(),
         )
         # Remembered even if the store refuses it: this instance then knows the deadline,
         # and that the whole delay went to the server, so it will not hold the redelivery blind.
@@ -347,6 +365,7 @@ class DelayCap:
         except DeadlineStoreError as error:
             self.stats.store_errors += 1
             self.stats.uncapped += 1
+            _survival(msg, "uncapped", delivery, settlement.delay)
             log.warning(
                 "could not record the deadline of %s seq %s (%s): sending the %.3fs nak uncapped",
                 msg.subject, _seq(msg), error, settlement.delay,
@@ -355,6 +374,7 @@ class DelayCap:
         interval = await self._interval(msg, delivery, settlement.delay)
         if interval is None:
             self.stats.uncapped += 1
+            _survival(msg, "uncapped", delivery, settlement.delay)
             log.warning(
                 "%s seq %s: max_deliver leaves no delivery to hold with, or cannot be read; "
                 "its %.3fs nak goes as the handler asked",
@@ -363,6 +383,11 @@ class DelayCap:
             return await send(settlement)
         if interval < settlement.delay:
             self.stats.capped += 1
+            msg.report(
+                "natsmw.delay.capped",
+                {"natsmw.delay.requested_s": settlement.delay, "natsmw.delay.cap_s": self.cap,
+                 "natsmw.delay.nak_s": interval, "natsmw.delay.deadline": _iso(deferral.deadline)},
+            )  # fmt: skip
         return await send(Settlement("nak", delay=interval))
 
     async def _release(
@@ -374,8 +399,15 @@ class DelayCap:
             return delivery
         if deferral.released_at is None:
             deferral = replace(deferral, released_at=delivery)
-            found = _Found(deferral, recorded=True)
             self._remember(key, deferral, delivery)
+            held = deferral.skipped(delivery) - deferral.skipped_before
+            msg.report(
+                "natsmw.delay.released",
+                {"natsmw.delay.deadline": _iso(deferral.deadline),
+                 "natsmw.delay.held_deliveries": held,
+                 "messaging.nats.message.delivery_count": delivery},
+                link=deferral.traceparent,
+            )  # fmt: skip
             try:
                 await self._store_for(msg).put(key, deferral)
             except DeadlineStoreError as error:
@@ -453,6 +485,38 @@ def _position(reply: str) -> tuple[DeadlineKey, int]:
         return DeadlineKey(tokens[2], tokens[3], int(tokens[5])), int(tokens[4])
     meta = Msg.Metadata._from_reply(reply)  # with a domain and an account hash
     return DeadlineKey(meta.stream, meta.consumer, meta.sequence.stream), meta.num_delivered
+
+
+def _survival(
+    msg: MessageProxy, decision: str, delivery: int, remaining: float | None, **more: object
+) -> None:
+    """Report a decision that put the message's survival before the cap or the deadline."""
+    attributes: dict[str, str | bool | int | float] = {
+        "natsmw.delay.decision": decision,
+        "messaging.nats.message.delivery_count": delivery,
+    }
+    if remaining is not None:
+        attributes["natsmw.delay.remaining_s"] = remaining
+    for name, value in more.items():
+        if isinstance(value, (str, bool, int, float)):
+            attributes[f"natsmw.delay.{name}"] = value
+    msg.report("natsmw.delay.survival", attributes)
+
+
+def _current_traceparent() -> str | None:
+    """The W3C traceparent of the current span, to link the handler's later run back to it."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier)
+    return carrier.get("traceparent")
+
+
+_W3C = TraceContextTextMapPropagator()
+
+
+def _iso(moment: float) -> str:
+    return format_deadline(datetime.fromtimestamp(moment, timezone.utc))
 
 
 def _seq(msg: MessageProxy) -> int:

@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from natsmw.duration import to_seconds
+from natsmw.tracing import publish
 
 __all__ = [
     "DEADLINE_HEADER",
@@ -100,7 +101,8 @@ async def publish_not_before(
     """Publish to JetStream a message that natsmw delay caps hold until ``not_before``.
 
     Consumers wrapped in :func:`~natsmw.with_delay_cap` never call their handler for it
-    earlier; other consumers see an ordinary message with one more header.
+    earlier; other consumers see an ordinary message with one more header. Like
+    :func:`natsmw.publish`, it opens a PRODUCER span and propagates its context.
 
     Example::
 
@@ -111,4 +113,4 @@ async def publish_not_before(
         Whatever ``js.publish`` raises.
     """
     merged = {**(headers or {}), **deadline_header(not_before)}
-    return await js.publish(subject, payload, headers=merged, **publish_options)
+    return await publish(js, subject, payload, headers=merged, **publish_options)

@@ -72,6 +72,8 @@ class Deferral:
         requested: the delay the handler asked for, in seconds (``None`` for a header).
         stored_at: when the stream stored the message (Unix time), to tell a record from
             one left by an earlier stream or consumer of the same name.
+        traceparent: the W3C traceparent of the span that asked for the delay, so that the
+            handler's run after the deadline can link back to it.
     """
 
     deadline: float
@@ -80,6 +82,7 @@ class Deferral:
     released_at: int | None = None
     requested: float | None = None
     stored_at: float | None = None
+    traceparent: str | None = None
 
     def skipped(self, delivery: int) -> int:
         """How many deliveries up to ``delivery`` natsmw held instead of calling the handler."""
@@ -109,6 +112,7 @@ class Deferral:
                 released_at=_optional(_count, fields.get("released_at")),
                 requested=_optional(_number, fields.get("requested")),
                 stored_at=_optional(_number, fields.get("stored_at")),
+                traceparent=_optional(_text, fields.get("traceparent")),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise ValueError(f"not a natsmw deferral record: {data[:100]!r}") from error
@@ -119,6 +123,12 @@ def _number(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {value!r}")
     return float(value)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, got {value!r}")
+    return value
 
 
 def _count(value: object) -> int:

@@ -1,0 +1,314 @@
+"""OpenTelemetry spans and metrics that answer "why did this message run late?".
+
+``with_tracing()`` opens a CONSUMER span ``process {subject}`` around each message, with the
+messaging semantic conventions (semconv 1.44) set at span start, and turns what the other
+natsmw middlewares report (caps, holds, survival decisions, guard rejections) into span
+events and counters. When the handler finally runs after a deferral, its span links to the
+span that asked for the delay.
+
+natsmw depends on ``opentelemetry-api`` only: with no SDK configured, the middleware passes
+messages straight through.
+
+Attributes beyond the conventions, all under ``messaging.nats.*``:
+
+* ``messaging.nats.stream.name``: the JetStream stream;
+* ``messaging.nats.message.stream_sequence``: the message's sequence in that stream;
+* ``messaging.nats.message.delivery_count``: ``num_delivered``, holds included;
+* ``messaging.nats.settlement``: ``ack``, ``nak``, ``term`` or ``none``, as sent to the
+  server through the chain (``none`` for an auto-ack subscription: nats-py acks afterwards);
+* ``messaging.nats.nak.delay_s``: the delay of that nak, if any.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, overload
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from natsmw.chain import Handler, middleware
+from natsmw.headers import peek_header
+from natsmw.message import MessageProxy, Report, Settle, Settlement
+
+__all__ = ["Tracing", "publish", "with_tracing"]
+
+_SCOPE = "natsmw"
+_INBOX = "_INBOX."
+_W3C = TraceContextTextMapPropagator()
+
+# What other middlewares report, and the natsmw counter each one feeds.
+_COUNTED = {
+    "natsmw.delay.capped": "natsmw.delay.capped",
+    "natsmw.delay.hold": "natsmw.delay.holds",
+    "natsmw.delay.blind_hold": "natsmw.delay.holds",
+    "natsmw.delay.survival": "natsmw.delay.survivals",
+    "natsmw.guard.rejected": "natsmw.guard.rejections",
+}
+# Report attributes low enough in cardinality to label a counter with.
+_LABELS = ("natsmw.delay.decision", "natsmw.guard.limit", "natsmw.guard.action")
+
+
+def with_tracing(
+    *,
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
+) -> Tracing:
+    """Trace and measure every message: a CONSUMER span ``process {subject}`` and metrics.
+
+    Put it outermost, so that the span covers the whole chain and sees what reaches the
+    server: ``compose(with_tracing(), with_delay_cap(60))``.
+
+    Args:
+        tracer_provider: where spans go; the global tracer provider by default.
+        meter_provider: where metrics go; the global meter provider by default.
+    """
+    return Tracing(tracer_provider=tracer_provider, meter_provider=meter_provider)
+
+
+class Tracing:
+    """The tracing middleware; build it with :func:`with_tracing`."""
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+    ) -> None:
+        self._tracer_provider = tracer_provider
+        self._tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+        meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
+        self._duration = meter.create_histogram(
+            "messaging.process.duration", unit="s", description="Duration of processing operation."
+        )
+        self._consumed = meter.create_counter(
+            "messaging.client.consumed.messages",
+            unit="{message}",
+            description="Number of messages that were delivered to the application.",
+        )
+        self._counters = {
+            name: meter.create_counter(name, unit="{message}", description=description)
+            for name, description in (
+                ("natsmw.delay.capped", "Naks longer than the cap, sent capped."),
+                ("natsmw.delay.holds", "Deliveries held until their deadline."),
+                ("natsmw.delay.survivals", "Decisions that put a message's survival first."),
+                ("natsmw.guard.rejections", "Messages kept from the handler by a size guard."),
+            )
+        }
+
+    def __call__(self, handler: Handler) -> Handler:
+        return middleware(self._step)(handler)
+
+    def _enabled(self) -> bool:
+        provider = self._tracer_provider or trace.get_tracer_provider()
+        return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+    async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
+        if not self._enabled():
+            await call_next(msg)  # no SDK: nothing to record, nothing to pay
+            return
+        destination = _destination(msg.subject)
+        attributes = _start_attributes(msg, destination)
+        creation = propagate.extract(msg, getter=_HEADERS)
+        creation_span = trace.get_current_span(creation).get_span_context()
+        links = [Link(creation_span)] if creation_span.is_valid else []
+        ambient = trace.get_current_span().get_span_context().is_valid
+        parent = None if ambient or not creation_span.is_valid else creation
+        metric_labels = _metric_labels(attributes)
+        started = time.perf_counter()
+        with self._tracer.start_as_current_span(
+            f"process {destination}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+
+            async def record_settlement(settlement: Settlement, send: Settle) -> Any:
+                result = await send(settlement)
+                if settlement.is_final:
+                    span.set_attribute("messaging.nats.settlement", _settlement_name(settlement))
+                    if settlement.kind == "nak" and settlement.delay:
+                        span.set_attribute("messaging.nats.nak.delay_s", settlement.delay)
+                return result
+
+            def record_report(report: Report) -> None:
+                span.add_event(report.name, dict(report.attributes))
+                if report.link:
+                    deferring = _W3C.extract({"traceparent": report.link})
+                    linked = trace.get_current_span(deferring).get_span_context()
+                    if linked.is_valid:
+                        span.add_link(linked, {"natsmw.link": "deferred_by"})
+                counter = _COUNTED.get(report.name)
+                if counter is not None:
+                    labels = {**metric_labels}
+                    labels.update({k: v for k, v in report.attributes.items() if k in _LABELS})
+                    self._counters[counter].add(1, labels)
+
+            error: BaseException | None = None
+            try:
+                with msg.intercept(record_settlement), msg.observe(record_report):
+                    await call_next(msg)
+            except BaseException as raised:
+                error = raised
+                span.record_exception(raised)
+                span.set_status(Status(StatusCode.ERROR, str(raised)))
+                span.set_attribute("error.type", _error_type(raised))
+                raise
+            finally:
+                if msg.settlement is None and msg.is_jetstream:
+                    span.set_attribute("messaging.nats.settlement", "none")
+                labels = dict(metric_labels)
+                if error is not None:
+                    labels["error.type"] = _error_type(error)
+                self._duration.record(time.perf_counter() - started, labels)
+                self._consumed.add(1, metric_labels)
+
+
+class _HeaderGetter(Getter[MessageProxy]):
+    """Reads propagation headers one by one, without decoding the others (lazy headers)."""
+
+    def get(self, carrier: MessageProxy, key: str) -> list[str] | None:
+        value = peek_header(carrier, key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: MessageProxy) -> list[str]:
+        return list(carrier.headers or {})
+
+
+_HEADERS = _HeaderGetter()
+
+
+def _destination(subject: str) -> str:
+    # Reply inboxes are unique per client or request: a template keeps span names and
+    # metric labels few.
+    return _INBOX if subject.startswith(_INBOX) else subject
+
+
+def _start_attributes(msg: MessageProxy, destination: str) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "messaging.system": "nats",
+        "messaging.operation.name": "process",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": destination,
+        "messaging.message.body.size": len(msg.data),
+    }
+    if destination == _INBOX:
+        attributes["messaging.destination.temporary"] = True
+    message_id = peek_header(msg, "Nats-Msg-Id")
+    if message_id is not None:
+        attributes["messaging.message.id"] = message_id
+    real = msg.message
+    url = getattr(real._client, "connected_url", None)
+    if url is not None and url.hostname:
+        attributes["server.address"] = url.hostname
+        if url.port:
+            attributes["server.port"] = url.port
+    if msg.is_jetstream:
+        meta = msg.metadata
+        attributes["messaging.consumer.group.name"] = meta.consumer
+        attributes["messaging.nats.stream.name"] = meta.stream
+        attributes["messaging.nats.message.stream_sequence"] = meta.sequence.stream
+        attributes["messaging.nats.message.delivery_count"] = meta.num_delivered
+    else:
+        subscription = getattr(real._client, "_subs", {}).get(real._sid)
+        queue = getattr(subscription, "_queue", None)
+        if queue:
+            attributes["messaging.consumer.group.name"] = queue
+    return attributes
+
+
+def _metric_labels(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    keep = ("messaging.system", "messaging.operation.name", "messaging.consumer.group.name",
+            "messaging.nats.stream.name")  # fmt: skip
+    return {k: attributes[k] for k in keep if k in attributes}
+
+
+def _settlement_name(settlement: Settlement) -> str:
+    return "ack" if settlement.kind == "ack_sync" else settlement.kind
+
+
+def _error_type(error: BaseException) -> str:
+    kind = type(error)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+@overload
+async def publish(
+    connection: JetStreamContext,
+    subject: str,
+    payload: bytes = ...,
+    *,
+    headers: Mapping[str, str] | None = ...,
+    tracer_provider: TracerProvider | None = ...,
+    **publish_options: Any,
+) -> PubAck: ...
+
+
+@overload
+async def publish(
+    connection: Client,
+    subject: str,
+    payload: bytes = ...,
+    *,
+    headers: Mapping[str, str] | None = ...,
+    tracer_provider: TracerProvider | None = ...,
+    **publish_options: Any,
+) -> None: ...
+
+
+async def publish(
+    connection: Client | JetStreamContext,
+    subject: str,
+    payload: bytes = b"",
+    *,
+    headers: Mapping[str, str] | None = None,
+    tracer_provider: TracerProvider | None = None,
+    **publish_options: Any,
+) -> PubAck | None:
+    """Publish with a PRODUCER span ``send {subject}``, its context injected into the headers.
+
+    ``connection`` is a client (core NATS, returns ``None``) or a JetStream context (returns
+    the ``PubAck``). Consumers traced with :func:`with_tracing` link to this span.
+
+    Raises:
+        Whatever ``publish`` of ``connection`` raises; the span records it.
+    """
+    tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+    destination = _destination(subject)
+    attributes: dict[str, Any] = {
+        "messaging.system": "nats",
+        "messaging.operation.name": "send",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": destination,
+        "messaging.message.body.size": len(payload),
+    }
+    carrier = dict(headers or {})
+    if "Nats-Msg-Id" in carrier:
+        attributes["messaging.message.id"] = carrier["Nats-Msg-Id"]
+    with tracer.start_as_current_span(
+        f"send {destination}", kind=SpanKind.PRODUCER, attributes=attributes
+    ) as span:
+        propagate.inject(carrier)
+        if isinstance(connection, JetStreamContext):
+            ack: PubAck = await connection.publish(
+                subject, payload, headers=carrier, **publish_options
+            )
+            span.set_attribute("messaging.nats.stream.name", ack.stream)
+            span.set_attribute("messaging.nats.message.stream_sequence", ack.seq)
+            return ack
+        await connection.publish(subject, payload, headers=carrier or None, **publish_options)
+        return None

@@ -1,0 +1,313 @@
+"""with_tracing on a real server, against an in-memory span exporter and metric reader."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind, StatusCode
+from opentelemetry.util.types import Attributes
+
+from natsmw import compose, with_delay_cap, with_size_limit
+from natsmw.tracing import publish, with_tracing
+from tests.conftest import Connection, Inbox, Stream
+from tests.delay_support import CAP, LegacyHandler, pulling
+
+
+class NotifyingExporter(InMemorySpanExporter):
+    """Keeps finished spans, and lets a test wait for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exported = asyncio.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> Any:
+        result = super().export(spans)
+        self.exported.set()
+        return result
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
+        while len(self.get_finished_spans()) < count:
+            self.exported.clear()
+            await asyncio.wait_for(self.exported.wait(), timeout)
+
+
+class StartAttributes(Sampler):
+    """Samples everything in, and keeps the attributes each span had at its start."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[dict[str, Any]]] = {}
+
+    def should_sample(
+        self, parent_context: Context | None, trace_id: int, name: str,
+        kind: SpanKind | None = None, attributes: Attributes = None,
+        links: Sequence[Link] | None = None, trace_state: Any = None,
+    ) -> SamplingResult:  # fmt: skip
+        self.seen.setdefault(name, []).append(dict(attributes or {}))
+        return ALWAYS_ON.should_sample(parent_context, trace_id, name, kind, attributes, links)
+
+    def get_description(self) -> str:
+        return "StartAttributes"
+
+
+@dataclass
+class Telemetry:
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    spans: NotifyingExporter
+    metrics: InMemoryMetricReader
+    sampler: StartAttributes
+
+    def finished(self, name: str | None = None) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if name in (None, s.name)]
+
+    def metric(self, name: str) -> list[Any]:
+        data = self.metrics.get_metrics_data()
+        points = []
+        for resource in data.resource_metrics if data else []:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        points.extend(metric.data.data_points)
+        return points
+
+
+@pytest.fixture
+def telemetry() -> Iterator[Telemetry]:
+    sampler = StartAttributes()
+    spans = NotifyingExporter()
+    tracer_provider = TracerProvider(sampler=sampler)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    yield Telemetry(tracer_provider, meter_provider, spans, reader, sampler)
+    tracer_provider.shutdown()
+    meter_provider.shutdown()
+
+
+def traced(telemetry: Telemetry) -> Any:
+    return with_tracing(
+        tracer_provider=telemetry.tracer_provider, meter_provider=telemetry.meter_provider
+    )
+
+
+async def test_process_span_has_name_kind_and_attributes_at_start(
+    conn: Connection, stream: Stream, telemetry: Telemetry
+) -> None:
+    done = Inbox()
+
+    @traced(telemetry)
+    async def handler(msg: Msg) -> None:
+        await msg.ack()
+        await done.put(msg)
+
+    await conn.js.subscribe(stream.subject, durable="orders", cb=handler, manual_ack=True)
+    ack = await conn.js.publish(stream.subject, b"12345", headers={"Nats-Msg-Id": "order-1"})
+    await done.wait_for(1)
+
+    (span,) = telemetry.finished(f"process {stream.subject}")
+    assert span.kind is SpanKind.CONSUMER
+    url = conn.nc.connected_url
+    assert url is not None
+    expected = {
+        "messaging.system": "nats",
+        "messaging.operation.name": "process",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": stream.subject,
+        "messaging.consumer.group.name": "orders",
+        "messaging.message.id": "order-1",
+        "messaging.message.body.size": 5,
+        "server.address": url.hostname,
+        "server.port": url.port,
+        "messaging.nats.stream.name": stream.name,
+        "messaging.nats.message.stream_sequence": ack.seq,
+        "messaging.nats.message.delivery_count": 1,
+    }
+    assert telemetry.sampler.seen[span.name] == [expected]  # all of it known at start
+    assert span.attributes == {**expected, "messaging.nats.settlement": "ack"}
+
+
+async def test_reply_inboxes_and_queue_groups(conn: Connection, telemetry: Telemetry) -> None:
+    @traced(telemetry)
+    async def responder(msg: Msg) -> None:
+        await msg.respond(b"pong")
+
+    @traced(telemetry)
+    async def reply_reader(msg: Msg) -> None:
+        pass
+
+    await conn.nc.subscribe("svc.ping", queue="workers", cb=responder)
+    inbox = conn.nc.new_inbox()
+    await conn.nc.subscribe(inbox, cb=reply_reader)
+    await conn.nc.publish("svc.ping", b"ping", reply=inbox)
+    await telemetry.spans.wait_for(2)  # both spans end on the subscriptions' own tasks
+
+    served, replied = telemetry.finished("process svc.ping"), telemetry.finished("process _INBOX.")
+    assert served[0].attributes["messaging.consumer.group.name"] == "workers"  # type: ignore[index]
+    assert replied[0].attributes["messaging.destination.name"] == "_INBOX."  # type: ignore[index]
+    assert replied[0].attributes["messaging.destination.temporary"] is True  # type: ignore[index]
+
+
+async def test_exception_is_recorded_and_still_propagates(
+    conn: Connection, stream: Stream, telemetry: Telemetry
+) -> None:
+    psub = await conn.js.pull_subscribe(stream.subject, durable="failing")
+    await conn.js.publish(stream.subject, b"x")
+    (msg,) = await psub.fetch(1, timeout=5)
+
+    @traced(telemetry)
+    async def handler(msg: Msg) -> None:
+        raise KeyError("customer")
+
+    with pytest.raises(KeyError, match="customer"):
+        await handler(msg)
+
+    (span,) = telemetry.finished()
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "KeyError"  # type: ignore[index]
+    assert span.attributes["messaging.nats.settlement"] == "none"  # type: ignore[index]
+    assert [e.name for e in span.events] == ["exception"]
+    (point,) = telemetry.metric("messaging.process.duration")
+    assert point.attributes["error.type"] == "KeyError"
+
+
+async def test_context_from_the_publish_helper_is_parent_and_link(
+    conn: Connection, stream: Stream, telemetry: Telemetry
+) -> None:
+    psub = await conn.js.pull_subscribe(stream.subject, durable="ctx")
+    await publish(conn.js, stream.subject, b"x", tracer_provider=telemetry.tracer_provider)
+    await publish(conn.js, stream.subject, b"y", tracer_provider=telemetry.tracer_provider)
+    first, second = await psub.fetch(2, timeout=5)
+
+    @traced(telemetry)
+    async def handler(msg: Msg) -> None:
+        await msg.ack()
+
+    await handler(first)  # no ambient span: the producer's context becomes the parent
+    tracer = telemetry.tracer_provider.get_tracer("worker")
+    with tracer.start_as_current_span("worker loop"):
+        await handler(second)  # an ambient span stays the parent; the producer is linked
+
+    producers = telemetry.finished(f"send {stream.subject}")
+    consumers = telemetry.finished(f"process {stream.subject}")
+    (worker,) = telemetry.finished("worker loop")
+    assert [p.kind for p in producers] == [SpanKind.PRODUCER] * 2
+    assert consumers[0].parent is not None
+    assert consumers[0].parent.span_id == producers[0].context.span_id
+    assert consumers[1].parent is not None
+    assert consumers[1].parent.span_id == worker.context.span_id
+    for consumer, producer in zip(consumers, producers, strict=True):
+        assert [link.context.span_id for link in consumer.links] == [producer.context.span_id]
+
+
+async def test_delay_and_guard_events_and_a_link_back_to_the_deferring_span(
+    conn: Connection, stream: Stream, telemetry: Telemetry
+) -> None:
+    await conn.js.add_stream(name="DEADT", subjects=["natsmw.dead_letter.>"])
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="evt", ack_wait=30))
+    legacy = LegacyHandler()
+    chain = compose(traced(telemetry), with_size_limit(max_body=100), with_delay_cap(CAP))
+    async with pulling(conn.js, stream.subject, "evt", chain(legacy)):
+        await conn.js.publish(stream.subject, b"x" * 101)
+        await conn.js.publish(stream.subject, b"job")
+        _, second = await legacy.wait_calls(2)
+
+    spans = telemetry.finished(f"process {stream.subject}")
+    events = {e.name: e for s in spans for e in s.events}
+    rejected = events["natsmw.guard.rejected"].attributes
+    assert (rejected["natsmw.guard.limit"], rejected["natsmw.guard.size"]) == ("body", 101)
+    assert events["natsmw.guard.dead_lettered"].attributes["natsmw.guard.dead_letter_subject"] == (
+        f"natsmw.dead_letter.{stream.name}"
+    )
+    capped = events["natsmw.delay.capped"].attributes
+    assert (capped["natsmw.delay.requested_s"], capped["natsmw.delay.cap_s"]) == (2.0, CAP)
+    holds = [s for s in spans if any(e.name == "natsmw.delay.hold" for e in s.events)]
+    assert len(holds) == second.num_delivered - 2
+    assert all(s.attributes["messaging.nats.nak.delay_s"] <= CAP for s in holds)  # type: ignore[index,operator]
+
+    deferring = next(s for s in spans if any(e.name == "natsmw.delay.capped" for e in s.events))
+    final = next(s for s in spans if any(e.name == "natsmw.delay.released" for e in s.events))
+    assert [link.context.span_id for link in final.links] == [deferring.context.span_id]
+    assert final.attributes["messaging.nats.settlement"] == "ack"  # type: ignore[index]
+    assert deferring.attributes["messaging.nats.settlement"] == "nak"  # type: ignore[index]
+    await conn.js.delete_stream("DEADT")
+
+
+async def test_metrics_after_a_known_sequence(
+    conn: Connection, stream: Stream, telemetry: Telemetry
+) -> None:
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="m", ack_wait=30))
+    legacy = LegacyHandler(delay=1.0)
+    cap = with_delay_cap(CAP)
+    chain = compose(traced(telemetry), with_size_limit(max_body=100, on_oversize="term"), cap)
+    async with pulling(conn.js, stream.subject, "m", chain(legacy)):
+        await conn.js.publish(stream.subject, b"x" * 101)
+        await conn.js.publish(stream.subject, b"job")
+        await legacy.wait_calls(2)
+
+    deliveries = len(telemetry.finished())
+    (consumed,) = telemetry.metric("messaging.client.consumed.messages")
+    (duration,) = telemetry.metric("messaging.process.duration")
+    assert consumed.value == deliveries == 1 + 2 + cap.stats.holds
+    assert duration.count == deliveries
+    assert consumed.attributes == {
+        "messaging.system": "nats", "messaging.operation.name": "process",
+        "messaging.consumer.group.name": "m", "messaging.nats.stream.name": stream.name,
+    }  # fmt: skip
+    assert [p.value for p in telemetry.metric("natsmw.delay.capped")] == [1]
+    assert sum(p.value for p in telemetry.metric("natsmw.delay.holds")) == cap.stats.holds
+    (rejections,) = telemetry.metric("natsmw.guard.rejections")
+    assert rejections.value == 1
+    assert rejections.attributes["natsmw.guard.action"] == "term"
+
+
+async def test_sampled_out_messages_still_flow(conn: Connection, stream: Stream) -> None:
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    done = Inbox()
+
+    @with_tracing(tracer_provider=provider)
+    async def handler(msg: Msg) -> None:
+        await msg.ack()
+        await done.put(msg)
+
+    await conn.js.subscribe(stream.subject, durable="off", cb=handler, manual_ack=True)
+    await conn.js.publish(stream.subject, b"x")
+    await done.wait_for(1)
+    assert exporter.get_finished_spans() == ()
+
+
+async def test_no_sdk_configured_means_no_error_and_no_span(
+    conn: Connection, stream: Stream
+) -> None:
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)  # no SDK set
+    seen: list[trace.Span] = []
+    done = Inbox()
+
+    @with_tracing()
+    async def handler(msg: Msg) -> None:
+        seen.append(trace.get_current_span())
+        await msg.ack()
+        await done.put(msg)
+
+    await conn.js.subscribe(stream.subject, durable="nosdk", cb=handler, manual_ack=True)
+    await publish(conn.js, stream.subject, b"x")  # the helper works without an SDK too
+    (msg,) = await done.wait_for(1)
+
+    assert seen == [trace.INVALID_SPAN]
+    assert msg.is_acked
+    assert conn.errors == []
