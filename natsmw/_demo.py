@@ -5,19 +5,25 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 
 import nats
 from nats.aio.msg import Msg
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from natsmw.chain import Handler, Middleware, compose, middleware
 from natsmw.delay import handler_calls, with_delay_cap
 from natsmw.message import MessageProxy, Settle, Settlement
 from natsmw.server import NatsServer
+from natsmw.tracing import with_tracing
 
 CAP = 0.25  # seconds: stands in for a production cap of a minute
 REVIEW_DELAY = 2.0  # seconds: stands in for the "retry in 3 hours" of a real handler
 ORDERS = [{"id": 1, "amount": 20}, {"id": 2, "amount": 250}, {"id": 3, "amount": 70}]
 _CALLED = "demo.called"
+_SEQUENCE = "messaging.nats.message.stream_sequence"
 
 
 def say(text: str) -> None:
@@ -55,6 +61,32 @@ def marks_handler_runs() -> Middleware:
     return middleware(step)
 
 
+def show_trace(spans: Sequence[ReadableSpan], sequence: int) -> None:
+    """Print the spans of one stream message as a tracing backend would list them."""
+    mine = [s for s in spans if (s.attributes or {}).get(_SEQUENCE) == sequence]
+    mine.sort(key=lambda span: span.start_time or 0)
+    say(f"The trace of order message #{sequence}, as with_tracing() recorded it:")
+    for span in mine:
+        attributes = span.attributes or {}
+        settled = attributes.get("messaging.nats.settlement")
+        delay = attributes.get("messaging.nats.nak.delay_s")
+        after = f" nak(delay={delay:.2f}s)" if isinstance(delay, float) else f" {settled}"
+        delivery = attributes.get("messaging.nats.message.delivery_count")
+        say(f"  span {span.context.span_id:016x} {span.name} (CONSUMER), delivery {delivery}, "
+            f"settled:{after}")  # fmt: skip
+        for event in span.events:
+            details = ", ".join(
+                f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in (event.attributes or {}).items()
+            )
+            say(f"      event {event.name}: {details}")
+        for link in span.links:
+            say(f"      link to span {link.context.span_id:016x}: the one that asked for the delay")
+
+
+def _short(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
 def describe(settlement: Settlement) -> str:
     if settlement.kind == "nak" and settlement.delay:
         return f"nak(delay={settlement.delay:.2f}s)"
@@ -80,7 +112,13 @@ async def run_demo() -> int:
         cap = with_delay_cap(CAP)
 
         # A legacy handler, unchanged: large orders wait for a review, then get billed.
-        @compose(narrated(), cap, marks_handler_runs())
+        spans = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+
+        @compose(
+            with_tracing(tracer_provider=tracer_provider), narrated(), cap, marks_handler_runs()
+        )
         async def bill(msg: Msg) -> None:
             order = json.loads(msg.data)
             if order["amount"] > 100 and handler_calls(msg) == 1:
@@ -105,5 +143,6 @@ async def run_demo() -> int:
             f"held it {cap.stats.holds} times with naks of at most {CAP}s."
         )
         await nc.drain()
+        show_trace(spans.get_finished_spans(), sequence=2)
     say("Stopped the embedded server and removed its temporary store.")
     return 0
