@@ -21,13 +21,16 @@ Attributes beyond the conventions, all under ``messaging.nats.*``:
 
 from __future__ import annotations
 
+import contextlib
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any, overload
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.propagators.textmap import Getter
@@ -118,60 +121,81 @@ class Tracing:
         attributes = _start_attributes(msg, destination)
         creation = propagate.extract(msg, getter=_HEADERS)
         creation_span = trace.get_current_span(creation).get_span_context()
-        links = [Link(creation_span)] if creation_span.is_valid else []
-        ambient = trace.get_current_span().get_span_context().is_valid
-        parent = None if ambient or not creation_span.is_valid else creation
-        metric_labels = _metric_labels(attributes)
+        links = [Link(creation_span)] if creation_span.is_valid else None
+        parent = None
+        if creation_span.is_valid and not trace.get_current_span().get_span_context().is_valid:
+            parent = creation
+        span = self._tracer.start_span(
+            f"process {destination}", parent, SpanKind.CONSUMER, attributes, links
+        )
+        recorder = _Recorder(self, span, _metric_labels(attributes))
+        token = otel_context.attach(trace.set_span_in_context(span))
         started = time.perf_counter()
-        with self._tracer.start_as_current_span(
-            f"process {destination}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            links=links,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-
-            async def record_settlement(settlement: Settlement, send: Settle) -> Any:
-                result = await send(settlement)
-                if settlement.is_final:
-                    span.set_attribute("messaging.nats.settlement", _settlement_name(settlement))
-                    if settlement.kind == "nak" and settlement.delay:
-                        span.set_attribute("messaging.nats.nak.delay_s", settlement.delay)
-                return result
-
-            def record_report(report: Report) -> None:
-                span.add_event(report.name, dict(report.attributes))
-                if report.link:
-                    deferring = _W3C.extract({"traceparent": report.link})
-                    linked = trace.get_current_span(deferring).get_span_context()
-                    if linked.is_valid:
-                        span.add_link(linked, {"natsmw.link": "deferred_by"})
-                counter = _COUNTED.get(report.name)
-                if counter is not None:
-                    labels = {**metric_labels}
-                    labels.update({k: v for k, v in report.attributes.items() if k in _LABELS})
-                    self._counters[counter].add(1, labels)
-
-            error: BaseException | None = None
-            try:
-                with msg.intercept(record_settlement), msg.observe(record_report):
+        try:
+            if span.is_recording():
+                with msg.intercept(recorder.settlement), msg.observe(recorder.report):
                     await call_next(msg)
-            except BaseException as raised:
-                error = raised
-                span.record_exception(raised)
-                span.set_status(Status(StatusCode.ERROR, str(raised)))
-                span.set_attribute("error.type", _error_type(raised))
-                raise
-            finally:
-                if msg.settlement is None and msg.is_jetstream:
-                    span.set_attribute("messaging.nats.settlement", "none")
-                labels = dict(metric_labels)
-                if error is not None:
-                    labels["error.type"] = _error_type(error)
-                self._duration.record(time.perf_counter() - started, labels)
-                self._consumed.add(1, metric_labels)
+            else:
+                with msg.observe(recorder.count):  # sampled out: metrics only
+                    await call_next(msg)
+        except BaseException as raised:
+            recorder.failed(raised)
+            raise
+        finally:
+            otel_context.detach(token)
+            recorder.finish(msg, time.perf_counter() - started)
+
+
+class _Recorder:
+    """Records one message's settlement, reports, outcome and metrics on its span."""
+
+    __slots__ = ("_error", "_labels", "_span", "_tracing")
+
+    def __init__(self, tracing: Tracing, span: trace.Span, labels: dict[str, Any]) -> None:
+        self._tracing = tracing
+        self._span = span
+        self._labels = labels
+        self._error: str | None = None
+
+    async def settlement(self, settlement: Settlement, send: Settle) -> Any:
+        result = await send(settlement)
+        if settlement.is_final:
+            self._span.set_attribute("messaging.nats.settlement", _settlement_name(settlement))
+            if settlement.kind == "nak" and settlement.delay:
+                self._span.set_attribute("messaging.nats.nak.delay_s", settlement.delay)
+        return result
+
+    def report(self, report: Report) -> None:
+        self._span.add_event(report.name, dict(report.attributes))
+        if report.link:
+            deferring = _W3C.extract({"traceparent": report.link})
+            linked = trace.get_current_span(deferring).get_span_context()
+            if linked.is_valid:
+                self._span.add_link(linked, {"natsmw.link": "deferred_by"})
+        self.count(report)
+
+    def count(self, report: Report) -> None:
+        counter = _COUNTED.get(report.name)
+        if counter is not None:
+            labels = {**self._labels}
+            labels.update({k: v for k, v in report.attributes.items() if k in _LABELS})
+            self._tracing._counters[counter].add(1, labels)
+
+    def failed(self, error: BaseException) -> None:
+        self._error = _error_type(error)
+        self._span.record_exception(error)
+        self._span.set_status(Status(StatusCode.ERROR, str(error)))
+        self._span.set_attribute("error.type", self._error)
+
+    def finish(self, msg: MessageProxy, elapsed: float) -> None:
+        if msg.settlement is None and msg.is_jetstream:
+            self._span.set_attribute("messaging.nats.settlement", "none")
+        self._span.end()
+        labels = self._labels
+        if self._error is not None:
+            labels = {**labels, "error.type": self._error}
+        self._tracing._duration.record(elapsed, labels)
+        self._tracing._consumed.add(1, self._labels)
 
 
 class _HeaderGetter(Getter[MessageProxy]):
@@ -208,23 +232,41 @@ def _start_attributes(msg: MessageProxy, destination: str) -> dict[str, Any]:
     if message_id is not None:
         attributes["messaging.message.id"] = message_id
     real = msg.message
-    url = getattr(real._client, "connected_url", None)
-    if url is not None and url.hostname:
-        attributes["server.address"] = url.hostname
-        if url.port:
-            attributes["server.port"] = url.port
+    attributes.update(_server_attributes(real._client))
     if msg.is_jetstream:
-        meta = msg.metadata
-        attributes["messaging.consumer.group.name"] = meta.consumer
-        attributes["messaging.nats.stream.name"] = meta.stream
-        attributes["messaging.nats.message.stream_sequence"] = meta.sequence.stream
-        attributes["messaging.nats.message.delivery_count"] = meta.num_delivered
+        position = msg.position
+        attributes["messaging.consumer.group.name"] = position.consumer
+        attributes["messaging.nats.stream.name"] = position.stream
+        attributes["messaging.nats.message.stream_sequence"] = position.stream_sequence
+        attributes["messaging.nats.message.delivery_count"] = position.delivered
     else:
         subscription = getattr(real._client, "_subs", {}).get(real._sid)
         queue = getattr(subscription, "_queue", None)
         if queue:
             attributes["messaging.consumer.group.name"] = queue
     return attributes
+
+
+_servers: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+def _server_attributes(client: Any) -> dict[str, Any]:
+    """``server.address`` and ``server.port`` of the server the client is connected to."""
+    url = getattr(client, "connected_url", None)
+    try:
+        known = _servers.get(client)
+    except TypeError:  # not weak-referenceable: no cache
+        known = None
+    if known is not None and known[0] is url:
+        return known[1]
+    found: dict[str, Any] = {}
+    if url is not None and url.hostname:
+        found["server.address"] = url.hostname
+        if url.port:
+            found["server.port"] = url.port
+    with contextlib.suppress(TypeError):
+        _servers[client] = (url, found)
+    return found
 
 
 def _metric_labels(attributes: Mapping[str, Any]) -> dict[str, Any]:

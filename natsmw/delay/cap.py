@@ -147,7 +147,9 @@ class DelayCap:
         if not msg.is_jetstream:
             await call_next(msg)
             return
-        key, delivery = _position(msg.reply)
+        position = msg.position
+        key = DeadlineKey(position.stream, position.consumer, position.stream_sequence)
+        delivery = position.delivered
         header = self._header_deferral(msg)
         if header is None and delivery == 1 and key not in self._local:
             found = _NOTHING  # the hot path: nothing to look up for a first, plain delivery
@@ -472,19 +474,6 @@ class _ConsumerLimits:
         self._known[consumer] = value
         self._next_read[consumer] = time.monotonic() + _LIMITS_TTL
         return value
-
-
-def _position(reply: str) -> tuple[DeadlineKey, int]:
-    """Stream, consumer, stream sequence and delivery count from a JetStream ack subject.
-
-    ``msg.metadata`` gives the same, and a timestamp this path does not need; parsing it
-    costs several times more, on every message.
-    """
-    tokens = reply.split(".")
-    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-        return DeadlineKey(tokens[2], tokens[3], int(tokens[5])), int(tokens[4])
-    meta = Msg.Metadata._from_reply(reply)  # with a domain and an account hash
-    return DeadlineKey(meta.stream, meta.consumer, meta.sequence.stream), meta.num_delivered
 
 
 def _survival(

