@@ -22,12 +22,14 @@ Attributes beyond the conventions, all under ``messaging.nats.*``:
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, overload
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from opentelemetry import context as otel_context
@@ -107,16 +109,22 @@ class Tracing:
         }
 
     def __call__(self, handler: Handler) -> Handler:
-        return middleware(self._step)(handler)
+        traced = middleware(self._step)(handler)
+
+        @functools.wraps(handler)
+        async def handle(msg: Msg) -> None:
+            if self._enabled():
+                await traced(msg)
+            else:
+                await handler(msg)  # no SDK: not even a proxy; nothing to record or pay
+
+        return handle
 
     def _enabled(self) -> bool:
         provider = self._tracer_provider or trace.get_tracer_provider()
         return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
     async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
-        if not self._enabled():
-            await call_next(msg)  # no SDK: nothing to record, nothing to pay
-            return
         destination = _destination(msg.subject)
         attributes = _start_attributes(msg, destination)
         creation = propagate.extract(msg, getter=_HEADERS)
