@@ -75,14 +75,14 @@ class DelayCapStats:
     store_errors: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Found:
     deferral: Deferral | None
     recorded: bool  # whether the deferral is (or is to be) kept in the store
     known: bool = True  # False: the store could not be asked, and nothing is known locally
 
 
-@dataclass
+@dataclass(slots=True)
 class _Local:
     """What this instance knows of one message: its deferral, and the last delivery it saw."""
 

@@ -57,7 +57,7 @@ def _escape(name: str) -> str:
 _UNSAFE = re.compile(r"[^-_a-zA-Z0-9]")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Deferral:
     """A deadline recorded for one message, and the delivery counts around it.
 
@@ -240,13 +240,18 @@ class KeyValueDeadlineStore:
                 self._kv = await self._open()
             return self._kv
 
+    def _default_replicas(self) -> list[int]:
+        # A server that is not part of a cluster cannot have 3 replicas: don't ask.
+        info = getattr(getattr(self._js, "_nc", None), "_server_info", None) or {}
+        return [3, 1] if info.get("cluster") else [1]
+
     async def _open(self) -> KeyValue:
         try:
             return await asyncio.wait_for(self._js.key_value(self.bucket), self._timeout)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             if not isinstance(error, BucketNotFoundError):
                 raise DeadlineStoreError(f"cannot open {self.bucket!r}: {error!r}") from error
-        replicas = [self._replicas] if self._replicas else [3, 1]
+        replicas = [self._replicas] if self._replicas else self._default_replicas()
         last: BaseException | None = None
         for count in replicas:
             if last is not None:
