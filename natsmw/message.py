@@ -137,13 +137,13 @@ class MessageProxy(_Proxy):
     calls reach nats-py directly and raise its own ``NotJSMessageError``.
     """
 
-    def __init__(self, msg: Msg) -> None:
-        super().__init__(msg)
-        self._self_interceptors: list[Interceptor] = []
-        self._self_state: dict[object, Any] = {}
-        self._self_settlement: Settlement | None = None
-        self._self_settled: asyncio.Event | None = None
-        self._self_observers: list[Observer] = []
+    # Per-message fields start as these class-level defaults and are set on first use:
+    # every attribute set on a wrapt proxy costs, and most messages need few of them.
+    _self_interceptors: list[Interceptor] | None = None
+    _self_observers: list[Observer] | None = None
+    _self_state: dict[object, Any] | None = None
+    _self_settlement: Settlement | None = None
+    _self_settled: asyncio.Event | None = None
 
     # The message's own fields, forwarded by properties: a wrapt proxy finds these on its
     # class at once, instead of failing over to the wrapped object for every access (5x
@@ -216,7 +216,10 @@ class MessageProxy(_Proxy):
     @property
     def state(self) -> dict[object, Any]:
         """Per-message state that middlewares share; key it by something your module owns."""
-        return self._self_state
+        state = self._self_state
+        if state is None:
+            state = self._self_state = {}
+        return state
 
     @property
     def settlement(self) -> Settlement | None:
@@ -236,11 +239,17 @@ class MessageProxy(_Proxy):
         innermost, closest to the handler) sees a call first, and its ``send`` leads to the
         one installed before it, and in the end to the server.
         """
-        return _Registration(self._self_interceptors, interceptor)
+        interceptors = self._self_interceptors
+        if interceptors is None:
+            interceptors = self._self_interceptors = []
+        return _Registration(interceptors, interceptor)
 
     def observe(self, observer: Observer) -> _Registration[Observer]:
         """Receive every :meth:`report` made on this message while the ``with`` block runs."""
-        return _Registration(self._self_observers, observer)
+        observers = self._self_observers
+        if observers is None:
+            observers = self._self_observers = []
+        return _Registration(observers, observer)
 
     def report(self, name: str, attributes: Mapping[str, str | bool | int | float], *,
                link: str | None = None) -> None:  # fmt: skip
@@ -311,7 +320,7 @@ class MessageProxy(_Proxy):
     async def _through(self, index: int, settlement: Settlement) -> Any:
         if index < 0:
             return await self._send(settlement)
-        interceptor = self._self_interceptors[index]
+        interceptor = self._self_interceptors[index]  # type: ignore[index]  # not None here
 
         async def send(onward: Settlement) -> Any:
             return await self._through(index - 1, onward)

@@ -57,6 +57,18 @@ def find_nats_server() -> str:
     )
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to stop the server when its parent dies.
+
+    A test run or a demo killed by a signal never reaches its ``finally``; without this its
+    nats-server would keep running, holding a port and a temporary store.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -137,7 +149,11 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
             self._process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         if wait:
             self.wait_ready(timeout=timeout)

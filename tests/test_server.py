@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,31 @@ async def test_cluster_forms_and_an_r3_stream_survives_a_stopped_node(
     second = await publish_until_stored(conn, "r3.a", b"two", msg_id="two")
     assert second.seq == first.seq + 1
     await conn.nc.close()
+
+
+def test_server_stops_when_the_process_that_started_it_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import sys, time\n"
+        "from natsmw.server import NatsServer\n"
+        "server = NatsServer().start()\n"
+        "print(server._process.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    server_pid = int(owner.stdout.readline())
+    owner.kill()  # SIGKILL: no finally, no atexit
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while _alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the pid of a process that is not our child
+    assert not _alive(server_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "State:\tZ" not in status.read()
+    except FileNotFoundError:
+        return False

@@ -162,7 +162,11 @@ class DelayCap:
         )
         msg.state[_CALLS_KEY] = calls
 
+        cap = self.cap
+
         async def on_settle(settlement: Settlement, send: Settle) -> Any:
+            if settlement.kind != "nak" or settlement.delay is None or settlement.delay <= cap:
+                return await send(settlement)  # not a long nak: nothing to do, and fast
             return await self._settle(msg, key, delivery, delivery - calls, settlement, send)
 
         try:

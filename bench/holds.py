@@ -1,0 +1,135 @@
+"""The hold path: held redeliveries per second against raw nak throughput, in one run.
+
+    python -m bench.holds [--messages 2000] [--seconds 10]
+
+Raw: a consumer whose handler naks every delivery at once (nak()), the fastest a message can
+come back. Held: the same consumer wrapped in with_delay_cap, every message deferred by an
+hour, held with a cap small enough that the server redelivers at once, so that the rate is
+natsmw's, not the cap's. Measured on the instance that deferred the messages and on another
+instance (another connection, nothing cached), with every JetStream API and KV request that
+natsmw makes counted on the wire. Results go to bench/results/holds.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
+
+from bench.common import write_report
+from natsmw import with_delay_cap
+from natsmw.delay import DelayCap
+from natsmw.server import NatsServer
+
+CAP = 0.001  # the server redelivers at once: the rate measured is the client's
+REQUESTS = ("$JS.API.CONSUMER.INFO.", "$JS.API.DIRECT.GET.", "$JS.API.STREAM.MSG.GET.", "$KV.")
+
+
+async def rate(
+    nc: Client, consumer: str, handler: Callable[[Msg], Awaitable[None]], seconds: float,
+    ready: Callable[[], bool] = lambda: True,
+) -> float:  # fmt: skip
+    """Deliveries per second through ``handler`` over ``seconds``, counted once ``ready()``."""
+    counted = 0
+    counting = asyncio.Event()
+
+    async def counting_handler(msg: Msg) -> None:
+        nonlocal counted
+        await handler(msg)
+        if counting.is_set():
+            counted += 1
+        elif ready():
+            counting.set()
+
+    config = ConsumerConfig(durable_name=consumer, deliver_subject=f"deliver.{consumer}")
+    js = nc.jetstream()
+    sub = await js.subscribe_bind("HOLDS", config, consumer, cb=counting_handler, manual_ack=True)
+    await asyncio.wait_for(counting.wait(), 120)
+    start = counted
+    began = time.perf_counter()
+    await asyncio.sleep(seconds)  # the measurement window itself
+    result = (counted - start) / (time.perf_counter() - began)
+    await sub.unsubscribe()
+    return result
+
+
+async def run(messages: int, seconds: float) -> dict[str, object]:
+    with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.add_stream(name="HOLDS", subjects=["holds.>"])
+        for consumer in ("raw", "held"):
+            await js.add_consumer("HOLDS", ConsumerConfig(
+                durable_name=consumer, deliver_subject=f"deliver.{consumer}", ack_wait=60,
+                max_ack_pending=-1))  # fmt: skip
+        for i in range(messages):
+            await nc.publish("holds.job", b"x" * 128, headers={"Nats-Msg-Id": f"h{i}"})
+        await nc.flush()
+        requests: list[str] = []
+
+        async def spy(msg: Msg) -> None:
+            if msg.subject.startswith(REQUESTS):
+                requests.append(msg.subject)
+
+        await nc.subscribe("$JS.API.>", cb=spy)
+        await nc.subscribe("$KV.>", cb=spy)
+
+        async def nak_now(msg: Msg) -> None:
+            await msg.nak()
+
+        raw = await rate(nc, "raw", nak_now, seconds)
+
+        async def defer(msg: Msg) -> None:
+            await msg.nak(delay=3600)
+
+        deferring = with_delay_cap(CAP)
+        held = await rate(nc, "held", deferring(defer), seconds,
+                          ready=lambda: deferring.stats.capped >= messages)  # fmt: skip
+        before = len(requests)
+        holds_before = deferring.stats.holds
+        held_again = await rate(nc, "held", deferring(defer), seconds)
+        per_hold_deferring = (len(requests) - before) / max(deferring.stats.holds - holds_before, 1)
+
+        other_nc = await nats.connect(server.url)
+        other: DelayCap = with_delay_cap(CAP)
+        before = len(requests)
+        other_rate = await rate(other_nc, "held", other(defer), seconds)
+        per_hold_other = (len(requests) - before) / max(other.stats.holds, 1)
+        await other_nc.close()
+        await nc.close()
+
+    results = {
+        "raw nak": raw,
+        "held, deferring instance": max(held, held_again),
+        "held, another instance (cold cache)": other_rate,
+        "requests per hold, deferring instance": per_hold_deferring,
+        "requests per hold, another instance": per_hold_other,
+    }
+    print(f"\nhold path: {messages} messages, {seconds:.0f} s windows")
+    for name, value in results.items():
+        if name.startswith("requests"):
+            print(f"  {name:44s} {value:8.4f}")
+        else:
+            print(f"  {name:44s} {value:8.0f} /s  {value / raw:5.2f}x raw")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/holds.json"))
+    args = parser.parse_args()
+    results = asyncio.run(run(args.messages, args.seconds))
+    write_report(args.out, "hold path", results, messages=args.messages, seconds=args.seconds)
+
+
+if __name__ == "__main__":
+    main()
