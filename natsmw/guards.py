@@ -30,8 +30,9 @@ log = logging.getLogger("natsmw.guards")
 OversizeAction = Literal["dead_letter", "term", "nak"]
 _ACTIONS = ("dead_letter", "term", "nak")
 
-# Headers a copy must not carry over: they would make the server refuse or deduplicate it.
-_NOT_COPIED = ("Nats-Msg-Id", "Nats-Expected-")
+# The original's own Nats-* headers (Msg-Id, TTL, Rollup, Expected-*, ...) would make the
+# server refuse, expire, deduplicate or roll up the copy: they travel renamed.
+_SERVER_HEADER = "nats-"
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,7 @@ class SizeGuard:
         subject = self.dead_letter_subject.format(
             stream=meta.stream, consumer=meta.consumer, subject=msg.subject
         )
-        original = msg.headers or {}
-        headers = {k: v for k, v in original.items() if not k.startswith(_NOT_COPIED)}
+        headers = {_renamed(k): v for k, v in (msg.headers or {}).items()}
         headers.update(
             {
                 "Nats-Msg-Id": f"natsmw-dead-letter:{meta.stream}:{meta.sequence.stream}",
@@ -195,8 +195,6 @@ class SizeGuard:
                 "Natsmw-Original-Sequence": str(meta.sequence.stream),
             }
         )
-        if "Nats-Msg-Id" in original:
-            headers["Natsmw-Original-Msg-Id"] = original["Nats-Msg-Id"]
         try:
             js = msg.message._client.jetstream()
             await js.publish(subject, msg.data, headers=headers)
@@ -217,6 +215,12 @@ class SizeGuard:
         self.stats.dead_lettered += 1
         msg.report("natsmw.guard.dead_lettered", {"natsmw.guard.dead_letter_subject": subject})
         log.warning("moved %s to %s: %s", _where(msg), subject, _describe(rejection))
+
+
+def _renamed(name: str) -> str:
+    if name.lower().startswith(_SERVER_HEADER):
+        return f"Natsmw-Original-{name[len(_SERVER_HEADER) :]}"
+    return name
 
 
 def _where(msg: MessageProxy) -> str:

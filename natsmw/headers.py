@@ -140,12 +140,15 @@ def peek_header(msg: Msg, name: str) -> str | None:
 def header_block_size(msg: Msg) -> tuple[int, int]:
     """``(bytes, count)`` of a message's headers, from the raw block when it is at hand.
 
-    Without lazy headers the size is estimated from the decoded dict as ``Name: Value\\r\\n``.
+    Without lazy headers the block is rebuilt from the decoded dict, in bytes, as the client
+    would send it: ``NATS/1.0\\r\\n``, then ``Name: Value\\r\\n`` per header, then ``\\r\\n``.
     """
     undecoded = _undecoded(msg)
     if undecoded is not None:
         raw = undecoded.raw
         return len(raw), max(raw.count(_CRLF) - 2, 0)
     headers = msg.headers or {}
-    size = sum(len(k) + len(v.encode("utf-8", "replace")) + 4 for k, v in headers.items())
-    return size, len(headers)
+    if not headers:
+        return 0, 0
+    lines = sum(len(k.encode()) + len(v.encode("utf-8", "replace")) + 4 for k, v in headers.items())
+    return _HDR_LINE_SIZE + len(_CRLF) + lines + len(_CRLF), len(headers)

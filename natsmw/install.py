@@ -18,9 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 import wrapt
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from natsmw.chain import Handler, Middleware
 from natsmw.errors import NatsmwError
@@ -153,6 +155,8 @@ def _chained_subscribe(chain: Middleware) -> Any:
 def _chained(chain: Middleware, nc: Client, callback: Handler | None) -> Handler | None:
     if callback is None or callback == nc._request_sub_callback:
         return callback
+    if getattr(callback, "__func__", None) is JetStreamContext._handle_async_reply:
+        return callback  # nats-py's PubAck inbox for publish_async
     if getattr(callback, "__module__", "").startswith(_INTERNAL_MODULES):
         return callback
     return chain(callback)
@@ -163,30 +167,45 @@ def _chained_jetstream(chain: Middleware) -> Any:
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         js = wrapped(*args, **kwargs)
-        for name in ("pull_subscribe", "pull_subscribe_bind"):
-            method = getattr(js, name)
-            setattr(js, name, wrapt.FunctionWrapper(method, _chained_pull_subscribe(chain)))
+        # pull_subscribe calls self.pull_subscribe_bind: wrapping the latter covers both.
+        js.pull_subscribe_bind = wrapt.FunctionWrapper(
+            js.pull_subscribe_bind, _chained_pull_subscribe(chain, wrapped.__self__)
+        )
         return js
 
     return jetstream
 
 
-def _chained_pull_subscribe(chain: Middleware) -> Any:
-    async def pull_subscribe(
+def _chained_pull_subscribe(chain: Middleware, nc: Client) -> Any:
+    async def pull_subscribe_bind(
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         psub = await wrapped(*args, **kwargs)
-        psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(chain))
+        if _installed.get(nc) is not None and not isinstance(psub.fetch, wrapt.FunctionWrapper):
+            psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(chain))
         return psub
 
-    return pull_subscribe
+    return pull_subscribe_bind
 
 
 def _chained_fetch(chain: Middleware) -> Any:
     async def fetch(
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[MessageProxy]:
-        return await _through_chain(chain, await wrapped(*args, **kwargs))
+        batch = args[0] if args else kwargs.pop("batch", 1)
+        timeout = args[1] if len(args) > 1 else kwargs.pop("timeout", 5)
+        rest = args[2:]
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = None if deadline is None else max(deadline - loop.time(), 0.001)
+            released = await _through_chain(chain, await wrapped(batch, left, *rest, **kwargs))
+            if released:
+                return released
+            # Everything fetched was held or rejected: fetch again within the caller's
+            # timeout, and time out as nats-py would, rather than return an empty batch.
+            if deadline is not None and loop.time() >= deadline:
+                raise nats.errors.TimeoutError
 
     return fetch
 
@@ -195,15 +214,19 @@ _running: set[asyncio.Task[None]] = set()
 
 
 async def _through_chain(chain: Middleware, msgs: list[Msg]) -> list[MessageProxy]:
-    """Run each fetched message through ``chain``; return those that reached its end."""
+    """Run each fetched message through ``chain``; return those that reached its end.
+
+    A message whose chain fails before reaching its end is logged and not returned; being
+    unsettled, it comes back after the consumer's ack_wait. The others are returned.
+    """
     released: list[MessageProxy | None] = [None] * len(msgs)
     decided = [asyncio.Event() for _ in msgs]
 
     async def run(index: int, msg: Msg) -> None:
         async def release(proxy: Msg) -> None:
-            released[index] = MessageProxy.of(proxy)
+            reached = released[index] = MessageProxy.of(proxy)
             decided[index].set()
-            await released[index].wait_settled(FETCH_SETTLE_TIMEOUT)  # type: ignore[union-attr]
+            await reached.wait_settled(FETCH_SETTLE_TIMEOUT)
 
         try:
             await chain(release)(msg)
@@ -215,9 +238,6 @@ async def _through_chain(chain: Middleware, msgs: list[Msg]) -> list[MessageProx
     for task in tasks:
         task.add_done_callback(_finished)
     await asyncio.gather(*(event.wait() for event in decided))
-    failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
-    if failed:
-        raise failed[0].exception()  # type: ignore[misc]  # a middleware failed before release
     return [proxy for proxy in released if proxy is not None]
 
 

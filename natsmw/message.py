@@ -27,6 +27,7 @@ from nats.errors import MsgAlreadyAckdError
 from natsmw.duration import to_seconds
 
 __all__ = [
+    "SPAN_KEY",
     "Interceptor",
     "MessageProxy",
     "Observer",
@@ -40,6 +41,11 @@ __all__ = [
 SettlementKind: TypeAlias = Literal["ack", "ack_sync", "nak", "term", "in_progress"]
 
 _JS_ACK_PREFIX = "$JS.ACK."
+
+SPAN_KEY = "natsmw.span"
+"""``msg.state`` key of the message's process span, set by tracing. A settlement may come
+from code outside the span's context (a pull worker settling what ``fetch`` returned), so
+middlewares that need the span look here rather than at the current context."""
 _T = TypeVar("_T")
 
 

@@ -41,7 +41,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from natsmw.chain import Handler, middleware
 from natsmw.headers import peek_header
-from natsmw.message import MessageProxy, Report, Settle, Settlement
+from natsmw.message import SPAN_KEY, MessageProxy, Report, Settle, Settlement
 
 __all__ = ["Tracing", "publish", "with_tracing"]
 
@@ -88,6 +88,7 @@ class Tracing:
         meter_provider: MeterProvider | None = None,
     ) -> None:
         self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
         self._tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
         self._duration = meter.create_histogram(
@@ -121,8 +122,14 @@ class Tracing:
         return handle
 
     def _enabled(self) -> bool:
-        provider = self._tracer_provider or trace.get_tracer_provider()
-        return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+        """Whether an SDK is there to receive spans or metrics (either is enough)."""
+        tracer_provider = self._tracer_provider or trace.get_tracer_provider()
+        if not isinstance(tracer_provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+            return True
+        meter_provider = self._meter_provider or metrics.get_meter_provider()
+        return not isinstance(meter_provider, metrics.NoOpMeterProvider) and (
+            type(meter_provider).__name__ != "_ProxyMeterProvider"  # the API's "none set yet"
+        )
 
     async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
         destination = _destination(msg.subject)
@@ -137,7 +144,9 @@ class Tracing:
             f"process {destination}", parent, SpanKind.CONSUMER, attributes, links
         )
         recorder = _Recorder(self, span, _metric_labels(attributes))
-        token = otel_context.attach(trace.set_span_in_context(span))
+        # With the creation context as parent, its baggage comes along to the handler.
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        msg.state[SPAN_KEY] = span
         started = time.perf_counter()
         try:
             if span.is_recording():
@@ -278,8 +287,8 @@ def _server_attributes(client: Any) -> dict[str, Any]:
 
 
 def _metric_labels(attributes: Mapping[str, Any]) -> dict[str, Any]:
-    keep = ("messaging.system", "messaging.operation.name", "messaging.consumer.group.name",
-            "messaging.nats.stream.name")  # fmt: skip
+    # Not the consumer group: ephemeral and ordered consumers have random, changing names.
+    keep = ("messaging.system", "messaging.operation.name", "messaging.nats.stream.name")
     return {k: attributes[k] for k in keep if k in attributes}
 
 

@@ -172,3 +172,29 @@ async def test_oversized_core_message_is_dropped_with_a_report(
 def test_bad_limits_fail_at_decoration(kwargs: dict[str, object], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         with_size_limit(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_server_headers_of_the_original_travel_renamed_so_the_copy_is_stored(
+    conn: Connection, dead_letters: Inbox
+) -> None:
+    """A per-message TTL on the original: the dead-letter stream (no TTLs allowed) would
+    refuse a copy carrying Nats-TTL, and the original would come back forever."""
+    from nats.js.api import StreamConfig
+
+    await conn.js.add_stream(StreamConfig(name="TTLS", subjects=["ttls.>"], allow_msg_ttl=True))
+    guard = with_size_limit(max_body=1)
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        raise AssertionError("an oversized message reached the handler")
+
+    await conn.js.subscribe("ttls.>", durable="ttl", cb=handler, manual_ack=True)
+    await conn.js.publish("ttls.x", b"too big", headers={"Nats-TTL": "1h"})
+    (copy,) = await dead_letters.wait_for(1)
+
+    assert copy.headers is not None
+    assert copy.headers["Natsmw-Original-TTL"] == "1h"
+    assert "Nats-TTL" not in copy.headers
+    assert guard.stats.dead_lettered == 1
+    assert guard.stats.dead_letter_failures == 0
+    await conn.js.delete_stream("TTLS")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import pytest
 from nats.aio.msg import Msg
 
 from natsmw import Handler, MessageProxy, compose, middleware, with_delay_cap, with_size_limit
@@ -100,5 +102,43 @@ async def test_chain_runs_around_fetched_messages_until_the_caller_settles(
     assert cap.stats.capped == 1
     assert cap.stats.holds >= 3
     assert guard.stats.termed == 1
+    await psub.unsubscribe()
+    uninstall(conn.nc)
+
+
+async def test_publish_async_acks_and_old_contexts_after_uninstall_are_left_alone(
+    conn: Connection, stream: Stream
+) -> None:
+    seen: list[str] = []
+    install(conn.nc, chain=tagging(seen))  # type: ignore[arg-type]
+    js = conn.nc.jetstream()
+    ack = await (await js.publish_async(stream.subject, b"x"))  # PubAck via nats-py's own inbox
+    assert ack.seq == 1
+    assert seen == []
+    uninstall(conn.nc)
+    psub = await js.pull_subscribe(stream.subject, durable="after")  # context made while installed
+    (msg,) = await psub.fetch(1, timeout=5)
+    assert not isinstance(msg, MessageProxy)
+    await psub.unsubscribe()
+
+
+async def test_a_failing_chain_keeps_the_rest_of_the_batch(
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def fail_on_bad(msg: MessageProxy, call_next: Handler) -> None:
+        if msg.data == b"bad":
+            raise RuntimeError("middleware bug")
+        await call_next(msg)
+
+    install(conn.nc, chain=middleware(fail_on_bad))
+    js = conn.nc.jetstream()
+    psub = await js.pull_subscribe(stream.subject, durable="mixed")
+    await js.publish(stream.subject, b"good")
+    await js.publish(stream.subject, b"bad")
+    with caplog.at_level(logging.ERROR, logger="natsmw.install"):
+        batch = await psub.fetch(2, timeout=5)
+    assert [m.data for m in batch] == [b"good"]
+    await batch[0].ack()
+    assert "middleware bug" in caplog.text
     await psub.unsubscribe()
     uninstall(conn.nc)

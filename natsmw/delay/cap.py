@@ -34,7 +34,7 @@ from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDe
 from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlineStoreError
 from natsmw.headers import peek_header
-from natsmw.message import MessageProxy, Settle, Settlement
+from natsmw.message import SPAN_KEY, MessageProxy, Settle, Settlement
 
 __all__ = ["DelayCap", "DelayCapStats", "handler_calls", "with_delay_cap"]
 
@@ -361,7 +361,7 @@ class DelayCap:
             skipped_before=skipped,
             requested=settlement.delay,
             stored_at=msg.metadata.timestamp.timestamp(),
-            traceparent=_current_traceparent(),
+            traceparent=_traceparent(msg),
         )
         # Remembered even if the store refuses it: this instance then knows the deadline,
         # and that the whole delay went to the server, so it will not hold the redelivery blind.
@@ -496,12 +496,16 @@ def _survival(
     msg.report("natsmw.delay.survival", attributes)
 
 
-def _current_traceparent() -> str | None:
-    """The W3C traceparent of the current span, to link the handler's later run back to it."""
-    if not trace.get_current_span().get_span_context().is_valid:
+def _traceparent(msg: MessageProxy) -> str | None:
+    """The W3C traceparent of the message's span, to link the handler's later run back to it.
+
+    The span tracing put in ``msg.state``, else the current one.
+    """
+    span = msg.state.get(SPAN_KEY) or trace.get_current_span()
+    if not span.get_span_context().is_valid:
         return None
     carrier: dict[str, str] = {}
-    _W3C.inject(carrier)
+    _W3C.inject(carrier, trace.set_span_in_context(span))
     return carrier.get("traceparent")
 
 
