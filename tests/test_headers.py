@@ -6,6 +6,7 @@ import asyncio
 import copy
 import json
 import pickle
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from natsmw.headers import Undecoded, can_defer, header_block_size, lazy_message_class, peek_header
+from natsmw.headers import Undecoded, header_block_size, lazy_message_class, peek_header
 from natsmw.install import install, installed, uninstall
 from tests.conftest import Connection, Inbox, Stream, connect
 
@@ -47,17 +48,28 @@ header_block = st.builds(
 
 
 def nats_py_parse(raw: bytes) -> dict[str, str] | None:
-    coroutine = _CLIENT._process_headers(raw)
+    parsed: dict[str, str] | None = run_now(_CLIENT._process_headers(raw))
+    return parsed
+
+
+_INSTALLED = Client()
+install(_INSTALLED)
+
+
+def run_now(coroutine: Any) -> Any:
+    """Run a coroutine that never suspends (nats-py's parser, natsmw's header hook)."""
     try:
         coroutine.send(None)
     except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    raise AssertionError("nats-py's parser suspended")
+        return done.value
+    raise AssertionError("suspended")
 
 
 def lazy_parse(raw: bytes) -> Msg:
-    headers = Undecoded(_CLIENT, raw) if can_defer(raw) else nats_py_parse(raw)
-    return LazyMsg(_client=_CLIENT, subject="s", data=b"", headers=headers)  # type: ignore[arg-type]
+    """What an installed client's read loop builds: its header hook, then its message class."""
+    headers = run_now(_INSTALLED._process_headers(raw))
+    msg: Msg = _INSTALLED._build_message(1, b"s", b"", b"", headers)
+    return msg
 
 
 def outcome(parse: object) -> tuple[str, object]:
@@ -69,11 +81,21 @@ def outcome(parse: object) -> tuple[str, object]:
         return ("raises", type(error))
 
 
+def _control(client: Client, hdr: Any) -> str | None:
+    return client._is_control_message(b"", hdr) if hdr else None  # as _process_msg does
+
+
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(raw=header_block, probe=name_bytes)
 def test_lazy_headers_equal_nats_py_for_any_header_block(raw: bytes, probe: bytes) -> None:
     expected = outcome(lambda: nats_py_parse(raw))
     assert outcome(lambda: lazy_parse(raw).headers) == expected
+    # What nats-py's read loop asks of the headers of an empty-body message (control
+    # messages), asked of what the installed hook returned:
+    eager_control = outcome(lambda: _control(_CLIENT, nats_py_parse(raw)))
+    assert outcome(lambda: _control(_INSTALLED, run_now(_INSTALLED._process_headers(raw)))) == (
+        eager_control
+    )
     if expected[0] == "raises":
         return
     headers: dict[str, str] | None = expected[1]  # type: ignore[assignment]
@@ -175,6 +197,8 @@ async def test_jetstream_control_messages_keep_working(conn: Connection, stream:
     """Heartbeats and flow control on a push consumer; an empty pull fetch (404/408)."""
     install(conn.nc)
     received = Inbox()
+    flow_control_replies = Inbox()  # the client answering the server's flow-control requests
+    await conn.nc.subscribe("$JS.FC.>", cb=flow_control_replies.put)
     sub = await conn.js.subscribe(
         stream.subject, durable="ctrl", cb=received.put, idle_heartbeat=0.1, flow_control=True,
         manual_ack=True,
@@ -183,6 +207,7 @@ async def test_jetstream_control_messages_keep_working(conn: Connection, stream:
     for i in range(40):  # enough bytes to make the server ask for flow control
         await conn.js.publish(stream.subject, body, headers={"N": str(i)})
     msgs = await received.wait_for(40)
+    await flow_control_replies.wait_for(1)
     assert [m.headers["N"] for m in msgs] == [str(i) for i in range(40)]  # type: ignore[index]
     for m in msgs:
         await m.ack()
@@ -219,3 +244,40 @@ async def test_oversize_and_garbage_header_inputs_through_a_real_server(conn: Co
     assert header_block_size(accented)[1] == 1
     assert accented.headers == {"K": "\u00e9\u00ff"}
     uninstall(conn.nc)
+
+
+async def test_raw_non_utf8_headers_from_the_wire_decode_as_nats_py_does(
+    conn: Connection, nats_server: Any
+) -> None:
+    """Bytes no nats-py publisher can produce, sent as a raw HPUB, seen by an installed and
+    a plain client side by side."""
+    plain = await connect(nats_server.url)
+    lazy_seen, plain_seen = Inbox(), Inbox()
+    install(conn.nc)
+    await conn.nc.subscribe("raw.headers", cb=lazy_seen.put)
+    await plain.nc.subscribe("raw.headers", cb=plain_seen.put)
+    await conn.nc.flush()
+    await plain.nc.flush()
+    block = (
+        b"NATS/1.0\r\nK: \xff\xfe bytes\r\n\xe9t\xe9: value\r\nIn side: v\r\nDup: 1\r\n"
+        b"Dup: 2\r\nNo colon here\r\nEmpty:\r\n\r\n"
+    )
+    body = b"payload"
+    reader, writer = await asyncio.open_connection("127.0.0.1", nats_server.port)
+    await reader.readline()  # INFO
+    writer.write(b'CONNECT {"verbose":false,"headers":true}\r\n')
+    writer.write(b"HPUB raw.headers %d %d\r\n" % (len(block), len(block) + len(body)))
+    writer.write(block + body + b"\r\nPING\r\n")
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"PONG")
+    writer.close()
+
+    (lazy,) = await lazy_seen.wait_for(1)
+    (eager,) = await plain_seen.wait_for(1)
+    assert isinstance(vars(lazy)["_natsmw_headers"], Undecoded)
+    for name in ("K", "Dup", "Empty", "In side", "\u00e9t\u00e9", "Missing"):
+        assert peek_header(lazy, name) == (eager.headers or {}).get(name)
+    assert lazy.headers == eager.headers
+    assert lazy.data == eager.data == body
+    uninstall(conn.nc)
+    await plain.nc.close()
