@@ -2,12 +2,13 @@
 
     python -m bench.holds [--messages 2000] [--seconds 10]
 
-Raw: a consumer whose handler naks every delivery at once (nak()), the fastest a message can
-come back. Held: the same consumer wrapped in with_delay_cap, every message deferred by an
-hour, held with a cap small enough that the server redelivers at once, so that the rate is
-natsmw's, not the cap's. Measured on the instance that deferred the messages and on another
-instance (another connection, nothing cached), with every JetStream API and KV request that
-natsmw makes counted on the wire. Results go to bench/results/holds.json.
+Raw: a consumer whose handler naks every delivery with the same short delay natsmw holds
+with (``nak(delay=CAP)``), so that both go through the server's redelivery timer. Held: the
+same consumer wrapped in with_delay_cap, every message deferred by an hour, held with a cap
+short enough that the rate is the client's, not the cap's. Measured on the instance that
+deferred the messages and on another instance (another connection, nothing cached), with
+every JetStream API and KV request that natsmw makes counted on the wire. Results go to
+bench/results/holds.json.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from natsmw import with_delay_cap
 from natsmw.delay import DelayCap
 from natsmw.server import NatsServer
 
-CAP = 0.001  # the server redelivers at once: the rate measured is the client's
+CAP = 0.001  # a redelivery delay short enough that the client, not the delay, sets the rate
 REQUESTS = ("$JS.API.CONSUMER.INFO.", "$JS.API.DIRECT.GET.", "$JS.API.STREAM.MSG.GET.", "$KV.")
 
 
@@ -81,10 +82,10 @@ async def run(messages: int, seconds: float) -> dict[str, object]:
         await nc.subscribe("$JS.API.>", cb=spy)
         await nc.subscribe("$KV.>", cb=spy)
 
-        async def nak_now(msg: Msg) -> None:
-            await msg.nak()
+        async def nak_short(msg: Msg) -> None:
+            await msg.nak(delay=CAP)
 
-        raw = await rate(nc, "raw", nak_now, seconds)
+        raw = await rate(nc, "raw", nak_short, seconds)
 
         async def defer(msg: Msg) -> None:
             await msg.nak(delay=3600)
