@@ -264,7 +264,11 @@ class DelayCap:
             return False
         held = await self._hold(msg, deferral, delivery)
         if held and found.recorded:
-            self._remember(key, deferral, delivery)
+            local = self._local.get(key)
+            if local is not None and local.deferral is deferral:
+                local.seen = delivery  # the usual hold: same deadline, one delivery later
+            else:
+                self._remember(key, deferral, delivery)
         return held
 
     async def _hold(self, msg: MessageProxy, deferral: Deferral, delivery: int) -> bool:
@@ -280,7 +284,8 @@ class DelayCap:
             )  # fmt: skip
             return False
         self.stats.holds += 1
-        log.debug("holding %s seq %s for %.3fs more", msg.subject, _seq(msg), remaining)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("holding %s seq %s for %.3fs more", msg.subject, _seq(msg), remaining)
         msg.report(
             "natsmw.delay.hold",
             {"natsmw.delay.remaining_s": remaining, "natsmw.delay.nak_s": interval,
@@ -462,13 +467,13 @@ class _ConsumerLimits:
 
     async def max_deliver(self, msg: MessageProxy) -> int | _Unknown | None:
         """``max_deliver`` (``None``: unlimited), or ``_UNKNOWN`` if it was never read."""
-        meta = msg.metadata
-        consumer = (meta.stream, meta.consumer)
+        position = msg.position
+        consumer = (position.stream, position.consumer)
         if time.monotonic() < self._next_read.get(consumer, 0.0):
             return self._known.get(consumer, _UNKNOWN)
         try:
-            js = msg.message._client.jetstream(domain=meta.domain or None)
-            info = await js.consumer_info(meta.stream, meta.consumer, timeout=2.0)
+            js = msg.message._client.jetstream(domain=msg.metadata.domain or None)
+            info = await js.consumer_info(position.stream, position.consumer, timeout=2.0)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             log.warning("cannot read consumer info of %s/%s: %s", *consumer, error)
             self._next_read[consumer] = time.monotonic() + _LIMITS_RETRY
@@ -517,4 +522,4 @@ def _iso(moment: float) -> str:
 
 
 def _seq(msg: MessageProxy) -> int:
-    return msg.metadata.sequence.stream
+    return msg.position.stream_sequence
