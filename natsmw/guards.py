@@ -20,7 +20,7 @@ from nats.errors import Error as NatsError
 
 from natsmw.chain import Handler, middleware
 from natsmw.duration import Duration, to_seconds
-from natsmw.headers import header_block_size
+from natsmw.headers import header_block_size, header_count
 from natsmw.message import MessageProxy
 
 __all__ = ["OversizeAction", "Rejection", "SizeGuard", "SizeGuardStats", "with_size_limit"]
@@ -141,11 +141,14 @@ class SizeGuard:
         body = len(msg.data)
         if self.max_body is not None and body > self.max_body:
             return Rejection("body", body, self.max_body)
-        if self.max_header_bytes is None and self.max_headers is None:
+        if self.max_header_bytes is not None:
+            size, count = header_block_size(msg)
+            if size > self.max_header_bytes:
+                return Rejection("header_bytes", size, self.max_header_bytes)
+        elif self.max_headers is not None:
+            count = header_count(msg)  # the count alone is cheaper than the size
+        else:
             return None
-        size, count = header_block_size(msg)
-        if self.max_header_bytes is not None and size > self.max_header_bytes:
-            return Rejection("header_bytes", size, self.max_header_bytes)
         if self.max_headers is not None and count > self.max_headers:
             return Rejection("header_count", count, self.max_headers)
         return None

@@ -18,7 +18,7 @@ from nats.aio import client as nats_client
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-__all__ = ["header_block_size", "lazy_message_class", "peek_header"]
+__all__ = ["header_block_size", "header_count", "lazy_message_class", "peek_header"]
 
 _HDR_LINE = bytes(nats_client.NATS_HDR_LINE)
 _HDR_LINE_SIZE = len(_HDR_LINE)
@@ -145,10 +145,18 @@ def header_block_size(msg: Msg) -> tuple[int, int]:
     """
     undecoded = _undecoded(msg)
     if undecoded is not None:
-        raw = undecoded.raw
-        return len(raw), max(raw.count(_CRLF) - 2, 0)
+        return len(undecoded.raw), header_count(msg)
     headers = msg.headers or {}
     if not headers:
         return 0, 0
     lines = sum(len(k.encode()) + len(v.encode("utf-8", "replace")) + 4 for k, v in headers.items())
     return _HDR_LINE_SIZE + len(_CRLF) + lines + len(_CRLF), len(headers)
+
+
+def header_count(msg: Msg) -> int:
+    """How many headers ``msg`` has: header lines of the raw block when it is at hand."""
+    undecoded = _undecoded(msg)
+    if undecoded is not None:
+        return max(undecoded.raw.count(_CRLF) - 2, 0)
+    headers = msg.headers
+    return len(headers) if headers else 0

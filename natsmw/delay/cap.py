@@ -160,7 +160,8 @@ class DelayCap:
         calls = (
             delivery if found.deferral is None else await self._release(msg, key, found, delivery)
         )
-        msg.state[_CALLS_KEY] = calls
+        if calls != delivery:  # handler_calls() falls back to num_delivered
+            msg.state[_CALLS_KEY] = calls
 
         cap = self.cap
 
