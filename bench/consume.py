@@ -16,7 +16,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bench.common import Handler, Variant, compare, write_report
-from natsmw import compose, install, peek_header, with_delay_cap, with_size_limit
+from natsmw import (
+    MessageProxy,
+    compose,
+    install,
+    middleware,
+    peek_header,
+    with_delay_cap,
+    with_size_limit,
+)
 
 
 async def read_dict(msg: Msg) -> None:
@@ -27,6 +35,15 @@ async def read_dict(msg: Msg) -> None:
 async def read_peek(msg: Msg) -> None:
     _ = peek_header(msg, "Nats-Msg-Id")
     await msg.ack()
+
+
+async def _pass(msg: MessageProxy, call_next: Handler) -> None:
+    await call_next(msg)
+
+
+def proxy_only(handler: Handler) -> Handler:
+    """One middleware that does nothing: the floor any natsmw chain pays (proxy, one layer)."""
+    return middleware(_pass)(handler)
 
 
 def full_chain(handler: Handler) -> Handler:
@@ -45,6 +62,7 @@ VARIANTS = [
     Variant("raw nats-py, headers as dict", lambda nc: read_dict),
     Variant("lazy install, headers as dict", lazy(read_dict)),  # type: ignore[arg-type]
     Variant("lazy install, peek_header", lazy(read_peek)),  # type: ignore[arg-type]
+    Variant("one no-op middleware (the floor), eager", lambda nc: proxy_only(read_dict)),
     Variant("full chain (guard+cap), eager", lambda nc: full_chain(read_dict)),
     Variant("full chain (guard+cap), lazy+peek", lazy(full_chain(read_peek))),  # type: ignore[arg-type]
 ]

@@ -43,8 +43,8 @@ async def ack(msg: Msg) -> None:
     await msg.ack()
 
 
-def bare_span(nc: Client) -> Handler:
-    tracer = SAMPLED_IN.get_tracer("bench")
+def bare_span(nc: Client, provider: TracerProvider = SAMPLED_IN) -> Handler:
+    tracer = provider.get_tracer("bench")
 
     async def handle(msg: Msg) -> None:
         with tracer.start_as_current_span(f"process {msg.subject}", kind=SpanKind.CONSUMER):
@@ -93,6 +93,7 @@ VARIANTS = [
     Variant("raw nats-py", lambda nc: ack),
     Variant("with_tracing, no SDK configured", lambda nc: with_tracing()(ack)),
     Variant("with_tracing, sampled out", lambda nc: with_tracing(tracer_provider=SAMPLED_OUT)(ack)),
+    Variant("bare SDK span per message, sampled out", lambda nc: bare_span(nc, SAMPLED_OUT)),
     Variant("bare SDK span per message, sampled in", bare_span),
     Variant("SDK span + the same attributes, sampled in", attributed_span),
     Variant("with_tracing, sampled in", lambda nc: with_tracing(tracer_provider=SAMPLED_IN)(ack)),
