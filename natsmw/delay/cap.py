@@ -247,6 +247,11 @@ class DelayCap:
         if settlement is not None and settlement.kind != "nak":
             self._local.pop(key, None)  # acked or termed: it will not come back
             return
+        if settlement is None and deferral is None:
+            # Unsettled here: nats-py's auto-ack will settle it, or, rarely, ack_wait will
+            # bring it back (a store read then). Remembering every such message would fill
+            # the memory of auto-ack consumers for nothing.
+            return
         local = self._local.get(key)
         if local is not None and local.seen == delivery:
             return  # the handler deferred it: _settle remembered the new deadline
