@@ -264,11 +264,11 @@ class DelayCap:
     ) -> bool:
         """Hold the delivery if its deadline is ahead (or unknown); say whether it was held."""
         if not found.known:
-            return await self._hold_blind(msg, delivery)
+            return await self._hold_blind(msg, key, delivery)
         deferral = found.deferral
         if deferral is None or deferral.deadline <= time.time():
             return False
-        held = await self._hold(msg, deferral, delivery)
+        held = await self._hold(msg, key, deferral, delivery)
         if held and found.recorded:
             local = self._local.get(key)
             if local is not None and local.deferral is deferral:
@@ -277,9 +277,11 @@ class DelayCap:
                 self._remember(key, deferral, delivery)
         return held
 
-    async def _hold(self, msg: MessageProxy, deferral: Deferral, delivery: int) -> bool:
+    async def _hold(
+        self, msg: MessageProxy, key: DeadlineKey, deferral: Deferral, delivery: int
+    ) -> bool:
         remaining = deferral.deadline - time.time()
-        interval = await self._interval(msg, delivery, remaining)
+        interval = await self._interval(msg, key, delivery, remaining)
         if interval is None:
             self.stats.forced_runs += 1
             _survival(msg, "forced_run", delivery, remaining)
@@ -300,8 +302,8 @@ class DelayCap:
         await msg.nak(interval)
         return True
 
-    async def _hold_blind(self, msg: MessageProxy, delivery: int) -> bool:
-        interval = await self._interval(msg, delivery, self.cap)
+    async def _hold_blind(self, msg: MessageProxy, key: DeadlineKey, delivery: int) -> bool:
+        interval = await self._interval(msg, key, delivery, self.cap)
         if interval is None:
             self.stats.forced_runs += 1
             _survival(msg, "forced_run", delivery, None)
@@ -324,12 +326,14 @@ class DelayCap:
         await msg.nak(interval)
         return True
 
-    async def _interval(self, msg: MessageProxy, delivery: int, remaining: float) -> float | None:
+    async def _interval(
+        self, msg: MessageProxy, key: DeadlineKey, delivery: int, remaining: float
+    ) -> float | None:
         """The nak delay for a hold with ``remaining`` seconds to go.
 
         ``None`` when no nak is safe: this may be the consumer's last allowed delivery.
         """
-        max_deliver = await self._limits.max_deliver(msg)
+        max_deliver = await self._limits.max_deliver(msg, key)
         if max_deliver is _UNKNOWN:
             return None
         left = max_deliver - delivery if isinstance(max_deliver, int) else None
@@ -388,7 +392,7 @@ class DelayCap:
                 msg.subject, _seq(msg), error, settlement.delay,
             )  # fmt: skip
             return await send(settlement)
-        interval = await self._interval(msg, delivery, settlement.delay)
+        interval = await self._interval(msg, key, delivery, settlement.delay)
         if interval is None:
             self.stats.uncapped += 1
             _survival(msg, "uncapped", delivery, settlement.delay)
@@ -471,15 +475,14 @@ class _ConsumerLimits:
         self._known: dict[tuple[str, str], int | None] = {}
         self._next_read: dict[tuple[str, str], float] = {}
 
-    async def max_deliver(self, msg: MessageProxy) -> int | _Unknown | None:
+    async def max_deliver(self, msg: MessageProxy, key: DeadlineKey) -> int | _Unknown | None:
         """``max_deliver`` (``None``: unlimited), or ``_UNKNOWN`` if it was never read."""
-        position = msg.position
-        consumer = (position.stream, position.consumer)
+        consumer = (key.stream, key.consumer)
         if time.monotonic() < self._next_read.get(consumer, 0.0):
             return self._known.get(consumer, _UNKNOWN)
         try:
             js = msg.message._client.jetstream(domain=msg.metadata.domain or None)
-            info = await js.consumer_info(position.stream, position.consumer, timeout=2.0)
+            info = await js.consumer_info(key.stream, key.consumer, timeout=2.0)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             log.warning("cannot read consumer info of %s/%s: %s", *consumer, error)
             self._next_read[consumer] = time.monotonic() + _LIMITS_RETRY
