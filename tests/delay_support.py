@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -137,3 +138,24 @@ class ScriptedHandler(CallLog):
         async with self._changed:
             enough = lambda: self.settled >= count  # noqa: E731
             await asyncio.wait_for(self._changed.wait_for(enough), timeout)
+
+
+async def fetch_and_handle(
+    psub: Any, handler: CallLog, calls: int, timeout: float = 10.0
+) -> list[list[Msg]]:
+    """A legacy pull worker: fetch, hand each message to ``handler``, until it was called
+    ``calls`` times. Returns the batches fetch returned."""
+    batches: list[list[Msg]] = []
+
+    async def work() -> None:
+        while len(handler.calls) < calls:
+            try:
+                batch = await psub.fetch(10, timeout=0.5)
+            except asyncio.TimeoutError:
+                continue
+            batches.append(batch)
+            for msg in batch:
+                await handler(msg)  # type: ignore[operator]
+
+    await asyncio.wait_for(work(), timeout)
+    return batches

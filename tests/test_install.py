@@ -11,7 +11,7 @@ from nats.aio.msg import Msg
 from natsmw import Handler, MessageProxy, compose, middleware, with_delay_cap, with_size_limit
 from natsmw.install import install, installed, uninstall
 from tests.conftest import Connection, Inbox, Stream, spy_acks
-from tests.delay_support import CAP, LegacyHandler
+from tests.delay_support import CAP, LegacyHandler, fetch_and_handle
 
 
 def tagging(seen: list[str]) -> object:
@@ -81,19 +81,8 @@ async def test_chain_runs_around_fetched_messages_until_the_caller_settles(
     legacy = LegacyHandler()
     await js.publish(stream.subject, b"x" * 101)  # rejected by the guard, never returned
     await js.publish(stream.subject, b"job")
-    got: list[MessageProxy] = []
-
-    async def worker() -> None:
-        while len(legacy.calls) < 2:
-            try:
-                batch = await psub.fetch(10, timeout=0.5)
-            except asyncio.TimeoutError:
-                continue
-            got.extend(batch)  # type: ignore[arg-type]
-            for msg in batch:
-                await legacy(msg)
-
-    await asyncio.wait_for(worker(), 10)
+    batches = await fetch_and_handle(psub, legacy, calls=2)
+    got = [msg for batch in batches for msg in batch]
 
     first, second = legacy.calls
     assert [m.data for m in got] == [b"job", b"job"]

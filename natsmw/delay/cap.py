@@ -283,13 +283,7 @@ class DelayCap:
         remaining = deferral.deadline - time.time()
         interval = await self._interval(msg, key, delivery, remaining)
         if interval is None:
-            self.stats.forced_runs += 1
-            _survival(msg, "forced_run", delivery, remaining)
-            log.error(
-                "calling the handler for %s seq %s %.3fs before its deadline: a nak now could "
-                "lose it (max_deliver leaves no delivery to hold with, or cannot be read)",
-                msg.subject, _seq(msg), remaining,
-            )  # fmt: skip
+            self._forced_run(msg, delivery, remaining)
             return False
         self.stats.holds += 1
         if log.isEnabledFor(logging.DEBUG):
@@ -302,16 +296,21 @@ class DelayCap:
         await msg.nak(interval)
         return True
 
+    def _forced_run(self, msg: MessageProxy, delivery: int, remaining: float | None) -> None:
+        """Survival over the deadline: no nak is safe, so the handler runs now, loudly."""
+        self.stats.forced_runs += 1
+        _survival(msg, "forced_run", delivery, remaining)
+        before = "without knowing its deadline" if remaining is None else f"{remaining:.3f}s early"
+        log.error(
+            "calling the handler for %s seq %s %s: a nak now could lose the message "
+            "(max_deliver leaves no delivery to hold with, or cannot be read)",
+            msg.subject, _seq(msg), before,
+        )  # fmt: skip
+
     async def _hold_blind(self, msg: MessageProxy, key: DeadlineKey, delivery: int) -> bool:
         interval = await self._interval(msg, key, delivery, self.cap)
         if interval is None:
-            self.stats.forced_runs += 1
-            _survival(msg, "forced_run", delivery, None)
-            log.error(
-                "calling the handler for %s seq %s without knowing its deadline: the store is "
-                "unreachable and a nak now could lose the message (max_deliver)",
-                msg.subject, _seq(msg),
-            )  # fmt: skip
+            self._forced_run(msg, delivery, None)
             return False
         self.stats.blind_holds += 1
         msg.report(
