@@ -300,7 +300,11 @@ class DelayCap:
         """Survival over the deadline: no nak is safe, so the handler runs now, loudly."""
         self.stats.forced_runs += 1
         _survival(msg, "forced_run", delivery, remaining)
-        before = "without knowing its deadline" if remaining is None else f"{remaining:.3f}s early"
+        before = (
+            "without knowing its deadline"
+            if remaining is None
+            else f"{remaining:.3f}s before its deadline"
+        )
         log.error(
             "calling the handler for %s seq %s %s: a nak now could lose the message "
             "(max_deliver leaves no delivery to hold with, or cannot be read)",
