@@ -5,7 +5,8 @@ nats-py hands a handler a :class:`nats.aio.msg.Msg`. natsmw wraps it once, in a
 
 * see, rewrite or replace the settlement calls the handler makes (``ack``, ``ack_sync``,
   ``nak``, ``term``, ``in_progress``), through :meth:`MessageProxy.intercept`;
-* carry per-message state from one middleware to the next, in :attr:`MessageProxy.state`.
+* carry per-message state from one middleware to the next, in :attr:`MessageProxy.state`;
+* tell observers (tracing) what they did, with :meth:`MessageProxy.report`.
 
 Everything else (``data``, ``subject``, ``headers``, ``metadata``, ``respond`` ...) passes
 through to the real message, and ``isinstance(proxy, Msg)`` stays true. Settling the proxy
