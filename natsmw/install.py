@@ -89,7 +89,7 @@ def install(nc: Client, *, lazy_headers: bool = True, chain: Middleware | None =
         nc._process_headers = wrapt.FunctionWrapper(nc._process_headers, _defer_decoding)  # type: ignore[method-assign]
     if chain is not None:
         nc.subscribe = wrapt.FunctionWrapper(nc.subscribe, _chained_subscribe(chain))  # type: ignore[method-assign]
-        nc.jetstream = wrapt.FunctionWrapper(nc.jetstream, _chained_jetstream(chain))  # type: ignore[method-assign]
+        nc.jetstream = wrapt.FunctionWrapper(nc.jetstream, _chained_jetstream())  # type: ignore[method-assign]
     _installed[nc] = installation
 
 
@@ -162,26 +162,29 @@ def _chained(chain: Middleware, nc: Client, callback: Handler | None) -> Handler
     return chain(callback)
 
 
-def _chained_jetstream(chain: Middleware) -> Any:
+def _chained_jetstream() -> Any:
     def jetstream(
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         js = wrapped(*args, **kwargs)
         # pull_subscribe calls self.pull_subscribe_bind: wrapping the latter covers both.
         js.pull_subscribe_bind = wrapt.FunctionWrapper(
-            js.pull_subscribe_bind, _chained_pull_subscribe(chain, wrapped.__self__)
+            js.pull_subscribe_bind, _chained_pull_subscribe(wrapped.__self__)
         )
         return js
 
     return jetstream
 
 
-def _chained_pull_subscribe(chain: Middleware, nc: Client) -> Any:
+def _chained_pull_subscribe(nc: Client) -> Any:
     async def pull_subscribe_bind(
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         psub = await wrapped(*args, **kwargs)
-        if _installed.get(nc) is not None and not isinstance(psub.fetch, wrapt.FunctionWrapper):
+        # The chain installed now, not when the context was made: it may have changed since.
+        installation = _installed.get(nc)
+        chain = installation.chain if installation is not None else None
+        if chain is not None and not isinstance(psub.fetch, wrapt.FunctionWrapper):
             psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(chain))
         return psub
 
@@ -226,7 +229,12 @@ async def _through_chain(chain: Middleware, msgs: list[Msg]) -> list[MessageProx
         async def release(proxy: Msg) -> None:
             reached = released[index] = MessageProxy.of(proxy)
             decided[index].set()
-            await reached.wait_settled(FETCH_SETTLE_TIMEOUT)
+            if not await reached.wait_settled(FETCH_SETTLE_TIMEOUT):
+                log.warning(
+                    "%s was not settled within %.0fs of fetch returning it: the natsmw chain "
+                    "around it ends now, and a later nak or ack reaches the server unchanged",
+                    reached.subject, FETCH_SETTLE_TIMEOUT,
+                )  # fmt: skip
 
         try:
             await chain(release)(msg)

@@ -268,3 +268,46 @@ async def test_unreachable_store_never_trusts_a_stale_local_deadline(
 
     assert calls[2].at >= scripted.naked_at[1] + 1.5
     assert calls[2].handler_calls == 3
+
+
+async def test_one_cap_on_two_servers_with_the_same_names_keeps_them_apart(
+    conn: Connection, own_server: NatsServer
+) -> None:
+    """The same stream, consumer and sequence on two servers: what the cap remembers of one
+    must not hold the other's message (there, max_deliver=3 would lose it)."""
+    other = await connect(own_server.url)
+    cap = with_delay_cap(CAP)
+    first, second = ScriptedHandler(("nak", 60.0)), ScriptedHandler(("ack",))
+    for connection, max_deliver in ((conn, -1), (other, 3)):
+        await connection.js.add_stream(name="TWIN", subjects=["twin.>"])
+        await connection.js.add_consumer(
+            "TWIN", ConsumerConfig(durable_name="c", ack_wait=30, max_deliver=max_deliver)
+        )
+    try:
+        async with pulling(conn.js, "twin.x", "c", cap(first)):
+            await conn.js.publish("twin.x", b"a")
+            await first.wait_settled(1)  # deferred for a minute, remembered by the cap
+        async with pulling(other.js, "twin.x", "c", cap(second)):
+            await other.js.publish("twin.x", b"b")
+            (call,) = await second.wait_calls(1)
+        assert call.num_delivered == 1
+    finally:
+        await conn.js.delete_stream("TWIN")
+        await other.nc.close()
+
+
+async def test_a_recreated_stream_is_not_held_under_the_old_deadline(
+    conn: Connection,
+) -> None:
+    cap = with_delay_cap(CAP)
+    old, new = ScriptedHandler(("nak", 60.0)), ScriptedHandler(("ack",))
+    for handler, data in ((old, b"old"), (new, b"new")):
+        await conn.js.add_stream(name="AGAIN", subjects=["again.>"])
+        await conn.js.add_consumer("AGAIN", ConsumerConfig(durable_name="c", ack_wait=30))
+        async with pulling(conn.js, "again.x", "c", cap(handler)):
+            await conn.js.publish("again.x", data)  # sequence 1, both times
+            await handler.wait_settled(1)
+        await conn.js.delete_stream("AGAIN")
+
+    assert [c.num_delivered for c in new.calls] == [1]
+    assert cap.stats.holds == 0

@@ -131,3 +131,20 @@ async def test_a_failing_chain_keeps_the_rest_of_the_batch(
     assert "middleware bug" in caplog.text
     await psub.unsubscribe()
     uninstall(conn.nc)
+
+
+async def test_a_context_uses_the_chain_installed_when_it_subscribes(
+    conn: Connection, stream: Stream
+) -> None:
+    seen: list[str] = []
+    install(conn.nc, chain=tagging(seen))  # type: ignore[arg-type]
+    js = conn.nc.jetstream()
+    uninstall(conn.nc)
+    install(conn.nc)  # lazy headers only, no chain
+    psub = await js.pull_subscribe(stream.subject, durable="reinstalled")
+    await js.publish(stream.subject, b"x")
+    (msg,) = await psub.fetch(1, timeout=5)
+    assert not isinstance(msg, MessageProxy)
+    assert seen == []
+    await psub.unsubscribe()
+    uninstall(conn.nc)

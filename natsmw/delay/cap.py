@@ -84,10 +84,12 @@ class _Found:
 
 @dataclass(slots=True)
 class _Local:
-    """What this instance knows of one message: its deferral, and the last delivery it saw."""
+    """What this instance knows of one message: its deferral, and the last delivery it saw,
+    on which client (the same stream and consumer names may exist on two servers)."""
 
     deferral: Deferral | None
     seen: int
+    client: object
 
 
 def with_delay_cap(
@@ -151,7 +153,7 @@ class DelayCap:
         key = DeadlineKey(position.stream, position.consumer, position.stream_sequence)
         delivery = position.delivered
         header = self._header_deferral(msg)
-        if header is None and delivery == 1 and key not in self._local:
+        if header is None and delivery == 1 and self._known(msg, key) is None:
             found = _NOTHING  # the hot path: nothing to look up for a first, plain delivery
         else:
             found = await self._find(msg, key, delivery, header)
@@ -184,7 +186,7 @@ class DelayCap:
         now = time.time()
         if header is not None and header.deadline > now:
             return _Found(header, recorded=False)
-        local = self._local.get(key)
+        local = self._known(msg, key)
         if local is not None and local.deferral is not None and local.deferral.deadline > now:
             # Only a handler run can move a deadline, and no handler runs before this one.
             return _Found(local.deferral, recorded=True)
@@ -233,8 +235,24 @@ class DelayCap:
             store = self._stores[client] = KeyValueDeadlineStore(client.jetstream())
         return store
 
-    def _remember(self, key: DeadlineKey, deferral: Deferral | None, seen: int) -> None:
-        self._local[key] = _Local(deferral, seen)
+    def _known(self, msg: MessageProxy, key: DeadlineKey) -> _Local | None:
+        """What this instance remembers of ``msg``, if it can be about this very message.
+
+        Not when it was learnt on another client, nor when it claims a delivery this one
+        does not follow (a stream or consumer recreated under the same names).
+        """
+        local = self._local.get(key)
+        if local is None:
+            return None
+        if local.client is not msg.message._client or local.seen >= msg.position.delivered:
+            del self._local[key]
+            return None
+        return local
+
+    def _remember(
+        self, msg: MessageProxy, key: DeadlineKey, deferral: Deferral | None, seen: int
+    ) -> None:
+        self._local[key] = _Local(deferral, seen, msg.message._client)
         if len(self._local) > _CACHE_LIMIT:
             # Forget the oldest tenth at once, so that eviction costs O(1) per message.
             for old in list(islice(self._local, _CACHE_LIMIT // 10)):
@@ -255,7 +273,7 @@ class DelayCap:
         local = self._local.get(key)
         if local is not None and local.seen == delivery:
             return  # the handler deferred it: _settle remembered the new deadline
-        self._remember(key, deferral, delivery)
+        self._remember(msg, key, deferral, delivery)
 
     # -- holding ----------------------------------------------------------------------------
 
@@ -274,7 +292,7 @@ class DelayCap:
             if local is not None and local.deferral is deferral:
                 local.seen = delivery  # the usual hold: same deadline, one delivery later
             else:
-                self._remember(key, deferral, delivery)
+                self._remember(msg, key, deferral, delivery)
         return held
 
     async def _hold(
@@ -383,7 +401,7 @@ class DelayCap:
         )
         # Remembered even if the store refuses it: this instance then knows the deadline,
         # and that the whole delay went to the server, so it will not hold the redelivery blind.
-        self._remember(key, deferral, delivery)
+        self._remember(msg, key, deferral, delivery)
         try:
             await self._store_for(msg).put(key, deferral)
         except DeadlineStoreError as error:
@@ -423,7 +441,7 @@ class DelayCap:
             return delivery
         if deferral.released_at is None:
             deferral = replace(deferral, released_at=delivery)
-            self._remember(key, deferral, delivery)
+            self._remember(msg, key, deferral, delivery)
             held = deferral.skipped(delivery) - deferral.skipped_before
             msg.report(
                 "natsmw.delay.released",
@@ -475,19 +493,20 @@ class _ConsumerLimits:
     """
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, str], int | None] = {}
-        self._next_read: dict[tuple[str, str], float] = {}
+        # Keyed by client too: the same stream and consumer names may exist on two servers.
+        self._known: dict[tuple[object, str, str], int | None] = {}
+        self._next_read: dict[tuple[object, str, str], float] = {}
 
     async def max_deliver(self, msg: MessageProxy, key: DeadlineKey) -> int | _Unknown | None:
         """``max_deliver`` (``None``: unlimited), or ``_UNKNOWN`` if it was never read."""
-        consumer = (key.stream, key.consumer)
+        consumer = (msg.message._client, key.stream, key.consumer)
         if time.monotonic() < self._next_read.get(consumer, 0.0):
             return self._known.get(consumer, _UNKNOWN)
         try:
             js = msg.message._client.jetstream(domain=msg.metadata.domain or None)
             info = await js.consumer_info(key.stream, key.consumer, timeout=2.0)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
-            log.warning("cannot read consumer info of %s/%s: %s", *consumer, error)
+            log.warning("cannot read consumer info of %s/%s: %s", key.stream, key.consumer, error)
             self._next_read[consumer] = time.monotonic() + _LIMITS_RETRY
             return self._known.get(consumer, _UNKNOWN)
         limit = info.config.max_deliver
