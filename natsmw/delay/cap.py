@@ -153,7 +153,7 @@ class DelayCap:
         key = DeadlineKey(position.stream, position.consumer, position.stream_sequence)
         delivery = position.delivered
         header = self._header_deferral(msg)
-        if header is None and delivery == 1 and self._known(msg, key) is None:
+        if header is None and delivery == 1 and self._known(msg, key, delivery) is None:
             found = _NOTHING  # the hot path: nothing to look up for a first, plain delivery
         else:
             found = await self._find(msg, key, delivery, header)
@@ -186,7 +186,7 @@ class DelayCap:
         now = time.time()
         if header is not None and header.deadline > now:
             return _Found(header, recorded=False)
-        local = self._known(msg, key)
+        local = self._known(msg, key, delivery)
         if local is not None and local.deferral is not None and local.deferral.deadline > now:
             # Only a handler run can move a deadline, and no handler runs before this one.
             return _Found(local.deferral, recorded=True)
@@ -235,7 +235,7 @@ class DelayCap:
             store = self._stores[client] = KeyValueDeadlineStore(client.jetstream())
         return store
 
-    def _known(self, msg: MessageProxy, key: DeadlineKey) -> _Local | None:
+    def _known(self, msg: MessageProxy, key: DeadlineKey, delivery: int) -> _Local | None:
         """What this instance remembers of ``msg``, if it can be about this very message.
 
         Not when it was learnt on another client, nor when it claims a delivery this one
@@ -244,7 +244,7 @@ class DelayCap:
         local = self._local.get(key)
         if local is None:
             return None
-        if local.client is not msg.message._client or local.seen >= msg.position.delivered:
+        if local.client is not msg.message._client or local.seen >= delivery:
             del self._local[key]
             return None
         return local
