@@ -8,13 +8,21 @@ import logging
 import pytest
 from nats.aio.msg import Msg
 
-from natsmw import Handler, MessageProxy, compose, middleware, with_delay_cap, with_size_limit
+from natsmw import (
+    Handler,
+    MessageProxy,
+    Middleware,
+    compose,
+    middleware,
+    with_delay_cap,
+    with_size_limit,
+)
 from natsmw.install import install, installed, uninstall
 from tests.conftest import Connection, Inbox, Stream, spy_acks
 from tests.delay_support import CAP, LegacyHandler, fetch_and_handle
 
 
-def tagging(seen: list[str]) -> object:
+def tagging(seen: list[str]) -> Middleware:
     async def step(msg: MessageProxy, call_next: Handler) -> None:
         seen.append(msg.subject)
         await call_next(msg)
@@ -28,7 +36,7 @@ async def test_chain_wraps_core_and_jetstream_callbacks_but_not_requests(
     seen: list[str] = []
     core, pushed = Inbox(), Inbox()
     spy = await spy_acks(conn.nc, stream.name)
-    install(conn.nc, chain=tagging(seen))  # type: ignore[arg-type]
+    install(conn.nc, chain=tagging(seen))
 
     async def legacy_core(msg: Msg) -> None:
         await core.put(msg)
@@ -55,7 +63,7 @@ async def test_chain_wraps_core_and_jetstream_callbacks_but_not_requests(
 async def test_uninstall_leaves_new_subscriptions_unchained(conn: Connection) -> None:
     seen: list[str] = []
     received = Inbox()
-    with installed(conn.nc, chain=tagging(seen)):  # type: ignore[arg-type]
+    with installed(conn.nc, chain=tagging(seen)):
         await conn.nc.subscribe("during", cb=received.put)
     await conn.nc.subscribe("after", cb=received.put)
     await conn.nc.publish("during", b"1")
@@ -99,7 +107,7 @@ async def test_publish_async_acks_and_old_contexts_after_uninstall_are_left_alon
     conn: Connection, stream: Stream
 ) -> None:
     seen: list[str] = []
-    install(conn.nc, chain=tagging(seen))  # type: ignore[arg-type]
+    install(conn.nc, chain=tagging(seen))
     js = conn.nc.jetstream()
     ack = await (await js.publish_async(stream.subject, b"x"))  # PubAck via nats-py's own inbox
     assert ack.seq == 1
@@ -137,7 +145,7 @@ async def test_a_context_uses_the_chain_installed_when_it_subscribes(
     conn: Connection, stream: Stream
 ) -> None:
     seen: list[str] = []
-    install(conn.nc, chain=tagging(seen))  # type: ignore[arg-type]
+    install(conn.nc, chain=tagging(seen))
     js = conn.nc.jetstream()
     uninstall(conn.nc)
     install(conn.nc)  # lazy headers only, no chain

@@ -60,7 +60,8 @@ class DelayCapStats:
             recorded or the consumer's limits could not be read.
         blind_holds: holds made without knowing the deadline: the store was unreachable.
         forced_runs: handler calls before a known deadline, because ``max_deliver`` left no
-            delivery to hold with (the alternative was to lose the message).
+            delivery to hold with, or could not be read (the alternative could lose the
+            message).
         malformed_headers: ``Natsmw-Deadline`` headers that could not be parsed (ignored).
         store_errors: reads or writes of the deadline store that failed.
     """
@@ -159,9 +160,8 @@ class DelayCap:
             found = await self._find(msg, key, delivery, header)
             if await self._held(msg, key, found, delivery):
                 return
-        calls = (
-            delivery if found.deferral is None else await self._release(msg, key, found, delivery)
-        )
+        deferral = found.deferral
+        calls = delivery if deferral is None else await self._release(msg, key, deferral, delivery)
         if calls != delivery:  # handler_calls() falls back to num_delivered
             msg.state[_CALLS_KEY] = calls
 
@@ -170,13 +170,13 @@ class DelayCap:
         async def on_settle(settlement: Settlement, send: Settle) -> Any:
             if settlement.kind != "nak" or settlement.delay is None or settlement.delay <= cap:
                 return await send(settlement)  # not a long nak: nothing to do, and fast
-            return await self._settle(msg, key, delivery, delivery - calls, settlement, send)
+            return await self._defer(msg, key, delivery, delivery - calls, settlement.delay, send)
 
         try:
             with msg.intercept(on_settle):
                 await call_next(msg)
         finally:
-            self._after_call(msg, key, delivery, found.deferral)
+            self._after_call(msg, key, delivery, deferral)
 
     # -- finding the deadline ---------------------------------------------------------------
 
@@ -272,7 +272,7 @@ class DelayCap:
             return
         local = self._local.get(key)
         if local is not None and local.seen == delivery:
-            return  # the handler deferred it: _settle remembered the new deadline
+            return  # the handler deferred it: _defer remembered the new deadline
         self._remember(msg, key, deferral, delivery)
 
     # -- holding ----------------------------------------------------------------------------
@@ -380,22 +380,21 @@ class DelayCap:
 
     # -- the handler's own settlement -------------------------------------------------------
 
-    async def _settle(
+    async def _defer(
         self,
         msg: MessageProxy,
         key: DeadlineKey,
         delivery: int,
         skipped: int,
-        settlement: Settlement,
+        delay: float,
         send: Settle,
     ) -> Any:
-        if settlement.kind != "nak" or settlement.delay is None or settlement.delay <= self.cap:
-            return await send(settlement)
+        """The handler asked for ``nak(delay)`` with ``delay`` over the cap: record, then cap."""
         deferral = Deferral(
-            deadline=time.time() + settlement.delay,
+            deadline=time.time() + delay,
             deferred_at=delivery,
             skipped_before=skipped,
-            requested=settlement.delay,
+            requested=delay,
             stored_at=msg.metadata.timestamp.timestamp(),
             traceparent=_traceparent(msg),
         )
@@ -407,38 +406,35 @@ class DelayCap:
         except DeadlineStoreError as error:
             self.stats.store_errors += 1
             self.stats.uncapped += 1
-            _survival(msg, "uncapped", delivery, settlement.delay)
+            _survival(msg, "uncapped", delivery, delay)
             log.warning(
                 "could not record the deadline of %s seq %s (%s): sending the %.3fs nak uncapped",
-                msg.subject, _seq(msg), error, settlement.delay,
+                msg.subject, _seq(msg), error, delay,
             )  # fmt: skip
-            return await send(settlement)
-        interval = await self._interval(msg, key, delivery, settlement.delay)
+            return await send(Settlement("nak", delay=delay))
+        interval = await self._interval(msg, key, delivery, delay)
         if interval is None:
             self.stats.uncapped += 1
-            _survival(msg, "uncapped", delivery, settlement.delay)
+            _survival(msg, "uncapped", delivery, delay)
             log.warning(
                 "%s seq %s: max_deliver leaves no delivery to hold with, or cannot be read; "
                 "its %.3fs nak goes as the handler asked",
-                msg.subject, _seq(msg), settlement.delay,
+                msg.subject, _seq(msg), delay,
             )  # fmt: skip
-            return await send(settlement)
-        if interval < settlement.delay:
+            return await send(Settlement("nak", delay=delay))
+        if interval < delay:
             self.stats.capped += 1
             msg.report(
                 "natsmw.delay.capped",
-                {"natsmw.delay.requested_s": settlement.delay, "natsmw.delay.cap_s": self.cap,
+                {"natsmw.delay.requested_s": delay, "natsmw.delay.cap_s": self.cap,
                  "natsmw.delay.nak_s": interval, "natsmw.delay.deadline": _iso(deferral.deadline)},
             )  # fmt: skip
         return await send(Settlement("nak", delay=interval))
 
     async def _release(
-        self, msg: MessageProxy, key: DeadlineKey, found: _Found, delivery: int
+        self, msg: MessageProxy, key: DeadlineKey, deferral: Deferral, delivery: int
     ) -> int:
         """Count this handler call; note in the store where the holds of a deferral ended."""
-        deferral = found.deferral
-        if deferral is None:
-            return delivery
         if deferral.released_at is None:
             deferral = replace(deferral, released_at=delivery)
             self._remember(msg, key, deferral, delivery)
