@@ -19,6 +19,8 @@ def to_seconds(value: object, what: str) -> float:
         TypeError: ``value`` is not a number of seconds or a ``timedelta`` (``bool`` included).
         ValueError: ``value`` is negative, NaN or infinite. Both errors name ``what`` and the value.
     """
+    if type(value) is float and 0.0 <= value < math.inf:
+        return value  # the usual case (a hold's nak), in one comparison; NaN fails it too
     seconds = _finite_seconds(value, what)
     if seconds < 0:
         raise ValueError(f"{what} must be zero or more seconds, got {value!r}")

@@ -17,6 +17,7 @@ from typing import Any
 from nats.aio import client as nats_client
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from wrapt import ObjectProxy
 
 __all__ = ["header_block_size", "header_count", "lazy_message_class", "peek_header"]
 
@@ -105,9 +106,15 @@ def lazy_message_class(base: type[Msg]) -> type[Msg]:
 
 
 def _undecoded(msg: Msg) -> Undecoded | None:
-    wrapped = getattr(msg, "__wrapped__", msg)  # a natsmw MessageProxy
-    value = getattr(wrapped, "_natsmw_headers", None)
-    return value if isinstance(value, Undecoded) else None
+    # isinstance sees through proxies (natsmw's or any other wrapt proxy) to the message; the
+    # attribute is then read on the message itself, not through the proxy (3x faster).
+    if not isinstance(msg, LazyHeadersMixin):
+        return None
+    message: object = msg
+    while isinstance(message, ObjectProxy):
+        message = message.__wrapped__
+    value = getattr(message, "_natsmw_headers", None)
+    return value if type(value) is Undecoded else None
 
 
 def peek_header(msg: Msg, name: str) -> str | None:

@@ -10,19 +10,21 @@ from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError, NotJSMessageError
 
 from natsmw import Handler, MessageProxy, Middleware, Settlement, compose, middleware
-from natsmw.message import Settle
+from natsmw.message import Settle, SettlementKind
 from tests.conftest import Connection, Inbox, Stream, spy_acks
 
 
-def interceptor_middleware(name: str, log: list[tuple[str, Settlement]]) -> Middleware:
-    """A middleware that records every settlement it sees and passes it on unchanged."""
+def interceptor_middleware(
+    name: str, log: list[tuple[str, Settlement]], kinds: tuple[SettlementKind, ...] | None = None
+) -> Middleware:
+    """A middleware that records every settlement it sees (of ``kinds``) and passes it on."""
 
     async def step(msg: MessageProxy, call_next: Handler) -> None:
         async def record(settlement: Settlement, send: Settle) -> object:
             log.append((name, settlement))
             return await send(settlement)
 
-        with msg.intercept(record):
+        with msg.intercept(record, kinds=kinds):
             await call_next(msg)
 
     return middleware(step)
@@ -113,6 +115,46 @@ async def test_interceptors_nest_innermost_first_and_may_rewrite(
         ("outer", Settlement("nak", delay=0.25)),
     ]
     assert spy.settlements(ack.seq) == [b"-NAK " + json.dumps({"delay": 250_000_000}).encode()]
+
+
+async def test_an_interceptor_for_some_kinds_sees_only_those_and_the_rest_pass_it_by(
+    conn: Connection, stream: Stream
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    seen: list[tuple[str, Settlement]] = []
+    deliveries = Inbox()
+
+    @compose(
+        interceptor_middleware("outer", seen),
+        interceptor_middleware("naks only", seen, kinds=("nak",)),
+        interceptor_middleware("inner", seen),
+    )
+    async def handler(msg: Msg) -> None:
+        await deliveries.put(msg)
+        if msg.metadata.num_delivered == 1:
+            await msg.nak(delay=0.05)
+        else:
+            await msg.ack()
+
+    await conn.js.subscribe(stream.subject, durable="kinds", cb=handler, manual_ack=True)
+    ack = await conn.js.publish(stream.subject, b"x")
+    await deliveries.wait_for(2)
+    await spy.catch_up(conn.nc)
+
+    nak, ack_ = Settlement("nak", delay=0.05), Settlement("ack")
+    assert seen == [("inner", nak), ("naks only", nak), ("outer", nak), ("inner", ack_),
+                    ("outer", ack_)]  # fmt: skip
+    assert spy.settlements(ack.seq) == [b'-NAK {"delay": 50000000}', b"+ACK"]
+
+
+def test_intercept_refuses_an_unknown_kind_by_name() -> None:  # pure
+    proxy = MessageProxy.of(Msg(_client=None, subject="s", reply="r"))  # type: ignore[arg-type]
+
+    async def interceptor(settlement: Settlement, send: Settle) -> object:
+        return await send(settlement)
+
+    with pytest.raises(ValueError, match="'ackk'"):
+        proxy.intercept(interceptor, kinds=["nak", "ackk"])  # type: ignore[list-item]
 
 
 async def test_settling_twice_raises_nats_py_error_and_sends_once(

@@ -19,6 +19,7 @@ import time
 import weakref
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -34,7 +35,7 @@ from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDe
 from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlineStoreError
 from natsmw.headers import peek_header
-from natsmw.message import SPAN_KEY, MessageProxy, Settle, Settlement
+from natsmw.message import SPAN_KEY, MessageProxy, Settle, Settlement, SettlementKind
 
 __all__ = ["DelayCap", "DelayCapStats", "handler_calls", "with_delay_cap"]
 
@@ -45,6 +46,8 @@ log = logging.getLogger("natsmw.delay")
 _SLACK = 0.005
 _CALLS_KEY = "natsmw.delay.calls"
 _CACHE_LIMIT = 100_000
+_NAK_ONLY: frozenset[SettlementKind] = frozenset(("nak",))
+_new_key = partial(tuple.__new__, DeadlineKey)  # skips NamedTuple's Python-level __new__
 
 
 @dataclass
@@ -150,12 +153,14 @@ class DelayCap:
         if not msg.is_jetstream:
             await call_next(msg)
             return
-        position = msg.position
-        key = DeadlineKey(position.stream, position.consumer, position.stream_sequence)
-        delivery = position.delivered
+        stream, consumer, sequence, delivery = msg.position
+        key = _new_key((stream, consumer, sequence))
         header = self._header_deferral(msg)
-        if header is None and delivery == 1 and self._known(msg, key, delivery) is None:
-            found = _NOTHING  # the hot path: nothing to look up for a first, plain delivery
+        if header is None and delivery == 1:
+            # The hot path: nothing to look up for a first, plain delivery. What this instance
+            # remembers under the key is of an earlier stream or consumer of the same names.
+            self._local.pop(key, None)
+            found = _NOTHING
         else:
             found = await self._find(msg, key, delivery, header)
             if await self._held(msg, key, found, delivery):
@@ -168,12 +173,12 @@ class DelayCap:
         cap = self.cap
 
         async def on_settle(settlement: Settlement, send: Settle) -> Any:
-            if settlement.kind != "nak" or settlement.delay is None or settlement.delay <= cap:
-                return await send(settlement)  # not a long nak: nothing to do, and fast
+            if settlement.delay is None or settlement.delay <= cap:
+                return await send(settlement)
             return await self._defer(msg, key, delivery, delivery - calls, settlement.delay, send)
 
         try:
-            with msg.intercept(on_settle):
+            with msg.intercept(on_settle, kinds=_NAK_ONLY):
                 await call_next(msg)
         finally:
             self._after_call(msg, key, delivery, deferral)
@@ -212,7 +217,7 @@ class DelayCap:
         return _Found(stored, recorded=True)
 
     def _header_deferral(self, msg: MessageProxy) -> Deferral | None:
-        value = peek_header(msg, DEADLINE_HEADER)
+        value = peek_header(msg.__wrapped__, DEADLINE_HEADER)  # not through the proxy: faster
         if value is None:
             return None
         stored_at = msg.metadata.timestamp.timestamp()
@@ -229,7 +234,7 @@ class DelayCap:
     def _store_for(self, msg: MessageProxy) -> DeadlineStore:
         if self._store is not None:
             return self._store
-        client = msg.message._client
+        client = msg.__wrapped__._client
         store = self._stores.get(client)
         if store is None:
             store = self._stores[client] = KeyValueDeadlineStore(client.jetstream())
@@ -244,7 +249,7 @@ class DelayCap:
         local = self._local.get(key)
         if local is None:
             return None
-        if local.client is not msg.message._client or local.seen >= delivery:
+        if local.client is not msg.__wrapped__._client or local.seen >= delivery:
             del self._local[key]
             return None
         return local
@@ -252,7 +257,7 @@ class DelayCap:
     def _remember(
         self, msg: MessageProxy, key: DeadlineKey, deferral: Deferral | None, seen: int
     ) -> None:
-        self._local[key] = _Local(deferral, seen, msg.message._client)
+        self._local[key] = _Local(deferral, seen, msg.__wrapped__._client)
         if len(self._local) > _CACHE_LIMIT:
             # Forget the oldest tenth at once, so that eviction costs O(1) per message.
             for old in list(islice(self._local, _CACHE_LIMIT // 10)):
@@ -495,11 +500,11 @@ class _ConsumerLimits:
 
     async def max_deliver(self, msg: MessageProxy, key: DeadlineKey) -> int | _Unknown | None:
         """``max_deliver`` (``None``: unlimited), or ``_UNKNOWN`` if it was never read."""
-        consumer = (msg.message._client, key.stream, key.consumer)
+        consumer = (msg.__wrapped__._client, key.stream, key.consumer)
         if time.monotonic() < self._next_read.get(consumer, 0.0):
             return self._known.get(consumer, _UNKNOWN)
         try:
-            js = msg.message._client.jetstream(domain=msg.metadata.domain or None)
+            js = msg.__wrapped__._client.jetstream(domain=msg.metadata.domain or None)
             info = await js.consumer_info(key.stream, key.consumer, timeout=2.0)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             log.warning("cannot read consumer info of %s/%s: %s", key.stream, key.consumer, error)
