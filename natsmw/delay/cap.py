@@ -156,13 +156,23 @@ class DelayCap:
         stream, consumer, sequence, delivery = msg.position
         key = _new_key((stream, consumer, sequence))
         header = self._header_deferral(msg)
-        if header is None and delivery == 1:
-            # The hot path: nothing to look up for a first, plain delivery. What this instance
-            # remembers under the key is of an earlier stream or consumer of the same names.
-            self._local.pop(key, None)
-            found = _NOTHING
+        local = self._known(msg, key, delivery)
+        if (
+            header is None
+            and local is not None
+            and local.deferral is not None
+            and local.deferral.deadline > time.time()
+        ):
+            # The usual hold, on the instance that deferred the message: only a handler run
+            # can move a deadline, and none ran since this instance last saw the message.
+            if await self._hold(msg, key, local.deferral, delivery):
+                local.seen = delivery
+                return
+            found = _Found(local.deferral, recorded=True)  # a forced run
+        elif header is None and local is None and delivery == 1:
+            found = _NOTHING  # the hot path: nothing to look up for a first, plain delivery
         else:
-            found = await self._find(msg, key, delivery, header)
+            found = await self._find(msg, key, delivery, header, local)
             if await self._held(msg, key, found, delivery):
                 return
         deferral = found.deferral
@@ -186,12 +196,16 @@ class DelayCap:
     # -- finding the deadline ---------------------------------------------------------------
 
     async def _find(
-        self, msg: MessageProxy, key: DeadlineKey, delivery: int, header: Deferral | None
+        self,
+        msg: MessageProxy,
+        key: DeadlineKey,
+        delivery: int,
+        header: Deferral | None,
+        local: _Local | None,
     ) -> _Found:
         now = time.time()
         if header is not None and header.deadline > now:
             return _Found(header, recorded=False)
-        local = self._known(msg, key, delivery)
         if local is not None and local.deferral is not None and local.deferral.deadline > now:
             # Only a handler run can move a deadline, and no handler runs before this one.
             return _Found(local.deferral, recorded=True)
