@@ -373,7 +373,9 @@ class DelayCap:
 
         ``None`` when no nak is safe: this may be the consumer's last allowed delivery.
         """
-        max_deliver = await self._limits.max_deliver(msg, key)
+        max_deliver = self._limits.cached(msg, key)
+        if max_deliver is _STALE:
+            max_deliver = await self._limits.read(msg, key)
         if max_deliver is _UNKNOWN:
             return None
         left = max_deliver - delivery if isinstance(max_deliver, int) else None
@@ -496,6 +498,7 @@ class _Unknown:
 
 
 _UNKNOWN = _Unknown()
+_STALE = _Unknown()  # time to read it again
 _LIMITS_TTL = 60.0
 _LIMITS_RETRY = 5.0
 
@@ -509,25 +512,32 @@ class _ConsumerLimits:
 
     def __init__(self) -> None:
         # Keyed by client too: the same stream and consumer names may exist on two servers.
-        self._known: dict[tuple[object, str, str], int | None] = {}
-        self._next_read: dict[tuple[object, str, str], float] = {}
+        # The value, and when to read it again.
+        self._known: dict[tuple[object, str, str], tuple[int | _Unknown | None, float]] = {}
 
-    async def max_deliver(self, msg: MessageProxy, key: DeadlineKey) -> int | _Unknown | None:
-        """``max_deliver`` (``None``: unlimited), or ``_UNKNOWN`` if it was never read."""
-        consumer = (msg.__wrapped__._client, key.stream, key.consumer)
-        if time.monotonic() < self._next_read.get(consumer, 0.0):
-            return self._known.get(consumer, _UNKNOWN)
+    def cached(self, msg: MessageProxy, key: DeadlineKey) -> int | _Unknown | None:
+        """``max_deliver`` as last read (``None``: unlimited; ``_UNKNOWN``: never read), or
+        ``_STALE`` when it is time to :meth:`read` it (a hold takes this path: no await)."""
+        known = self._known.get((msg.__wrapped__._client, key.stream, key.consumer))
+        if known is None or time.monotonic() >= known[1]:
+            return _STALE
+        return known[0]
+
+    async def read(self, msg: MessageProxy, key: DeadlineKey) -> int | _Unknown | None:
+        """Read ``max_deliver`` with consumer info; on failure keep what was known."""
+        client = msg.__wrapped__._client
+        consumer = (client, key.stream, key.consumer)
         try:
-            js = msg.__wrapped__._client.jetstream(domain=msg.metadata.domain or None)
+            js = client.jetstream(domain=msg.metadata.domain or None)
             info = await js.consumer_info(key.stream, key.consumer, timeout=2.0)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             log.warning("cannot read consumer info of %s/%s: %s", key.stream, key.consumer, error)
-            self._next_read[consumer] = time.monotonic() + _LIMITS_RETRY
-            return self._known.get(consumer, _UNKNOWN)
+            known = self._known.get(consumer, (_UNKNOWN, 0.0))[0]
+            self._known[consumer] = (known, time.monotonic() + _LIMITS_RETRY)
+            return known
         limit = info.config.max_deliver
         value = limit if limit is not None and limit > 0 else None
-        self._known[consumer] = value
-        self._next_read[consumer] = time.monotonic() + _LIMITS_TTL
+        self._known[consumer] = (value, time.monotonic() + _LIMITS_TTL)
         return value
 
 
