@@ -20,7 +20,16 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeAlias, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    NamedTuple,
+    TypeAlias,
+    TypeVar,
+    get_args,
+)
 
 import wrapt
 from nats.aio.msg import Msg
@@ -111,7 +120,7 @@ Interceptor: TypeAlias = Callable[[Settlement, Settle], Awaitable[Any]]
 """``async def interceptor(settlement, send)``: may pass it on (changed or not) or swallow it."""
 
 _Interception: TypeAlias = tuple[Interceptor, "frozenset[SettlementKind] | None"]
-_KINDS = frozenset(("ack", "ack_sync", "nak", "term", "in_progress"))
+_KINDS = frozenset(get_args(SettlementKind))
 
 
 if TYPE_CHECKING:
@@ -175,6 +184,7 @@ class MessageProxy(_Proxy):
     @reply.setter
     def reply(self, value: str) -> None:
         self.__wrapped__.reply = value
+        self._self_position = None  # read from the reply subject
 
     @property
     def data(self) -> bytes:
@@ -257,8 +267,10 @@ class MessageProxy(_Proxy):
             ValueError: ``kinds`` names something that is not a settlement kind.
         """
         only = None if kinds is None else frozenset(kinds)
-        if only is not None and not only <= _KINDS:
-            raise ValueError(f"kinds may hold {sorted(_KINDS)}, got {sorted(only - _KINDS)}")
+        if only is not None and (isinstance(kinds, str) or not only or not only <= _KINDS):
+            raise ValueError(
+                f"kinds must be some of {sorted(_KINDS)} (None: every kind), got {kinds!r}"
+            )
         interceptors = self._self_interceptors
         if interceptors is None:
             interceptors = self._self_interceptors = []
@@ -328,27 +340,31 @@ class MessageProxy(_Proxy):
         """Reset the consumer's ack timer (``+WPI``), through the interceptors."""
         await self._settle(_IN_PROGRESS)
 
-    async def _settle(self, settlement: Settlement, below: int | None = None) -> Any:
-        """Pass ``settlement`` to the next interceptor below index ``below`` that wants it (all
-        of them when ``below`` is ``None``: a call from the handler), in the end to the server."""
+    async def _settle(self, settlement: Settlement) -> Any:
         interceptors = self._self_interceptors
-        if interceptors:
-            if below is None:
-                msg: Msg = self.__wrapped__
-                reply = msg.reply
-                if not reply or not reply.startswith(_JS_ACK_PREFIX):
-                    return await self._send(settlement)  # core: nats-py raises NotJSMessageError
-                if settlement.kind != "in_progress" and msg._ackd:
-                    raise MsgAlreadyAckdError(msg)
-                index = len(interceptors)
-            else:
-                index = min(below, len(interceptors))
-            kind = settlement.kind
-            while index:
-                index -= 1
-                interceptor, kinds = interceptors[index]
-                if kinds is None or kind in kinds:
-                    return await interceptor(settlement, partial(self._settle, below=index))
+        if not interceptors:
+            return await self._send(settlement)
+        msg: Msg = self.__wrapped__
+        reply = msg.reply
+        if not reply or not reply.startswith(_JS_ACK_PREFIX):
+            return await self._send(settlement)  # core: nats-py raises NotJSMessageError
+        if settlement.kind != "in_progress" and msg._ackd:
+            raise MsgAlreadyAckdError(msg)
+        # A snapshot: the call goes through the interceptors there were when it was made, even
+        # if one of them leaves (its with block ends) while the call is on its way.
+        return await self._through(tuple(interceptors), len(interceptors), settlement)
+
+    async def _through(
+        self, interceptors: tuple[_Interception, ...], below: int, settlement: Settlement
+    ) -> Any:
+        """Pass ``settlement`` to the next interceptor below index ``below`` that wants it; in
+        the end, to the server."""
+        kind = settlement.kind
+        while below:
+            below -= 1
+            interceptor, kinds = interceptors[below]
+            if kinds is None or kind in kinds:
+                return await interceptor(settlement, partial(self._through, interceptors, below))
         return await self._send(settlement)
 
     async def _send(self, settlement: Settlement) -> Any:

@@ -152,6 +152,20 @@ async def spy_acks(nc: Client, stream: str) -> AckSpy:
     return spy
 
 
+async def wait_for_consumer(conn: Connection, stream: str, consumer: str) -> None:
+    """Wait until a clustered consumer answers again (its leader re-elected after a node
+    stopped), asking with a short timeout each time, for at most 20 s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        try:
+            await conn.js.consumer_info(stream, consumer, timeout=1)
+            return
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            if loop.time() > deadline:
+                raise
+
+
 async def publish_until_stored(
     conn: Connection, subject: str, data: bytes, *, msg_id: str | None = None
 ) -> PubAck:

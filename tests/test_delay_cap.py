@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -308,6 +309,40 @@ async def test_compose_with_other_middlewares_keeps_the_cap(
     kinds = [s.kind for _, s in outer_saw]
     assert kinds == ["nak"] * (second.num_delivered - 1) + ["ack"]
     assert all(s.delay is not None and s.delay <= CAP + 0.01 for _, s in outer_saw[:-1])
+
+
+async def test_a_long_nak_made_by_an_inner_middleware_is_capped_too(
+    conn: Connection, stream: Stream
+) -> None:
+    """The cap intercepts naks only: one that an inner middleware makes of the handler's ack
+    still reaches it, and is capped."""
+    spy = await spy_acks(conn.nc, stream.name)
+
+    async def postpone(msg: MessageProxy, call_next: Handler) -> None:
+        async def rewrite(settlement: Settlement, send: Settle) -> object:
+            return await send(Settlement("nak", delay=3600))
+
+        with msg.intercept(rewrite, kinds=("ack",)):
+            await call_next(msg)
+
+    deliveries = Inbox()
+    cap = with_delay_cap(CAP, store=MemoryDeadlineStore())
+
+    @compose(cap, middleware(postpone))
+    async def handler(msg: Msg) -> None:
+        await deliveries.put(msg)
+        await msg.ack()
+
+    await conn.js.subscribe(stream.subject, durable="rewritten", cb=handler, manual_ack=True)
+    ack = await conn.js.publish(stream.subject, b"x")
+    (first,) = await deliveries.wait_for(1)
+    assert await first.wait_settled(5)
+    await spy.catch_up(conn.nc)
+
+    sent = spy.settlements(ack.seq)[0]
+    assert sent.startswith(b"-NAK ")
+    assert 0 < json.loads(sent[len(b"-NAK ") :])["delay"] <= CAP * 1e9
+    assert cap.stats.capped == 1
 
 
 async def test_holds_on_the_deferring_instance_cost_no_server_round_trip(

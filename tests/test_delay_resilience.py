@@ -17,7 +17,14 @@ from nats.js.api import ConsumerConfig, StreamConfig
 
 from natsmw.delay import KeyValueDeadlineStore, with_delay_cap
 from natsmw.server import NatsCluster, NatsServer
-from tests.conftest import Connection, Stream, connect, publish_until_stored, spy_acks
+from tests.conftest import (
+    Connection,
+    Stream,
+    connect,
+    publish_until_stored,
+    spy_acks,
+    wait_for_consumer,
+)
 from tests.delay_support import (
     CAP,
     DELAY,
@@ -163,7 +170,8 @@ async def test_cluster_node_stopped_mid_hold(cluster: NatsCluster) -> None:
     conn = await connect(*cluster.urls)
     await conn.js.add_stream(StreamConfig(name="HA", subjects=["ha.>"], num_replicas=3))
     await conn.js.add_consumer("HA", ConsumerConfig(durable_name="ha", ack_wait=1))
-    legacy = LegacyHandler(delay=4.0)
+    # Long enough that holds are still due once the cluster has re-elected its leaders.
+    legacy = LegacyHandler(delay=10.0)
     async with pulling(conn.js, "ha.x", "ha", with_delay_cap(CAP)(legacy)):
         await publish_until_stored(conn, "ha.x", b"x", msg_id="ha-1")
         await asyncio.wait_for(legacy.deferred.wait(), 10)
@@ -171,6 +179,7 @@ async def test_cluster_node_stopped_mid_hold(cluster: NatsCluster) -> None:
     connected = cluster.urls.index(f"nats://{conn.nc.connected_url.netloc}")  # type: ignore[union-attr]
     cluster.servers[connected].stop()
     await asyncio.wait_for(conn.reconnected.wait(), 10)
+    await wait_for_consumer(conn, "HA", "ha")
     fresh = with_delay_cap(CAP)
     async with pulling(conn.js, "ha.x", "ha", fresh(legacy)):
         _, second = await legacy.wait_calls(2, timeout=20)

@@ -43,6 +43,8 @@ async def test_oversized_body_is_copied_to_dead_letter_then_terminated(
     empty = await conn.js.publish(stream.subject, b"")
     (copy,) = await dead_letters.wait_for(1)
     passed = await handled.wait_for(2)
+    for msg in passed:  # the handler acks after it hands the message over
+        assert await msg.wait_settled(5)
     await spy.catch_up(conn.nc)
 
     assert [m.data for m in passed] == [b"y" * 10, b""]  # at the limit, and empty, pass

@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from wrapt import ObjectProxy
 
+from natsmw import MessageProxy
 from natsmw.headers import Undecoded, header_block_size, lazy_message_class, peek_header
 from natsmw.install import install, installed, uninstall
 from tests.conftest import Connection, Inbox, Stream, connect
@@ -139,6 +141,16 @@ def dict_behaviours(h: dict[str, str]) -> list[object]:
         list(h.items()), h == {"A": "1", "B": "2"}, copied, json.dumps(h), mutated,
         copy.deepcopy(h), pickle.loads(pickle.dumps(h)), h.setdefault("A", "x"),
     ]  # fmt: skip
+
+
+def test_peek_header_sees_through_proxies_without_decoding() -> None:  # pure
+    msg = lazy_message_class(Msg)(_client=None, subject="s")  # type: ignore[arg-type]
+    msg.headers = Undecoded(None, b"NATS/1.0\r\nA: 1\r\nB:  two \r\n\r\n")  # type: ignore[arg-type,assignment]
+    proxied = ObjectProxy(MessageProxy.of(msg))  # another library's proxy around natsmw's
+
+    assert peek_header(proxied, "B") == "two"
+    assert header_block_size(proxied) == (len(b"NATS/1.0\r\nA: 1\r\nB:  two \r\n\r\n"), 2)
+    assert type(msg._natsmw_headers) is Undecoded  # type: ignore[attr-defined]  # not decoded
 
 
 async def test_headers_behave_as_a_dict_for_user_code(conn: Connection) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError, NotJSMessageError
 
 from natsmw import Handler, MessageProxy, Middleware, Settlement, compose, middleware
-from natsmw.message import Settle, SettlementKind
+from natsmw.message import Position, Settle, SettlementKind
 from tests.conftest import Connection, Inbox, Stream, spy_acks
 
 
@@ -147,14 +148,23 @@ async def test_an_interceptor_for_some_kinds_sees_only_those_and_the_rest_pass_i
     assert spy.settlements(ack.seq) == [b'-NAK {"delay": 50000000}', b"+ACK"]
 
 
-def test_intercept_refuses_an_unknown_kind_by_name() -> None:  # pure
+@pytest.mark.parametrize("kinds", [["nak", "ackk"], "nak", ()])
+def test_intercept_refuses_kinds_that_are_not_settlement_kinds(kinds: object) -> None:  # pure
     proxy = MessageProxy.of(Msg(_client=None, subject="s", reply="r"))  # type: ignore[arg-type]
 
     async def interceptor(settlement: Settlement, send: Settle) -> object:
         return await send(settlement)
 
-    with pytest.raises(ValueError, match="'ackk'"):
-        proxy.intercept(interceptor, kinds=["nak", "ackk"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=f"got {re.escape(repr(kinds))}"):
+        proxy.intercept(interceptor, kinds=kinds)  # type: ignore[arg-type]
+
+
+def test_position_is_read_from_the_reply_once_and_again_when_it_changes() -> None:  # pure
+    reply = "$JS.ACK.S.C.{}.5.{}.1700000000000000000.0"
+    proxy = MessageProxy.of(Msg(_client=None, subject="s", reply=reply.format(1, 5)))  # type: ignore[arg-type]
+    assert proxy.position == Position("S", "C", 5, 1)
+    proxy.reply = reply.format(2, 6)
+    assert proxy.position == Position("S", "C", 5, 2)
 
 
 async def test_settling_twice_raises_nats_py_error_and_sends_once(
@@ -229,7 +239,7 @@ async def test_core_messages_pass_through_untouched(conn: Connection) -> None:
     assert seen == []
 
 
-@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "10", True])
+@pytest.mark.parametrize("bad", [-1, -0.5, float("nan"), float("inf"), "10", True])
 async def test_bad_nak_delay_raises_before_anything_is_sent(
     conn: Connection, stream: Stream, bad: object
 ) -> None:

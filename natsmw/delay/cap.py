@@ -166,7 +166,10 @@ class DelayCap:
             # The usual hold, on the instance that deferred the message: only a handler run
             # can move a deadline, and none ran since this instance last saw the message.
             if await self._hold(msg, key, local.deferral, delivery):
-                local.seen = delivery
+                if self._local.get(key) is local:
+                    local.seen = delivery  # one delivery later, the same deadline
+                else:  # forgotten while the hold was sent (evicted): remember it again
+                    self._remember(msg, key, local.deferral, delivery)
                 return
             found = _Found(local.deferral, recorded=True)  # a forced run
         elif header is None and local is None and delivery == 1:
@@ -373,9 +376,7 @@ class DelayCap:
 
         ``None`` when no nak is safe: this may be the consumer's last allowed delivery.
         """
-        max_deliver = self._limits.cached(msg, key)
-        if max_deliver is _STALE:
-            max_deliver = await self._limits.read(msg, key)
+        max_deliver = await self._limits.max_deliver(msg, key)
         if max_deliver is _UNKNOWN:
             return None
         left = max_deliver - delivery if isinstance(max_deliver, int) else None
@@ -498,7 +499,6 @@ class _Unknown:
 
 
 _UNKNOWN = _Unknown()
-_STALE = _Unknown()  # time to read it again
 _LIMITS_TTL = 60.0
 _LIMITS_RETRY = 5.0
 
@@ -515,26 +515,21 @@ class _ConsumerLimits:
         # The value, and when to read it again.
         self._known: dict[tuple[object, str, str], tuple[int | _Unknown | None, float]] = {}
 
-    def cached(self, msg: MessageProxy, key: DeadlineKey) -> int | _Unknown | None:
-        """``max_deliver`` as last read (``None``: unlimited; ``_UNKNOWN``: never read), or
-        ``_STALE`` when it is time to :meth:`read` it (a hold takes this path: no await)."""
-        known = self._known.get((msg.__wrapped__._client, key.stream, key.consumer))
-        if known is None or time.monotonic() >= known[1]:
-            return _STALE
-        return known[0]
-
-    async def read(self, msg: MessageProxy, key: DeadlineKey) -> int | _Unknown | None:
-        """Read ``max_deliver`` with consumer info; on failure keep what was known."""
+    async def max_deliver(self, msg: MessageProxy, key: DeadlineKey) -> int | _Unknown | None:
+        """``max_deliver`` (``None``: unlimited), or ``_UNKNOWN`` if it was never read."""
         client = msg.__wrapped__._client
         consumer = (client, key.stream, key.consumer)
+        known = self._known.get(consumer)
+        if known is not None and time.monotonic() < known[1]:
+            return known[0]
         try:
             js = client.jetstream(domain=msg.metadata.domain or None)
             info = await js.consumer_info(key.stream, key.consumer, timeout=2.0)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             log.warning("cannot read consumer info of %s/%s: %s", key.stream, key.consumer, error)
-            known = self._known.get(consumer, (_UNKNOWN, 0.0))[0]
-            self._known[consumer] = (known, time.monotonic() + _LIMITS_RETRY)
-            return known
+            value = _UNKNOWN if known is None else known[0]
+            self._known[consumer] = (value, time.monotonic() + _LIMITS_RETRY)
+            return value
         limit = info.config.max_deliver
         value = limit if limit is not None and limit > 0 else None
         self._known[consumer] = (value, time.monotonic() + _LIMITS_TTL)
