@@ -89,6 +89,8 @@ class Tracing:
     ) -> None:
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
+        self._sdk_seen = False
+        self._labels: dict[object, dict[str, Any]] = {}  # metric labels, by stream
         self._tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
         self._duration = meter.create_histogram(
@@ -123,6 +125,12 @@ class Tracing:
 
     def _enabled(self) -> bool:
         """Whether an SDK is there to receive spans or metrics (either is enough)."""
+        if self._sdk_seen:
+            return True  # providers, once set, stay set: no need to look again
+        self._sdk_seen = self._sdk_found()
+        return self._sdk_seen
+
+    def _sdk_found(self) -> bool:
         tracer_provider = self._tracer_provider or trace.get_tracer_provider()
         if not isinstance(tracer_provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
             return True
@@ -132,9 +140,10 @@ class Tracing:
         )
 
     async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
-        destination = _destination(msg.subject)
-        attributes = _start_attributes(msg, destination)
-        creation = propagate.extract(msg, getter=_HEADERS)
+        real = msg.message  # read directly: faster than through the proxy
+        destination = _destination(real.subject)
+        attributes = _start_attributes(msg, real, destination)
+        creation = propagate.extract(real, getter=_HEADERS)
         creation_span = trace.get_current_span(creation).get_span_context()
         links = [Link(creation_span)] if creation_span.is_valid else None
         parent = None
@@ -143,7 +152,11 @@ class Tracing:
         span = self._tracer.start_span(
             f"process {destination}", parent, SpanKind.CONSUMER, attributes, links
         )
-        recorder = _Recorder(self, span, _metric_labels(attributes))
+        stream = attributes.get("messaging.nats.stream.name")
+        labels = self._labels.get(stream)
+        if labels is None:
+            labels = self._labels[stream] = _metric_labels(attributes)
+        recorder = _Recorder(self, span, labels)
         # With the creation context as parent, its baggage comes along to the handler.
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         msg.state[SPAN_KEY] = span
@@ -215,14 +228,14 @@ class _Recorder:
         self._tracing._consumed.add(1, self._labels)
 
 
-class _HeaderGetter(Getter[MessageProxy]):
+class _HeaderGetter(Getter[Msg]):
     """Reads propagation headers one by one, without decoding the others (lazy headers)."""
 
-    def get(self, carrier: MessageProxy, key: str) -> list[str] | None:
+    def get(self, carrier: Msg, key: str) -> list[str] | None:
         value = peek_header(carrier, key)
         return None if value is None else [value]
 
-    def keys(self, carrier: MessageProxy) -> list[str]:
+    def keys(self, carrier: Msg) -> list[str]:
         return list(carrier.headers or {})
 
 
@@ -235,20 +248,19 @@ def _destination(subject: str) -> str:
     return _INBOX if subject.startswith(_INBOX) else subject
 
 
-def _start_attributes(msg: MessageProxy, destination: str) -> dict[str, Any]:
+def _start_attributes(msg: MessageProxy, real: Msg, destination: str) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         "messaging.system": "nats",
         "messaging.operation.name": "process",
         "messaging.operation.type": "process",
         "messaging.destination.name": destination,
-        "messaging.message.body.size": len(msg.data),
+        "messaging.message.body.size": len(real.data),
     }
     if destination == _INBOX:
         attributes["messaging.destination.temporary"] = True
-    message_id = peek_header(msg, "Nats-Msg-Id")
+    message_id = peek_header(real, "Nats-Msg-Id")
     if message_id is not None:
         attributes["messaging.message.id"] = message_id
-    real = msg.message
     attributes.update(_server_attributes(real._client))
     if msg.is_jetstream:
         position = msg.position
