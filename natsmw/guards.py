@@ -157,7 +157,7 @@ class SizeGuard:
         return None
 
     async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
-        rejection = self.check(msg)
+        rejection = self.check(msg.__wrapped__)
         if rejection is None:
             await call_next(msg)
             return
