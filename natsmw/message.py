@@ -264,7 +264,8 @@ class MessageProxy(_Proxy):
         calls are seen (the others pass by at no cost), for example ``kinds=("nak",)``.
 
         Raises:
-            ValueError: ``kinds`` names something that is not a settlement kind.
+            ValueError: ``kinds`` is empty, a string, or names something that is not a
+                settlement kind.
         """
         only = None if kinds is None else frozenset(kinds)
         if only is not None and (isinstance(kinds, str) or not only or not only <= _KINDS):
