@@ -37,7 +37,8 @@ async def rate(
     nc: Client, consumer: str, handler: Callable[[Msg], Awaitable[None]], seconds: float,
     ready: Callable[[], bool] = lambda: True,
 ) -> float:  # fmt: skip
-    """Deliveries per second through ``handler`` over ``seconds``, counted once ``ready()``."""
+    """Deliveries per second through ``handler`` over ``seconds``, counted once ``ready()``;
+    also records in ``CPU`` this process's CPU time per delivery over the same window."""
     counted = 0
     counting = asyncio.Event()
 
@@ -54,11 +55,15 @@ async def rate(
     sub = await js.subscribe_bind("HOLDS", config, consumer, cb=counting_handler, manual_ack=True)
     await asyncio.wait_for(counting.wait(), 120)
     start = counted
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     await asyncio.sleep(seconds)  # the measurement window itself
     result = (counted - start) / (time.perf_counter() - began)
+    CPU[consumer] = (time.process_time() - cpu) / max(counted - start, 1)
     await sub.unsubscribe()
     return result
+
+
+CPU: dict[str, float] = {}  # client CPU seconds per delivery, by consumer, of the last window
 
 
 async def run(messages: int, seconds: float) -> dict[str, object]:
@@ -86,6 +91,7 @@ async def run(messages: int, seconds: float) -> dict[str, object]:
             await msg.nak(delay=CAP)
 
         raw = await rate(nc, "raw", nak_short, seconds)
+        raw_cpu = CPU["raw"]
 
         async def defer(msg: Msg) -> None:
             await msg.nak(delay=3600)
@@ -96,6 +102,7 @@ async def run(messages: int, seconds: float) -> dict[str, object]:
         before = len(requests)
         holds_before = deferring.stats.holds
         held_again = await rate(nc, "held", deferring(defer), seconds)
+        held_cpu = CPU["held"]
         per_hold_deferring = (len(requests) - before) / max(deferring.stats.holds - holds_before, 1)
 
         other_nc = await nats.connect(server.url)
@@ -110,6 +117,8 @@ async def run(messages: int, seconds: float) -> dict[str, object]:
         "raw nak": raw,
         "held, deferring instance": max(held, held_again),
         "held, another instance (cold cache)": other_rate,
+        "client CPU us per raw nak": raw_cpu * 1e6,
+        "client CPU us per hold, deferring instance": held_cpu * 1e6,
         "requests per hold, deferring instance": per_hold_deferring,
         "requests per hold, another instance": per_hold_other,
     }
@@ -117,6 +126,8 @@ async def run(messages: int, seconds: float) -> dict[str, object]:
     for name, value in results.items():
         if name.startswith("requests"):
             print(f"  {name:44s} {value:8.4f}")
+        elif name.startswith("client CPU"):
+            print(f"  {name:44s} {value:8.1f}")
         else:
             print(f"  {name:44s} {value:8.0f} /s  {value / raw:5.2f}x raw")
     return results
