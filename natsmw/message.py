@@ -261,14 +261,14 @@ class MessageProxy(_Proxy):
         Interceptors nest like the middlewares that install them: the one installed last (the
         innermost, closest to the handler) sees a call first, and its ``send`` leads to the
         one installed before it, and in the end to the server. With ``kinds``, only those
-        calls are seen (the others pass by at no cost), for example ``kinds=("nak",)``.
+        calls are seen (the others pass it by), for example ``kinds=("nak",)``.
 
         Raises:
             ValueError: ``kinds`` is empty, a string, or names something that is not a
                 settlement kind.
         """
         only = None if kinds is None else frozenset(kinds)
-        if only is not None and (isinstance(kinds, str) or not only or not only <= _KINDS):
+        if only is not None and (not only or not only <= _KINDS):
             raise ValueError(
                 f"kinds must be some of {sorted(_KINDS)} (None: every kind), got {kinds!r}"
             )

@@ -163,7 +163,9 @@ def test_position_is_read_from_the_reply_once_and_again_when_it_changes() -> Non
     reply = "$JS.ACK.S.C.{}.5.{}.1700000000000000000.0"
     proxy = MessageProxy.of(Msg(_client=None, subject="s", reply=reply.format(1, 5)))  # type: ignore[arg-type]
     assert proxy.position == Position("S", "C", 5, 1)
-    proxy.reply = reply.format(2, 6)
+    proxy.message.reply = reply.format(3, 7)  # behind the proxy's back: the first read stands
+    assert proxy.position == Position("S", "C", 5, 1)
+    proxy.reply = reply.format(2, 6)  # through the proxy: read again
     assert proxy.position == Position("S", "C", 5, 2)
 
 
