@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -272,6 +273,44 @@ async def test_metrics_after_a_known_sequence(
     (rejections,) = telemetry.metric("natsmw.guard.rejections")
     assert rejections.value == 1
     assert rejections.attributes["natsmw.guard.action"] == "term"
+
+
+async def test_metric_labels_stay_per_stream_and_an_error_marks_only_its_own_point(
+    conn: Connection, telemetry: Telemetry
+) -> None:
+    """One tracing middleware keeps its metric labels per stream; an error adds its label to
+    that message's point only (the labels kept for the stream are not changed)."""
+
+    @traced(telemetry)
+    async def handler(msg: Msg) -> None:
+        if msg.data == b"fail":
+            raise RuntimeError("boom")
+        await msg.ack()
+
+    fetched: list[Msg] = []
+    for name, bodies in (("LABELSA", (b"ok", b"ok")), ("LABELSB", (b"fail", b"ok"))):
+        await conn.js.add_stream(name=name, subjects=[f"{name.lower()}.>"])
+        psub = await conn.js.pull_subscribe(f"{name.lower()}.x", durable="d")
+        for body in bodies:
+            await conn.js.publish(f"{name.lower()}.x", body)
+        fetched += await psub.fetch(2, timeout=5)
+    for msg in fetched:
+        with contextlib.suppress(RuntimeError):
+            await handler(msg)
+
+    consumed = {
+        p.attributes["messaging.nats.stream.name"]: p.value
+        for p in telemetry.metric("messaging.client.consumed.messages")
+    }
+    durations = {
+        (p.attributes["messaging.nats.stream.name"], p.attributes.get("error.type")): p.count
+        for p in telemetry.metric("messaging.process.duration")
+    }
+    assert consumed == {"LABELSA": 2, "LABELSB": 2}
+    assert durations == {("LABELSA", None): 2, ("LABELSB", "RuntimeError"): 1,
+                         ("LABELSB", None): 1}  # fmt: skip
+    for name in ("LABELSA", "LABELSB"):
+        await conn.js.delete_stream(name)
 
 
 async def test_sampled_out_messages_still_flow(conn: Connection, stream: Stream) -> None:
