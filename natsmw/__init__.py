@@ -8,6 +8,7 @@ from natsmw.delay import (
     MemoryDeadlineStore,
     handler_calls,
     publish_not_before,
+    serve_parked,
     with_delay_cap,
 )
 from natsmw.guards import SizeGuard, with_size_limit
@@ -36,6 +37,7 @@ __all__ = [
     "peek_header",
     "publish",
     "publish_not_before",
+    "serve_parked",
     "uninstall",
     "with_delay_cap",
     "with_size_limit",

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["DeadlineStoreError", "NatsmwError", "ServerError", "ServerNotFoundError"]
+__all__ = [
+    "DeadlineStoreError",
+    "NatsmwError",
+    "ParkError",
+    "ServerError",
+    "ServerNotFoundError",
+]
 
 
 class NatsmwError(Exception):
@@ -26,4 +32,12 @@ class DeadlineStoreError(NatsmwError):
 
     The delay cap catches it and degrades safely (see the README); custom stores raise it for
     any failure they want handled that way.
+    """
+
+
+class ParkError(NatsmwError):
+    """A message could not be parked: the server has no message schedules (before 2.12), the
+    park stream was refused or is unreachable, or the schedule was not stored.
+
+    The delay cap catches it and holds the message instead, with a warning.
     """

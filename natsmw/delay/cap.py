@@ -1,13 +1,17 @@
-"""``with_delay_cap``: long ``nak(delay)`` calls become short ones, and the deadline holds.
+"""``with_delay_cap``: long ``nak(delay)`` calls never reach the server as asked.
 
 A handler asks for ``nak(delay=3 * 3600)``. The server would keep the message in the
-consumer's ack-pending set for three hours. Under ``@with_delay_cap(60)`` natsmw records the
-deadline (now + 3 h) and naks for at most 60 s instead; every redelivery before the deadline is
-*held*: naked again for ``min(cap, remaining)`` without calling the handler. The first delivery
-after the deadline reaches the handler.
+consumer's ack-pending set for three hours. Under ``@with_delay_cap(60)``:
 
-Deadlines come from a ``Natsmw-Deadline`` header (set by a publisher) or from a
-:class:`~natsmw.delay.stores.DeadlineStore` (set by natsmw when a handler naks long).
+* **park** (nats-server 2.12+, a durable consumer whose due messages this process serves): the
+  message waits in the server's own scheduler (:mod:`natsmw.delay.park`) and the original is
+  acked: nothing sits in ack-pending, no delivery is spent until the deadline;
+* **hold** (otherwise, and for delays up to ``park_after``): natsmw records the deadline and
+  naks for at most the cap; every redelivery before the deadline is naked again for
+  ``min(cap, remaining)`` without calling the handler.
+
+Either way the first delivery after the deadline reaches the handler. This module gathers
+what is known of a delivery, asks :mod:`natsmw.delay.decision` what to do, and does it.
 """
 
 from __future__ import annotations
@@ -19,21 +23,30 @@ import time
 import weakref
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from functools import partial
-from itertools import islice
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import Error as NatsError
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from natsmw.chain import Handler, middleware
 from natsmw.delay.deadline import DEADLINE_HEADER, format_deadline, parse_deadline
+from natsmw.delay.decision import (
+    SLACK,
+    Hold,
+    Park,
+    Run,
+    Send,
+    delivery_decision,
+    nak_decision,
+)
+from natsmw.delay.limits import ConsumerLimits, Limits
+from natsmw.delay.memory import Deliveries, Remembered
+from natsmw.delay.park import DueMsg, Parked, is_served, park_stream
 from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDeadlineStore
 from natsmw.duration import Duration, to_positive_seconds
-from natsmw.errors import DeadlineStoreError
+from natsmw.errors import DeadlineStoreError, ParkError
 from natsmw.headers import peek_header
 from natsmw.message import SPAN_KEY, MessageProxy, Settle, Settlement, SettlementKind
 
@@ -41,13 +54,12 @@ __all__ = ["DelayCap", "DelayCapStats", "handler_calls", "with_delay_cap"]
 
 log = logging.getLogger("natsmw.delay")
 
-# Added to a nak meant to land on the deadline: the server's timer starts after we measured
-# "now", and a redelivery a hair early would cost one more hold (and one more delivery).
-_SLACK = 0.005
 _CALLS_KEY = "natsmw.delay.calls"
-_CACHE_LIMIT = 100_000
 _NAK_ONLY: frozenset[SettlementKind] = frozenset(("nak",))
-_new_key = partial(tuple.__new__, DeadlineKey)  # skips NamedTuple's Python-level __new__
+_ACK = Settlement("ack")
+# A due copy that fires this little before its deadline (the scheduler ticks every 250 ms) is
+# kept back by waiting, not by a nak: no redelivery, and the handler runs on time.
+_EARLY_WAIT = 2.0
 
 
 @dataclass
@@ -57,6 +69,11 @@ class DelayCapStats:
     Attributes:
         capped: handler naks longer than the cap that were sent capped.
         holds: deliveries held (naked again) without calling the handler.
+        parked: messages parked in the server's scheduler (the original acked).
+        unparked: due messages that reached the handler after being parked.
+        park_fallbacks: messages that should have been parked but were held instead (the
+            server has no schedules, the park stream was refused, or the schedule was not
+            stored).
         stretched: naks made longer than the cap so the hold fits the consumer's
             ``max_deliver`` (survival over the cap).
         uncapped: long naks sent as the handler asked, because the deadline could not be
@@ -71,6 +88,9 @@ class DelayCapStats:
 
     capped: int = 0
     holds: int = 0
+    parked: int = 0
+    unparked: int = 0
+    park_fallbacks: int = 0
     stretched: int = 0
     uncapped: int = 0
     blind_holds: int = 0
@@ -81,44 +101,51 @@ class DelayCapStats:
 
 @dataclass(frozen=True, slots=True)
 class _Found:
+    """What is known of a delivery's deadline."""
+
     deferral: Deferral | None
     recorded: bool  # whether the deferral is (or is to be) kept in the store
     known: bool = True  # False: the store could not be asked, and nothing is known locally
+    parked: bool = False  # a schedule of this message waits in the park stream
 
 
-@dataclass(slots=True)
-class _Local:
-    """What this instance knows of one message: its deferral, and the last delivery it saw,
-    on which client (the same stream and consumer names may exist on two servers)."""
-
-    deferral: Deferral | None
-    seen: int
-    client: object
+_NOTHING = _Found(None, recorded=False)
+_UNKNOWN = _Found(None, recorded=False, known=False)
+_PARKED = _Found(None, recorded=False, parked=True)
 
 
 def with_delay_cap(
-    cap: Duration, *, store: DeadlineStore | None = None, jitter: float = 0.1
+    cap: Duration,
+    *,
+    park_after: Duration | None = None,
+    parking: bool = True,
+    store: DeadlineStore | None = None,
+    jitter: float = 0.1,
 ) -> DelayCap:
-    """Cap ``nak(delay)`` at ``cap`` and hold the message until the original deadline.
+    """Never send a ``nak(delay)`` longer than ``cap``; run the handler at the real deadline.
 
     Example::
 
         @with_delay_cap(timedelta(minutes=1))
         async def handle(msg):
-            await msg.nak(delay=3 * 3600)   # the server sees naks of at most a minute
+            await msg.nak(delay=3 * 3600)   # parked until then, or held with 1-minute naks
 
     Args:
         cap: the longest nak delay sent to the server (seconds or ``timedelta``).
-        store: where deadlines asked for with ``nak`` are kept; by default a JetStream
-            key-value bucket ``natsmw_deadlines`` on the message's own connection.
+        park_after: delays longer than this are parked in the server's scheduler (when the
+            message can be: see the README); shorter ones are held. By default the cap itself.
+        parking: ``False`` never parks: every long delay is held.
+        store: where deadlines of held messages are kept; by default a JetStream key-value
+            bucket ``natsmw_deadlines`` on the message's own connection.
         jitter: capped intervals are shortened by up to this fraction, at random, so that many
             messages deferred together do not come back together. The deadline never moves.
 
     Raises:
-        TypeError: ``cap`` is not a number of seconds or a ``timedelta``.
-        ValueError: ``cap`` is zero, negative, NaN or infinite, or ``jitter`` is not in [0, 1).
+        TypeError: ``cap`` or ``park_after`` is not a number of seconds or a ``timedelta``.
+        ValueError: ``cap`` is zero, negative, NaN or infinite; ``park_after`` is shorter than
+            ``cap``; or ``jitter`` is not in [0, 1).
     """
-    return DelayCap(cap, store=store, jitter=jitter)
+    return DelayCap(cap, park_after=park_after, parking=parking, store=store, jitter=jitter)
 
 
 class DelayCap:
@@ -129,72 +156,165 @@ class DelayCap:
     """
 
     def __init__(
-        self, cap: Duration, *, store: DeadlineStore | None = None, jitter: float = 0.1
+        self,
+        cap: Duration,
+        *,
+        park_after: Duration | None = None,
+        parking: bool = True,
+        store: DeadlineStore | None = None,
+        jitter: float = 0.1,
     ) -> None:
         self.cap = to_positive_seconds(cap, "cap")
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)):
             raise TypeError(f"jitter must be a fraction in [0, 1), got {jitter!r}")
         if not 0 <= jitter < 1:
             raise ValueError(f"jitter must be a fraction in [0, 1), got {jitter!r}")
+        threshold = (
+            self.cap if park_after is None else to_positive_seconds(park_after, "park_after")
+        )
+        if threshold < self.cap:
+            raise ValueError(
+                f"park_after must be at least the cap ({self.cap!r}s), got {park_after!r}: "
+                f"delays up to the cap go to the server as they are"
+            )
+        self.park_after: float | None = threshold if parking else None
         self.jitter = float(jitter)
         self.stats = DelayCapStats()
         self._store = store
         self._stores: weakref.WeakKeyDictionary[Client, DeadlineStore] = weakref.WeakKeyDictionary()
-        self._local: dict[DeadlineKey, _Local] = {}
-        self._limits = _ConsumerLimits()
+        self._memory = Deliveries()
+        self._limits = ConsumerLimits()
+        self._unserved_warned: set[tuple[str, str]] = set()
 
     def __call__(self, handler: Handler) -> Handler:
         return middleware(self._step)(handler)
 
     def __repr__(self) -> str:
-        return f"with_delay_cap({self.cap!r}, jitter={self.jitter!r})"
+        return (
+            f"with_delay_cap({self.cap!r}, park_after={self.park_after!r}, jitter={self.jitter!r})"
+        )
+
+    # -- one delivery: gather, decide, act ----------------------------------------------------
 
     async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
         if not msg.is_jetstream:
             await call_next(msg)
             return
+        real = msg.__wrapped__
+        if real.__class__ is DueMsg:
+            await self._due(msg, real, call_next)
+            return
         stream, consumer, sequence, delivery = msg.position
-        key = _new_key((stream, consumer, sequence))
+        key = DeadlineKey(stream, consumer, sequence)
         header = self._header_deferral(msg)
-        local = self._known(msg, key, delivery)
-        if (
+        entry = self._memory.recall(key, real._client, delivery)
+        if header is None and entry is None and delivery == 1:
+            found = _NOTHING  # the hot path: nothing to look up for a first, plain delivery
+        elif (
             header is None
-            and local is not None
-            and local.deferral is not None
-            and local.deferral.deadline > time.time()
+            and entry is not None
+            and entry.deferral is not None
+            and entry.deferral.deadline > time.time()
         ):
             # The usual hold, on the instance that deferred the message: only a handler run
             # can move a deadline, and none ran since this instance last saw the message.
-            if await self._hold(msg, key, local.deferral, delivery):
-                if self._local.get(key) is local:
-                    local.seen = delivery  # one delivery later, the same deadline
-                else:  # forgotten while the hold was sent (evicted): remember it again
-                    self._remember(msg, key, local.deferral, delivery)
-                return
-            found = _Found(local.deferral, recorded=True)  # a forced run
-        elif header is None and local is None and delivery == 1:
-            found = _NOTHING  # the hot path: nothing to look up for a first, plain delivery
+            found = _Found(entry.deferral, recorded=True)
         else:
-            found = await self._find(msg, key, delivery, header, local)
-            if await self._held(msg, key, found, delivery):
-                return
-        deferral = found.deferral
-        calls = delivery if deferral is None else await self._release(msg, key, deferral, delivery)
+            found = await self._find(msg, key, delivery, header, entry)
+        if found is not _NOTHING and await self._kept_back(msg, key, found, delivery, entry):
+            return
+        await self._run(msg, key, delivery, found.deferral, call_next, calls_before=0)
+
+    async def _run(
+        self,
+        msg: MessageProxy,
+        key: DeadlineKey,
+        delivery: int,
+        deferral: Deferral | None,
+        call_next: Handler,
+        *,
+        calls_before: int,
+    ) -> None:
+        """Call the handler, with its long naks capped or parked."""
+        own = delivery if deferral is None else await self._release(msg, key, deferral, delivery)
+        calls = calls_before + own
         if calls != delivery:  # handler_calls() falls back to num_delivered
             msg.state[_CALLS_KEY] = calls
 
-        cap = self.cap
-
         async def on_settle(settlement: Settlement, send: Settle) -> Any:
-            if settlement.delay is None or settlement.delay <= cap:
+            if settlement.delay is None or settlement.delay <= self.cap:
                 return await send(settlement)
-            return await self._defer(msg, key, delivery, delivery - calls, settlement.delay, send)
+            return await self._defer(
+                msg, key, delivery, delivery - own, calls, settlement.delay, send
+            )
 
         try:
             with msg.intercept(on_settle, kinds=_NAK_ONLY):
                 await call_next(msg)
         finally:
             self._after_call(msg, key, delivery, deferral)
+
+    async def _kept_back(
+        self,
+        msg: MessageProxy,
+        key: DeadlineKey,
+        found: _Found,
+        delivery: int,
+        entry: Remembered | None,
+    ) -> bool:
+        """Hold or park the delivery if its deadline is ahead (or unknown); say whether it was."""
+        if found.parked:
+            # Parked before, and the ack of the original was lost: the copy in the park
+            # stream carries its future. Settle the original without calling the handler.
+            log.info("%s seq %s is parked already: acking the redelivered original",
+                     msg.subject, key.sequence)  # fmt: skip
+            self._memory.gone(key)
+            await msg.ack()
+            return True
+        deferral = found.deferral
+        if found.known:
+            if deferral is None:
+                return False
+            remaining: float | None = deferral.deadline - time.time()
+            if remaining is not None and remaining <= 0:
+                return False
+        else:
+            remaining = None
+        limits = await self._limits_of(msg, key)
+        decision = delivery_decision(
+            remaining,
+            cap=self.cap,
+            park_after=await self._park_threshold(msg, key, limits),
+            jitter=self.jitter,
+            draw=random.random(),
+            delivery=delivery,
+            limits=limits,
+        )
+        if isinstance(decision, Park) and deferral is not None:
+            calls_before = delivery - 1 - deferral.skipped(delivery)
+
+            async def ack(settlement: Settlement) -> None:
+                await msg.ack()  # through the interceptors of the middlewares around this one
+
+            if await self._park(msg, key, deferral.deadline, calls_before, deferral.requested,
+                                deferral.traceparent, ack):  # fmt: skip
+                return True
+            decision = delivery_decision(
+                remaining, cap=self.cap, park_after=None, jitter=self.jitter,
+                draw=random.random(), delivery=delivery, limits=limits,
+            )  # fmt: skip
+        if isinstance(decision, Run):
+            if decision.forced:
+                self._forced_run(msg, delivery, decision.remaining)
+            return False
+        assert isinstance(decision, Hold)
+        if deferral is None:
+            await self._hold_blind(msg, decision, delivery)
+            return True
+        await self._hold(msg, decision, delivery, remaining or 0.0, limits)
+        if found.recorded:
+            self._memory.held(key, entry, msg.__wrapped__._client, deferral, delivery)
+        return True
 
     # -- finding the deadline ---------------------------------------------------------------
 
@@ -204,34 +324,48 @@ class DelayCap:
         key: DeadlineKey,
         delivery: int,
         header: Deferral | None,
-        local: _Local | None,
+        entry: Remembered | None,
     ) -> _Found:
         now = time.time()
         if header is not None and header.deadline > now:
             return _Found(header, recorded=False)
-        if local is not None and local.deferral is not None and local.deferral.deadline > now:
+        if entry is not None and entry.deferral is not None and entry.deferral.deadline > now:
             # Only a handler run can move a deadline, and no handler runs before this one.
-            return _Found(local.deferral, recorded=True)
-        if local is not None and local.seen == delivery - 1:
+            return _Found(entry.deferral, recorded=True)
+        if entry is not None and entry.last_delivery == delivery - 1:
             # This instance saw every delivery since it last looked: nobody else ran the
             # handler, so what it knows is all there is.
-            return _Found(local.deferral or header, recorded=local.deferral is not None)
-        if local is None and delivery == 1:
+            return _Found(entry.deferral or header, recorded=entry.deferral is not None)
+        if entry is None and delivery == 1:
             return _Found(header, recorded=False)  # records are written when a handler naks
         try:
             stored = await self._store_for(msg).get(key)
         except DeadlineStoreError as error:
             self.stats.store_errors += 1
             log.warning("deadline store unreachable for %s: %s", key, error)
-            return _Found(None, recorded=False, known=False)
+            return _UNKNOWN
         if stored is not None and not stored.fits(delivery, msg.metadata.timestamp.timestamp()):
             log.warning(
                 "ignoring a deadline record for %s left by an earlier stream or consumer", key
             )
             stored = None
-        if stored is None:
-            return _Found(header, recorded=False)
-        return _Found(stored, recorded=True)
+        if stored is not None:
+            return _Found(stored, recorded=True)
+        if header is None and await self._parked_already(msg, key):
+            return _PARKED
+        return _Found(header, recorded=False)
+
+    async def _parked_already(self, msg: MessageProxy, key: DeadlineKey) -> bool:
+        """Whether a redelivered original was parked (its ack lost): a schedule or a due copy
+        of it waits in the park stream. Only asked where parking may have happened."""
+        client = msg.__wrapped__._client
+        if self.park_after is None or not is_served(client, key.stream, key.consumer):
+            return False
+        try:
+            return await park_stream(client).holds(key.stream, key.consumer, key.sequence)
+        except ParkError as error:
+            log.warning("cannot tell whether %s is parked (%s): handling it", key, error)
+            return False
 
     def _header_deferral(self, msg: MessageProxy) -> Deferral | None:
         value = peek_header(msg.__wrapped__, DEADLINE_HEADER)  # not through the proxy: faster
@@ -257,84 +391,124 @@ class DelayCap:
             store = self._stores[client] = KeyValueDeadlineStore(client.jetstream())
         return store
 
-    def _known(self, msg: MessageProxy, key: DeadlineKey, delivery: int) -> _Local | None:
-        """What this instance remembers of ``msg``, if it can be about this very message.
+    async def _limits_of(self, msg: MessageProxy, key: DeadlineKey) -> Limits:
+        client = msg.__wrapped__._client
+        cached = self._limits.cached(client, key.stream, key.consumer)
+        if cached is not None:
+            return cached
+        return await self._limits.read(
+            client, key.stream, key.consumer, msg.metadata.domain or None
+        )
 
-        Not when it was learnt on another client, nor when it claims a delivery this one
-        does not follow (a stream or consumer recreated under the same names).
+    async def _park_threshold(
+        self, msg: MessageProxy, key: DeadlineKey, limits: Limits
+    ) -> float | None:
+        """``park_after`` if this message can be parked, else ``None``.
+
+        Only messages of a durable consumer whose due messages this process serves: a parked
+        message that nobody brings back would be lost.
         """
-        local = self._local.get(key)
-        if local is None:
+        if self.park_after is None:
             return None
-        if local.client is not msg.__wrapped__._client or local.seen >= delivery:
-            del self._local[key]
+        real = msg.__wrapped__
+        origin = real.parked if real.__class__ is DueMsg else key
+        if not is_served(real._client, origin.stream, origin.consumer):
+            if (origin.stream, origin.consumer) not in self._unserved_warned:
+                self._unserved_warned.add((origin.stream, origin.consumer))
+                log.warning(
+                    "long delays on %s/%s are held, not parked: nothing in this process "
+                    "serves its due messages (use install(nc, chain=...), or serve_parked)",
+                    origin.stream, origin.consumer,
+                )  # fmt: skip
             return None
-        return local
-
-    def _remember(
-        self, msg: MessageProxy, key: DeadlineKey, deferral: Deferral | None, seen: int
-    ) -> None:
-        self._local[key] = _Local(deferral, seen, msg.__wrapped__._client)
-        if len(self._local) > _CACHE_LIMIT:
-            # Forget the oldest tenth at once, so that eviction costs O(1) per message.
-            for old in list(islice(self._local, _CACHE_LIMIT // 10)):
-                del self._local[old]
+        if real.__class__ is not DueMsg and not limits.durable:
+            return None  # an ephemeral consumer may be gone before the message is due
+        return self.park_after
 
     def _after_call(
         self, msg: MessageProxy, key: DeadlineKey, delivery: int, deferral: Deferral | None
     ) -> None:
         settlement = msg.settlement
         if settlement is not None and settlement.kind != "nak":
-            self._local.pop(key, None)  # acked or termed: it will not come back
+            self._memory.gone(key)  # acked, termed or parked: it will not come back
             return
         if settlement is None and deferral is None:
             # Unsettled here: nats-py's auto-ack will settle it, or, rarely, ack_wait will
             # bring it back (a store read then). Remembering every such message would fill
             # the memory of auto-ack consumers for nothing.
             return
-        local = self._local.get(key)
-        if local is not None and local.seen == delivery:
+        if self._memory.last_delivery(key) == delivery:
             return  # the handler deferred it: _defer remembered the new deadline
-        self._remember(msg, key, deferral, delivery)
+        self._memory.seen(key, msg.__wrapped__._client, deferral, delivery)
+
+    # -- due messages (parked, now back) ------------------------------------------------------
+
+    async def _due(self, msg: MessageProxy, due: DueMsg, call_next: Handler) -> None:
+        parked = due.parked
+        remaining = parked.deadline - time.time()
+        if 0 < remaining <= _EARLY_WAIT:
+            await asyncio.sleep(remaining + SLACK)  # fired a tick early: never run early
+            remaining = parked.deadline - time.time()
+        position = msg.position  # the due copy's: that is what gets settled
+        key = DeadlineKey(position.stream, position.consumer, position.stream_sequence)
+        if remaining > 0:
+            # Far too early (clocks apart): held like a deadline from a header.
+            found = _Found(Deferral(deadline=parked.deadline), recorded=False)
+            if await self._kept_back(msg, key, found, position.delivered, None):
+                return
+        self.stats.unparked += 1
+        msg.report(
+            "natsmw.delay.unparked",
+            {"natsmw.delay.deadline": _iso(parked.deadline),
+             "natsmw.delay.late_s": round(max(-remaining, 0.0), 3),
+             "natsmw.delay.handler_calls_before": parked.calls,
+             "messaging.nats.message.delivery_count": due.metadata.num_delivered},
+            link=parked.traceparent,
+        )  # fmt: skip
+        await self._run(msg, key, position.delivered, None, call_next, calls_before=parked.calls)
 
     # -- holding ----------------------------------------------------------------------------
 
-    async def _held(
-        self, msg: MessageProxy, key: DeadlineKey, found: _Found, delivery: int
-    ) -> bool:
-        """Hold the delivery if its deadline is ahead (or unknown); say whether it was held."""
-        if not found.known:
-            return await self._hold_blind(msg, key, delivery)
-        deferral = found.deferral
-        if deferral is None or deferral.deadline <= time.time():
-            return False
-        held = await self._hold(msg, key, deferral, delivery)
-        if held and found.recorded:
-            local = self._local.get(key)
-            if local is not None and local.deferral is deferral:
-                local.seen = delivery  # the usual hold: same deadline, one delivery later
-            else:
-                self._remember(msg, key, deferral, delivery)
-        return held
-
     async def _hold(
-        self, msg: MessageProxy, key: DeadlineKey, deferral: Deferral, delivery: int
-    ) -> bool:
-        remaining = deferral.deadline - time.time()
-        interval = await self._interval(msg, key, delivery, remaining)
-        if interval is None:
-            self._forced_run(msg, delivery, remaining)
-            return False
+        self, msg: MessageProxy, hold: Hold, delivery: int, remaining: float, limits: Limits
+    ) -> None:
         self.stats.holds += 1
+        if hold.stretched:
+            self._stretched(msg, hold, delivery, remaining, limits)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("holding %s seq %s for %.3fs more", msg.subject, _seq(msg), remaining)
         msg.report(
             "natsmw.delay.hold",
-            {"natsmw.delay.remaining_s": remaining, "natsmw.delay.nak_s": interval,
+            {"natsmw.delay.remaining_s": remaining, "natsmw.delay.nak_s": hold.nak,
              "messaging.nats.message.delivery_count": delivery},
         )  # fmt: skip
-        await msg.nak(interval)
-        return True
+        await msg.nak(hold.nak)
+
+    async def _hold_blind(self, msg: MessageProxy, hold: Hold, delivery: int) -> None:
+        self.stats.blind_holds += 1
+        msg.report(
+            "natsmw.delay.blind_hold",
+            {"natsmw.delay.nak_s": hold.nak, "messaging.nats.message.delivery_count": delivery},
+        )
+        log.warning(
+            "holding %s seq %s for %.3fs: the deadline store is unreachable, so whether it "
+            "has a deadline is unknown",
+            msg.subject, _seq(msg), hold.nak,
+        )  # fmt: skip
+        await msg.nak(hold.nak)
+
+    def _stretched(
+        self, msg: MessageProxy, hold: Hold, delivery: int, remaining: float, limits: Limits
+    ) -> None:
+        self.stats.stretched += 1
+        max_deliver = limits.max_deliver
+        _survival(msg, "stretched", delivery, remaining, max_deliver=max_deliver, nak_s=hold.nak)
+        log.warning(
+            "nak of %s seq %s stretched to %.3fs (cap %.3fs): max_deliver=%s leaves %s "
+            "deliveries for %.3fs",
+            msg.subject, _seq(msg), hold.nak, self.cap, max_deliver,
+            None if max_deliver is None else max_deliver - delivery, remaining,
+        )  # fmt: skip
 
     def _forced_run(self, msg: MessageProxy, delivery: int, remaining: float | None) -> None:
         """Survival over the deadline: no nak is safe, so the handler runs now, loudly."""
@@ -351,54 +525,58 @@ class DelayCap:
             msg.subject, _seq(msg), before,
         )  # fmt: skip
 
-    async def _hold_blind(self, msg: MessageProxy, key: DeadlineKey, delivery: int) -> bool:
-        interval = await self._interval(msg, key, delivery, self.cap)
-        if interval is None:
-            self._forced_run(msg, delivery, None)
-            return False
-        self.stats.blind_holds += 1
-        msg.report(
-            "natsmw.delay.blind_hold",
-            {"natsmw.delay.nak_s": interval, "messaging.nats.message.delivery_count": delivery},
-        )
-        log.warning(
-            "holding %s seq %s for %.3fs: the deadline store is unreachable, so whether it "
-            "has a deadline is unknown",
-            msg.subject, _seq(msg), interval,
-        )  # fmt: skip
-        await msg.nak(interval)
-        return True
+    # -- parking ----------------------------------------------------------------------------
 
-    async def _interval(
-        self, msg: MessageProxy, key: DeadlineKey, delivery: int, remaining: float
-    ) -> float | None:
-        """The nak delay for a hold with ``remaining`` seconds to go.
+    async def _park(
+        self,
+        msg: MessageProxy,
+        key: DeadlineKey,
+        deadline: float,
+        calls: int,
+        requested: float | None,
+        traceparent: str | None,
+        send: Settle,
+    ) -> bool:
+        """Park the message until ``deadline``, then settle the delivery with an ack.
 
-        ``None`` when no nak is safe: this may be the consumer's last allowed delivery.
+        Returns ``False``, loudly, when it could not be parked: the caller holds it instead.
         """
-        max_deliver = await self._limits.max_deliver(msg, key)
-        if max_deliver is _UNKNOWN:
-            return None
-        left = max_deliver - delivery if isinstance(max_deliver, int) else None
-        if left is not None and left <= 0:
-            return None
-        interval = min(self.cap, remaining)
-        if interval < remaining and self.jitter:
-            interval *= 1 - self.jitter * random.random()
-        if left is not None and remaining / left > interval:
-            # Survival over the cap: spread what remains over the deliveries left, so the
-            # last one still reaches the handler after the deadline.
-            interval = remaining / left
-            self.stats.stretched += 1
-            _survival(
-                msg, "stretched", delivery, remaining, max_deliver=max_deliver, nak_s=interval
-            )
+        real = msg.__wrapped__
+        origin = real.parked if real.__class__ is DueMsg else None
+        metadata = msg.metadata
+        parked = Parked(
+            stream=key.stream if origin is None else origin.stream,
+            consumer=key.consumer if origin is None else origin.consumer,
+            sequence=key.sequence if origin is None else origin.sequence,
+            subject=real.subject,
+            deadline=deadline,
+            calls=calls,
+            delivered=metadata.num_delivered,
+            stored_at=metadata.timestamp.timestamp(),
+            requested=requested,
+            traceparent=traceparent,
+        )
+        try:
+            await park_stream(real._client).park(parked, real.data, real.headers)
+        except ParkError as error:
+            self.stats.park_fallbacks += 1
+            _survival(msg, "park_fallback", msg.position.delivered, deadline - time.time(),
+                      reason=str(error)[:200])  # fmt: skip
             log.warning(
-                "nak of %s seq %s stretched to %.3fs (cap %.3fs): max_deliver=%s leaves %s "
-                "deliveries for %.3fs",
-                msg.subject, _seq(msg), interval, self.cap, max_deliver, left, remaining,
+                "could not park %s seq %s (%s): holding it with naks of at most %.3fs instead",
+                msg.subject, parked.sequence, error, self.cap,
             )  # fmt: skip
-        return remaining + _SLACK if interval >= remaining else interval
+            return False
+        self.stats.parked += 1
+        self._memory.gone(key)
+        msg.report(
+            "natsmw.delay.parked",
+            {"natsmw.delay.deadline": _iso(deadline),
+             "natsmw.delay.remaining_s": round(deadline - time.time(), 3),
+             "natsmw.delay.handler_calls": calls},
+        )  # fmt: skip
+        await send(_ACK)
+        return True
 
     # -- the handler's own settlement -------------------------------------------------------
 
@@ -408,50 +586,74 @@ class DelayCap:
         key: DeadlineKey,
         delivery: int,
         skipped: int,
+        calls: int,
         delay: float,
         send: Settle,
     ) -> Any:
-        """The handler asked for ``nak(delay)`` with ``delay`` over the cap: record, then cap."""
+        """The handler asked for ``nak(delay)`` with ``delay`` over the cap: park, or record
+        the deadline and cap the nak."""
+        deadline = time.time() + delay
+        traceparent = _traceparent(msg)
+        limits = await self._limits_of(msg, key)
+        decision = nak_decision(
+            delay,
+            cap=self.cap,
+            park_after=await self._park_threshold(msg, key, limits),
+            jitter=self.jitter,
+            draw=random.random(),
+            delivery=delivery,
+            limits=limits,
+        )
+        if isinstance(decision, Park):
+            if await self._park(msg, key, deadline, calls, delay, traceparent, send):
+                return None
+            decision = nak_decision(
+                delay, cap=self.cap, park_after=None, jitter=self.jitter,
+                draw=random.random(), delivery=delivery, limits=limits,
+            )  # fmt: skip
         deferral = Deferral(
-            deadline=time.time() + delay,
+            deadline=deadline,
             deferred_at=delivery,
             skipped_before=skipped,
             requested=delay,
             stored_at=msg.metadata.timestamp.timestamp(),
-            traceparent=_traceparent(msg),
+            traceparent=traceparent,
         )
         # Remembered even if the store refuses it: this instance then knows the deadline,
         # and that the whole delay went to the server, so it will not hold the redelivery blind.
-        self._remember(msg, key, deferral, delivery)
+        self._memory.seen(key, msg.__wrapped__._client, deferral, delivery)
+        if isinstance(decision, Send):
+            return await self._uncapped(msg, delivery, delay, send, "max_deliver leaves no "
+                                        "delivery to hold with, or cannot be read")  # fmt: skip
         try:
             await self._store_for(msg).put(key, deferral)
         except DeadlineStoreError as error:
             self.stats.store_errors += 1
-            self.stats.uncapped += 1
-            _survival(msg, "uncapped", delivery, delay)
-            log.warning(
-                "could not record the deadline of %s seq %s (%s): sending the %.3fs nak uncapped",
-                msg.subject, _seq(msg), error, delay,
-            )  # fmt: skip
-            return await send(Settlement("nak", delay=delay))
-        interval = await self._interval(msg, key, delivery, delay)
-        if interval is None:
-            self.stats.uncapped += 1
-            _survival(msg, "uncapped", delivery, delay)
-            log.warning(
-                "%s seq %s: max_deliver leaves no delivery to hold with, or cannot be read; "
-                "its %.3fs nak goes as the handler asked",
-                msg.subject, _seq(msg), delay,
-            )  # fmt: skip
-            return await send(Settlement("nak", delay=delay))
-        if interval < delay:
+            return await self._uncapped(
+                msg, delivery, delay, send, f"the deadline could not be recorded: {error}"
+            )
+        assert isinstance(decision, Hold)
+        if decision.stretched:
+            self._stretched(msg, decision, delivery, delay, limits)
+        if decision.nak < delay:
             self.stats.capped += 1
             msg.report(
                 "natsmw.delay.capped",
                 {"natsmw.delay.requested_s": delay, "natsmw.delay.cap_s": self.cap,
-                 "natsmw.delay.nak_s": interval, "natsmw.delay.deadline": _iso(deferral.deadline)},
+                 "natsmw.delay.nak_s": decision.nak, "natsmw.delay.deadline": _iso(deadline)},
             )  # fmt: skip
-        return await send(Settlement("nak", delay=interval))
+        return await send(Settlement("nak", delay=decision.nak))
+
+    async def _uncapped(
+        self, msg: MessageProxy, delivery: int, delay: float, send: Settle, why: str
+    ) -> Any:
+        self.stats.uncapped += 1
+        _survival(msg, "uncapped", delivery, delay)
+        log.warning(
+            "%s seq %s: %s; its %.3fs nak goes as the handler asked",
+            msg.subject, _seq(msg), why, delay,
+        )  # fmt: skip
+        return await send(Settlement("nak", delay=delay))
 
     async def _release(
         self, msg: MessageProxy, key: DeadlineKey, deferral: Deferral, delivery: int
@@ -459,7 +661,7 @@ class DelayCap:
         """Count this handler call; note in the store where the holds of a deferral ended."""
         if deferral.released_at is None:
             deferral = replace(deferral, released_at=delivery)
-            self._remember(msg, key, deferral, delivery)
+            self._memory.seen(key, msg.__wrapped__._client, deferral, delivery)
             held = deferral.skipped(delivery) - deferral.skipped_before
             msg.report(
                 "natsmw.delay.released",
@@ -489,51 +691,6 @@ def handler_calls(msg: Msg) -> int:
         calls: int = msg.state[_CALLS_KEY]
         return calls
     return msg.metadata.num_delivered
-
-
-_NOTHING = _Found(None, recorded=False)
-
-
-class _Unknown:
-    pass
-
-
-_UNKNOWN = _Unknown()
-_LIMITS_TTL = 60.0
-_LIMITS_RETRY = 5.0
-
-
-class _ConsumerLimits:
-    """The consumers' ``max_deliver``, read with consumer info.
-
-    Refreshed every minute; a value once read is kept when a refresh fails, and a failed read
-    is not retried for a few seconds (every hold would otherwise wait for it).
-    """
-
-    def __init__(self) -> None:
-        # Keyed by client too: the same stream and consumer names may exist on two servers.
-        # The value, and when to read it again.
-        self._known: dict[tuple[object, str, str], tuple[int | _Unknown | None, float]] = {}
-
-    async def max_deliver(self, msg: MessageProxy, key: DeadlineKey) -> int | _Unknown | None:
-        """``max_deliver`` (``None``: unlimited), or ``_UNKNOWN`` if it was never read."""
-        client = msg.__wrapped__._client
-        consumer = (client, key.stream, key.consumer)
-        known = self._known.get(consumer)
-        if known is not None and time.monotonic() < known[1]:
-            return known[0]
-        try:
-            js = client.jetstream(domain=msg.metadata.domain or None)
-            info = await js.consumer_info(key.stream, key.consumer, timeout=2.0)
-        except (NatsError, asyncio.TimeoutError, OSError) as error:
-            log.warning("cannot read consumer info of %s/%s: %s", key.stream, key.consumer, error)
-            value = _UNKNOWN if known is None else known[0]
-            self._known[consumer] = (value, time.monotonic() + _LIMITS_RETRY)
-            return value
-        limit = info.config.max_deliver
-        value = limit if limit is not None and limit > 0 else None
-        self._known[consumer] = (value, time.monotonic() + _LIMITS_TTL)
-        return value
 
 
 def _survival(

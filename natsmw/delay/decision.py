@@ -1,0 +1,145 @@
+"""The delay cap's decisions, as pure functions of what is known: no server, no clock.
+
+Like tenacity's ``wait_*``/``stop_*`` strategies, these say *what* to do with a delivery or a
+handler's nak; ``cap.py`` gathers the facts and carries the decision out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from natsmw.delay.limits import Limits
+
+__all__ = [
+    "SLACK",
+    "Hold",
+    "NakDecision",
+    "Park",
+    "Run",
+    "Send",
+    "delivery_decision",
+    "hold_for",
+    "nak_decision",
+]
+
+SLACK = 0.005
+"""Added to a nak meant to land on the deadline: the server's timer starts after "now" was
+measured, and a redelivery a hair early would cost one more hold (and one more delivery)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Call the handler. ``forced``: before a known (or unknown) deadline, because no nak is
+    safe (``max_deliver`` leaves no delivery, or cannot be read); ``remaining`` is then the
+    time left, ``None`` if unknown."""
+
+    forced: bool = False
+    remaining: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Nak for ``nak`` seconds without calling the handler. ``stretched``: longer than the cap,
+    so that the deliveries ``max_deliver`` leaves cover the time that remains."""
+
+    nak: float
+    stretched: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Park:
+    """Park the message in the server's scheduler until its deadline; ack the original."""
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send the handler's nak as it asked (``uncapped``: although it is over the cap)."""
+
+    uncapped: bool = False
+
+
+NakDecision: TypeAlias = "Send | Hold | Park"
+_RUN = Run()
+_PARK = Park()
+_SEND = Send()
+
+
+def hold_for(
+    remaining: float, *, cap: float, jitter: float, draw: float, delivery: int, limits: Limits
+) -> Hold | None:
+    """The hold that covers ``remaining`` seconds from delivery ``delivery``.
+
+    ``None`` when no nak is safe: this may be the consumer's last allowed delivery. ``draw``
+    is a random number in [0, 1) that picks the jitter.
+
+    >>> hold_for(10.0, cap=1.0, jitter=0.0, draw=0.5, delivery=1, limits=Limits(None, True))
+    Hold(nak=1.0, stretched=False)
+    >>> hold_for(10.0, cap=1.0, jitter=0.0, draw=0.5, delivery=1, limits=Limits(3, True))
+    Hold(nak=5.0, stretched=True)
+    """
+    if not limits.known:
+        return None
+    left = None if limits.max_deliver is None else limits.max_deliver - delivery
+    if left is not None and left <= 0:
+        return None
+    interval = min(cap, remaining)
+    if interval < remaining and jitter:
+        interval *= 1 - jitter * draw
+    stretched = False
+    if left is not None and remaining / left > interval:
+        # Survival over the cap: spread what remains over the deliveries left, so the last
+        # one still reaches the handler after the deadline.
+        interval = remaining / left
+        stretched = True
+    return Hold(remaining + SLACK if interval >= remaining else interval, stretched)
+
+
+def delivery_decision(
+    remaining: float | None,
+    *,
+    cap: float,
+    park_after: float | None,
+    jitter: float,
+    draw: float,
+    delivery: int,
+    limits: Limits,
+) -> Run | Hold | Park:
+    """What to do with a delivery whose deadline is ``remaining`` seconds away.
+
+    ``remaining`` is zero or less when the deadline has passed (or there is none), ``None``
+    when it is unknown (the store is unreachable: hold for the cap, blind). ``park_after`` is
+    ``None`` when this message cannot be parked.
+    """
+    if remaining is not None and remaining <= 0:
+        return _RUN
+    if remaining is not None and park_after is not None and remaining > park_after:
+        return _PARK
+    hold = hold_for(
+        cap if remaining is None else remaining,
+        cap=cap,
+        jitter=jitter,
+        draw=draw,
+        delivery=delivery,
+        limits=limits,
+    )
+    return Run(forced=True, remaining=remaining) if hold is None else hold
+
+
+def nak_decision(
+    delay: float | None,
+    *,
+    cap: float,
+    park_after: float | None,
+    jitter: float,
+    draw: float,
+    delivery: int,
+    limits: Limits,
+) -> NakDecision:
+    """What to do with a handler's ``nak(delay)`` (``None``: a plain nak)."""
+    if delay is None or delay <= cap:
+        return _SEND
+    if park_after is not None and delay > park_after:
+        return _PARK
+    hold = hold_for(delay, cap=cap, jitter=jitter, draw=draw, delivery=delivery, limits=limits)
+    return Send(uncapped=True) if hold is None else hold

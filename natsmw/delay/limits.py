@@ -1,0 +1,84 @@
+"""What the delay cap must know of a consumer: ``max_deliver``, and whether it is durable."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+
+__all__ = ["ConsumerLimits", "Limits"]
+
+log = logging.getLogger("natsmw.delay")
+
+_TTL = 60.0
+_RETRY = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A consumer's limits as read from its info.
+
+    Attributes:
+        max_deliver: deliveries allowed per message; ``None``: unlimited.
+        durable: whether the consumer is durable (a parked message can find it again).
+        known: ``False`` when the info could never be read: nothing is proven safe.
+    """
+
+    max_deliver: int | None
+    durable: bool
+    known: bool = True
+
+
+UNKNOWN = Limits(max_deliver=None, durable=False, known=False)
+
+
+class ConsumerLimits:
+    """Consumer limits, read with consumer info and cached per client and consumer.
+
+    Refreshed every minute; a value once read is kept when a refresh fails, and a failed read
+    is not retried for a few seconds (every hold would otherwise wait for it). Entries go with
+    their client.
+    """
+
+    def __init__(self) -> None:
+        self._known: weakref.WeakKeyDictionary[
+            Client, dict[tuple[str, str], tuple[Limits, float]]
+        ] = weakref.WeakKeyDictionary()
+
+    def cached(self, client: Client, stream: str, consumer: str) -> Limits | None:
+        """The limits if they are cached and fresh, without a server round trip."""
+        known = self._known.get(client)
+        entry = None if known is None else known.get((stream, consumer))
+        if entry is not None and time.monotonic() < entry[1]:
+            return entry[0]
+        return None
+
+    async def read(
+        self, client: Client, stream: str, consumer: str, domain: str | None = None
+    ) -> Limits:
+        """The consumer's limits; :data:`UNKNOWN` if they could never be read."""
+        fresh = self.cached(client, stream, consumer)
+        if fresh is not None:
+            return fresh
+        known = self._known.setdefault(client, {})
+        entry = known.get((stream, consumer))
+        try:
+            js = Client.jetstream(client, domain=domain or None)
+            info = await js.consumer_info(stream, consumer, timeout=2.0)
+        except (NatsError, asyncio.TimeoutError, OSError) as error:
+            log.warning("cannot read consumer info of %s/%s: %s", stream, consumer, error)
+            value = UNKNOWN if entry is None else entry[0]
+            known[(stream, consumer)] = (value, time.monotonic() + _RETRY)
+            return value
+        limit = info.config.max_deliver
+        value = Limits(
+            max_deliver=limit if limit is not None and limit > 0 else None,
+            durable=bool(info.config.durable_name),
+        )
+        known[(stream, consumer)] = (value, time.monotonic() + _TTL)
+        return value
