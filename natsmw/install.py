@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from natsmw.chain import Handler, Middleware
+from natsmw.delay.park import DEFAULT_RETENTION, DueFetcher, ParkedServing
 from natsmw.errors import NatsmwError
 from natsmw.headers import Undecoded, can_defer, lazy_message_class
 from natsmw.message import MessageProxy
@@ -167,13 +168,34 @@ def _chained_jetstream() -> Any:
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         js = wrapped(*args, **kwargs)
+        nc = wrapped.__self__
         # pull_subscribe calls self.pull_subscribe_bind: wrapping the latter covers both.
         js.pull_subscribe_bind = wrapt.FunctionWrapper(
-            js.pull_subscribe_bind, _chained_pull_subscribe(wrapped.__self__)
+            js.pull_subscribe_bind, _chained_pull_subscribe(nc)
         )
+        js.subscribe = wrapt.FunctionWrapper(js.subscribe, _serving_subscribe(nc))
         return js
 
     return jetstream
+
+
+def _serving_subscribe(nc: Client) -> Any:
+    async def subscribe(
+        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        sub = await wrapped(*args, **kwargs)
+        if isinstance(sub, JetStreamContext.PushSubscription) and sub._cb is not None:
+            # Due messages of this consumer go to the same (chained) callback. It is the one
+            # nats-py subscribed with: with manual_ack=False it acks them itself.
+            subs = nc._subs
+            ParkedServing(
+                nc, sub._cb, sub._stream, sub._consumer,
+                manual_ack=True, retention=DEFAULT_RETENTION, batch=16,
+                alive=lambda: sub._id in subs,
+            )  # fmt: skip
+        return sub
+
+    return subscribe
 
 
 def _chained_pull_subscribe(nc: Client) -> Any:
@@ -185,13 +207,18 @@ def _chained_pull_subscribe(nc: Client) -> Any:
         installation = _installed.get(nc)
         chain = installation.chain if installation is not None else None
         if chain is not None and not isinstance(psub.fetch, wrapt.FunctionWrapper):
-            psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(chain))
+            dues = DueFetcher(nc, psub._stream, psub._consumer)
+            weakref.finalize(psub, dues.close)
+            psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(chain, dues))
         return psub
 
     return pull_subscribe_bind
 
 
-def _chained_fetch(chain: Middleware) -> Any:
+_DUE_CHECK = 1.0  # while serving due messages, a long fetch waits in slices of this
+
+
+def _chained_fetch(chain: Middleware, dues: DueFetcher) -> Any:
     async def fetch(
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[MessageProxy]:
@@ -201,8 +228,20 @@ def _chained_fetch(chain: Middleware) -> Any:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
+            due = await dues.take(batch)
+            if due:
+                released = await _through_chain(chain, list(due))
+                if released:
+                    return released
             left = None if deadline is None else max(deadline - loop.time(), 0.001)
-            released = await _through_chain(chain, await wrapped(batch, left, *rest, **kwargs))
+            sliced = left if not dues.serving else min(left or _DUE_CHECK, _DUE_CHECK)
+            try:
+                msgs = await wrapped(batch, sliced, *rest, **kwargs)
+            except nats.errors.TimeoutError:
+                if sliced == left:
+                    raise
+                msgs = []  # a slice ended: look for due messages, then wait on
+            released = await _through_chain(chain, msgs)
             if released:
                 return released
             # Everything fetched was held or rejected: fetch again within the caller's

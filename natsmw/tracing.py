@@ -55,6 +55,8 @@ _COUNTED = {
     "natsmw.delay.hold": "natsmw.delay.holds",
     "natsmw.delay.blind_hold": "natsmw.delay.holds",
     "natsmw.delay.survival": "natsmw.delay.survivals",
+    "natsmw.delay.parked": "natsmw.delay.parked",
+    "natsmw.delay.unparked": "natsmw.delay.unparked",
     "natsmw.guard.rejected": "natsmw.guard.rejections",
 }
 # Report attributes low enough in cardinality to label a counter with.
@@ -107,6 +109,8 @@ class Tracing:
                 ("natsmw.delay.capped", "Naks longer than the cap, sent capped."),
                 ("natsmw.delay.holds", "Deliveries held until their deadline."),
                 ("natsmw.delay.survivals", "Decisions that put a message's survival first."),
+                ("natsmw.delay.parked", "Messages parked in the server's scheduler."),
+                ("natsmw.delay.unparked", "Parked messages that reached the handler when due."),
                 ("natsmw.guard.rejections", "Messages kept from the handler by a size guard."),
             )
         }

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -93,6 +94,9 @@ async def pulling(
             try:
                 msgs = await psub.fetch(1, timeout=0.5)
             except asyncio.TimeoutError:
+                continue
+            except nats.errors.Error:  # the server is restarting: as a real worker would
+                await asyncio.sleep(0.05)
                 continue
             for msg in msgs:
                 await handler(msg)

@@ -1,10 +1,11 @@
 """A consumer process for the multi-process delay-cap tests.
 
-    python -m tests.delay_worker <url> <stream> <durable> <cap> <delay>
+    python -m tests.delay_worker <url> <stream> <durable> <cap> <delay> [park]
 
 Pulls from an existing durable; its legacy handler naks for <delay> on its first call for a
 message (as counted by natsmw, across processes) and acks on the second. Prints one JSON line
-per event on stdout: ready, call, deferred, and held (a delivery natsmw held).
+per event on stdout: ready, call, deferred, and held (a delivery natsmw held). With ``park``
+it also serves the consumer's due messages, so that long delays are parked.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import nats
 from nats.aio.msg import Msg
 
-from natsmw import Handler, MessageProxy, compose, middleware
+from natsmw import Handler, MessageProxy, compose, middleware, serve_parked
 from natsmw.delay import handler_calls, with_delay_cap
 
 
@@ -26,7 +27,7 @@ def emit(event: str, msg: Msg, **fields: object) -> None:
     print(json.dumps(record), flush=True)
 
 
-async def main(url: str, stream: str, durable: str, cap: float, delay: float) -> None:
+async def main(url: str, stream: str, durable: str, cap: float, delay: float, park: bool) -> None:
     nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
     js = nc.jetstream()
 
@@ -35,7 +36,7 @@ async def main(url: str, stream: str, durable: str, cap: float, delay: float) ->
         if not msg.state.get("ran"):
             emit("held", msg, num_delivered=msg.metadata.num_delivered)
 
-    @compose(middleware(report_holds), with_delay_cap(cap))
+    @compose(middleware(report_holds), with_delay_cap(cap, parking=park))
     async def handle(msg: Msg) -> None:
         msg.state["ran"] = True  # type: ignore[attr-defined]
         calls = handler_calls(msg)
@@ -47,10 +48,12 @@ async def main(url: str, stream: str, durable: str, cap: float, delay: float) ->
             await msg.ack()
 
     psub = await js.pull_subscribe_bind(durable, stream)
+    if park:
+        await serve_parked(js, handle, stream=stream, consumer=durable)
     print(json.dumps({"event": "ready"}), flush=True)
     while True:
         try:
-            msgs = await psub.fetch(1, timeout=0.5)
+            msgs = await psub.fetch(10, timeout=0.5)
         except (asyncio.TimeoutError, nats.errors.Error):
             continue
         for msg in msgs:
@@ -59,4 +62,4 @@ async def main(url: str, stream: str, durable: str, cap: float, delay: float) ->
 
 if __name__ == "__main__":
     url, stream, durable, cap, delay = sys.argv[1:6]
-    asyncio.run(main(url, stream, durable, float(cap), float(delay)))
+    asyncio.run(main(url, stream, durable, float(cap), float(delay), sys.argv[6:7] == ["park"]))

@@ -47,9 +47,12 @@ class Workers:
         self._processes: list[asyncio.subprocess.Process] = []
         self._readers: list[asyncio.Task[None]] = []
 
-    async def start(self, url: str, stream: str, durable: str, delay: float = DELAY) -> int:
+    async def start(
+        self, url: str, stream: str, durable: str, delay: float = DELAY, *, park: bool = False
+    ) -> int:
+        arguments = [url, stream, durable, str(CAP), str(delay), *(["park"] if park else [])]
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.delay_worker", url, stream, durable, str(CAP), str(delay),
+            sys.executable, "-m", "tests.delay_worker", *arguments,
             cwd=ROOT, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
         index = len(self._processes)

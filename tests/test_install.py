@@ -81,7 +81,7 @@ async def test_chain_runs_around_fetched_messages_until_the_caller_settles(
     conn: Connection, stream: Stream, nats_server: object
 ) -> None:
     """A legacy pull worker: fetch, handle, settle. The install holds and guards for it."""
-    cap = with_delay_cap(CAP)
+    cap = with_delay_cap(CAP, parking=False)  # holds; test_park covers parking through fetch
     guard = with_size_limit(max_body=100, on_oversize="term")
     install(conn.nc, chain=compose(guard, cap))
     js = conn.nc.jetstream()  # a context made after install

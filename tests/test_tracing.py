@@ -399,7 +399,7 @@ async def test_pull_worker_under_install_gets_one_span_per_delivery_and_the_link
 ) -> None:
     from natsmw.install import install, uninstall
 
-    cap = with_delay_cap(CAP)
+    cap = with_delay_cap(CAP, parking=False)
     install(conn.nc, chain=compose(traced(telemetry), cap))
     js = conn.nc.jetstream()
     psub = await js.pull_subscribe(stream.subject, durable="worker")
@@ -417,3 +417,34 @@ async def test_pull_worker_under_install_gets_one_span_per_delivery_and_the_link
     deferring = next(s for s in spans if any(e.name == "natsmw.delay.capped" for e in s.events))
     final = next(s for s in spans if any(e.name == "natsmw.delay.released" for e in s.events))
     assert [link.context.span_id for link in final.links] == [deferring.context.span_id]
+
+
+async def test_a_parked_message_runs_in_a_span_linked_to_the_one_that_parked_it(
+    conn: Connection, stream: Stream, telemetry: Telemetry
+) -> None:
+    from natsmw.install import install, uninstall
+
+    cap = with_delay_cap(CAP)
+    install(conn.nc, chain=compose(traced(telemetry), cap))
+    legacy = LegacyHandler()
+    try:
+        await conn.nc.jetstream().subscribe(
+            stream.subject, durable="parked", cb=legacy, manual_ack=True
+        )
+        await conn.js.publish(stream.subject, b"job")
+        await legacy.wait_calls(2)
+    finally:
+        uninstall(conn.nc)
+    await telemetry.spans.wait_for(2)
+
+    spans = telemetry.finished(f"process {stream.subject}")
+    assert len(spans) == 2  # the deferring run and the due run: nothing in between
+    deferring, final = sorted(spans, key=lambda span: span.start_time or 0)
+    assert [e.name for e in deferring.events] == ["natsmw.delay.parked"]
+    assert deferring.attributes["messaging.nats.settlement"] == "ack"  # type: ignore[index]
+    (unparked,) = [e for e in final.events if e.name == "natsmw.delay.unparked"]
+    assert unparked.attributes["natsmw.delay.late_s"] >= 0  # type: ignore[index,operator]
+    assert [link.context.span_id for link in final.links] == [deferring.context.span_id]
+    assert final.attributes["messaging.destination.name"] == stream.subject  # type: ignore[index]
+    assert telemetry.metric("natsmw.delay.parked")[0].value == 1
+    assert telemetry.metric("natsmw.delay.unparked")[0].value == 1

@@ -27,6 +27,7 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -56,7 +57,10 @@ log = logging.getLogger("natsmw.delay")
 
 _CALLS_KEY = "natsmw.delay.calls"
 _NAK_ONLY: frozenset[SettlementKind] = frozenset(("nak",))
-_ACK = Settlement("ack")
+# The original of a parked message is acked and the server's confirmation awaited: once the
+# park returns, the message has left ack-pending (a lost ack would keep it there until
+# ack_wait brings it back, to be acked then).
+_ACK_PARKED = Settlement("ack_sync", timeout=2.0)
 # A due copy that fires this little before its deadline (the scheduler ticks every 250 ms) is
 # kept back by waiting, not by a nak: no redelivery, and the handler runs on time.
 _EARLY_WAIT = 2.0
@@ -223,7 +227,9 @@ class DelayCap:
             found = await self._find(msg, key, delivery, header, entry)
         if found is not _NOTHING and await self._kept_back(msg, key, found, delivery, entry):
             return
-        await self._run(msg, key, delivery, found.deferral, call_next, calls_before=0)
+        await self._run(
+            msg, key, delivery, found.deferral, call_next, calls_before=0, shown=delivery
+        )
 
     async def _run(
         self,
@@ -234,11 +240,16 @@ class DelayCap:
         call_next: Handler,
         *,
         calls_before: int,
+        shown: int,
     ) -> None:
-        """Call the handler, with its long naks capped or parked."""
+        """Call the handler, with its long naks capped or parked.
+
+        ``calls_before``: handler calls made before the deliveries counted by ``delivery``
+        (while parked); ``shown``: the ``num_delivered`` the handler sees.
+        """
         own = delivery if deferral is None else await self._release(msg, key, deferral, delivery)
         calls = calls_before + own
-        if calls != delivery:  # handler_calls() falls back to num_delivered
+        if calls != shown:  # handler_calls() falls back to num_delivered, which is shown
             msg.state[_CALLS_KEY] = calls
 
         async def on_settle(settlement: Settlement, send: Settle) -> Any:
@@ -294,7 +305,7 @@ class DelayCap:
             calls_before = delivery - 1 - deferral.skipped(delivery)
 
             async def ack(settlement: Settlement) -> None:
-                await msg.ack()  # through the interceptors of the middlewares around this one
+                await msg.ack_sync(settlement.timeout)  # through the middlewares around this one
 
             if await self._park(msg, key, deferral.deadline, calls_before, deferral.requested,
                                 deferral.traceparent, ack):  # fmt: skip
@@ -423,6 +434,8 @@ class DelayCap:
             return None
         if real.__class__ is not DueMsg and not limits.durable:
             return None  # an ephemeral consumer may be gone before the message is due
+        if park_stream(real._client).refused:
+            return None  # refused a moment ago, and said so: hold without asking again
         return self.park_after
 
     def _after_call(
@@ -465,7 +478,8 @@ class DelayCap:
              "messaging.nats.message.delivery_count": due.metadata.num_delivered},
             link=parked.traceparent,
         )  # fmt: skip
-        await self._run(msg, key, position.delivered, None, call_next, calls_before=parked.calls)
+        await self._run(msg, key, position.delivered, None, call_next,
+                        calls_before=parked.calls, shown=due.metadata.num_delivered)  # fmt: skip
 
     # -- holding ----------------------------------------------------------------------------
 
@@ -575,7 +589,14 @@ class DelayCap:
              "natsmw.delay.remaining_s": round(deadline - time.time(), 3),
              "natsmw.delay.handler_calls": calls},
         )  # fmt: skip
-        await send(_ACK)
+        try:
+            await send(_ACK_PARKED)
+        except NatsError as error:
+            log.warning(
+                "%s seq %s is parked, but the ack of the original was not confirmed (%r): "
+                "if it comes back, it is acked then, not handled",
+                msg.subject, parked.sequence, error,
+            )  # fmt: skip
         return True
 
     # -- the handler's own settlement -------------------------------------------------------

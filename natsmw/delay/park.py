@@ -223,6 +223,12 @@ class ParkStream:
         self._refused_until = 0.0
         self._reason = ""
         self._opening = asyncio.Lock()
+        self.created = asyncio.Event()  # set once this process has made or found the stream
+
+    @property
+    def refused(self) -> bool:
+        """Whether the stream was found unusable less than a minute ago."""
+        return time.monotonic() < self._refused_until
 
     def _js(self) -> JetStreamContext:
         client = self._client()
@@ -254,6 +260,7 @@ class ParkStream:
                 self._refused_until = time.monotonic() + _RETRY_UNAVAILABLE
                 raise
             self._ready = True
+            self.created.set()
 
     async def _open(self) -> None:
         client = self._client()
@@ -293,7 +300,7 @@ class ParkStream:
                 num_replicas=replicas,
             )
             try:
-                return await js.add_stream(config, timeout=self._timeout)
+                return await asyncio.wait_for(js.add_stream(config), self._timeout)
             except (NatsError, asyncio.TimeoutError, OSError) as error:
                 last = error
                 if replicas == 3:
@@ -397,6 +404,9 @@ def _unregister(client: Client, key: tuple[str, str]) -> None:
         del served[key]
 
 
+_servings: set[ParkedServing] = set()  # running: asyncio keeps only weak references to tasks
+
+
 class ParkedServing:
     """Serving the due messages of one durable consumer; from :func:`serve_parked`.
 
@@ -424,17 +434,16 @@ class ParkedServing:
         self._retention = retention
         self._batch = batch
         self._alive = alive  # stop when this returns False (an install's subscription)
+        _servings.add(self)
         self._key = (stream, consumer)
         self.ready = asyncio.Event()
         _register(client, self._key)
         self._task = asyncio.create_task(self._serve(), name=f"natsmw serve {stream}/{consumer}")
+        self._task.add_done_callback(self._done)
         self._running: set[asyncio.Task[None]] = set()
 
     async def stop(self) -> None:
         """Stop serving; due messages being handled finish first."""
-        client = self._client()
-        if client is not None:
-            _unregister(client, self._key)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -447,6 +456,9 @@ class ParkedServing:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def _done(self, task: asyncio.Task[None]) -> None:
+        _servings.discard(self)
+
     def _gone(self) -> bool:
         client = self._client()
         if client is None or client.is_closed:
@@ -458,63 +470,43 @@ class ParkedServing:
         try:
             while not self._gone():
                 try:
-                    psub = await self._subscribe()
+                    puller = await due_subscription(self._client, *self._key, self._retention)
+                    if puller is None:
+                        return  # not a durable consumer: nothing of it is ever parked
                     self.ready.set()
                     wait = 0.1
-                    await self._pull(psub)
+                    await self._pull(puller)
                 except ParkError as error:
                     log.warning("cannot serve due messages of %s/%s: %s", *self._key, error)
                 except (NatsError, asyncio.TimeoutError, OSError) as error:
                     log.warning("serving due messages of %s/%s: %r; retrying", *self._key, error)
+                except Exception:
+                    # Serving must outlive any surprise: a parked message nobody serves is lost.
+                    log.exception("serving due messages of %s/%s failed; retrying", *self._key)
                 await asyncio.sleep(wait)  # back off while the server is away
                 wait = min(wait * 2, 5.0)
         finally:
             client = self._client()
-            if client is not None and self._gone():
+            if client is not None:
                 _unregister(client, self._key)
 
-    async def _subscribe(self) -> Any:
-        client = self._client()
-        if client is None:
-            raise ParkError("the client is gone")
-        await park_stream(client, self._retention).ensure()
-        js = Client.jetstream(client)
-        stream, consumer = self._key
-        ack_wait: float | None = None
-        with contextlib.suppress(NotFoundError):
-            info = await js.consumer_info(stream, consumer, timeout=2.0)
-            ack_wait = info.config.ack_wait
-        name = due_consumer_name(stream, consumer)
-        config = ConsumerConfig(
-            durable_name=name,
-            description=f"natsmw: due messages of {stream}/{consumer}",
-            filter_subject=f"{_DUE}.{stream}.{consumer}.>",
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ack_wait,  # a handler gets as long with a due copy as with the original
-            max_deliver=-1,
-            inactive_threshold=self._retention,
-        )
-        await js.add_consumer(PARK_STREAM, config, timeout=2.0)
-        return await js.pull_subscribe_bind(name, PARK_STREAM)
-
-    async def _pull(self, psub: Any) -> None:
+    async def _pull(self, puller: DuePuller) -> None:
         try:
             while not self._gone():
-                try:
-                    copies = await psub.fetch(self._batch, timeout=1.0)
-                except asyncio.TimeoutError:
+                copies = await puller.pull(self._batch, wait=1.0)
+                if not copies:
                     continue
-                await asyncio.gather(*(self._handle(copy) for copy in copies))
+                tasks = {asyncio.create_task(self._handle(copy)) for copy in copies}
+                self._running.update(tasks)
+                for task in tasks:
+                    task.add_done_callback(self._running.discard)
+                await asyncio.wait(tasks)  # not gather: stop() must not cancel a handler
         finally:
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+            await puller.close()
 
     async def _handle(self, copy: Msg) -> None:
-        try:
-            due = due_message(copy)
-        except ValueError as error:
-            log.error("terminating a message in %s that natsmw cannot read: %s", PARK_STREAM, error)
-            await copy.term()
+        due = await _readable(copy)
+        if due is None:
             return
         try:
             await self._handler(due)
@@ -527,6 +519,189 @@ class ParkedServing:
         if not self._manual_ack and not due._ackd:
             with contextlib.suppress(MsgAlreadyAckdError):
                 await due.ack()
+
+
+_WAIT_FOR_STREAM = 10.0
+
+
+async def due_subscription(
+    client_ref: weakref.ReferenceType[Client], stream: str, consumer: str, retention: float
+) -> Any:
+    """A pull subscription to the due messages of ``stream``/``consumer``, on natsmw's
+    durable consumer of them; ``None`` if the original consumer is not durable.
+
+    Waits for ``natsmw_parked`` to exist (made by whichever process parks first) rather than
+    create it: a service that never parks never gets the stream.
+
+    Raises:
+        ParkError, nats.errors.Error: the server could not be asked (the caller retries).
+    """
+    while True:
+        client = client_ref()
+        if client is None or client.is_closed:
+            raise ParkError("the client is closed")
+        parks = park_stream(client, retention)
+        js = Client.jetstream(client)
+        try:
+            await asyncio.wait_for(js.stream_info(PARK_STREAM), 2.0)
+            break
+        except NotFoundError:
+            pass
+        del client, js
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(parks.created.wait(), _WAIT_FOR_STREAM)
+    info = await js.consumer_info(stream, consumer, timeout=2.0)
+    if not info.config.durable_name:
+        return None
+    name = due_consumer_name(stream, consumer)
+    config = ConsumerConfig(
+        durable_name=name,
+        description=f"natsmw: due messages of {stream}/{consumer}",
+        filter_subject=f"{_DUE}.{stream}.{consumer}.>",
+        ack_policy=AckPolicy.EXPLICIT,
+        # A handler gets as long with a due copy as with the original.
+        ack_wait=info.config.ack_wait,
+        max_deliver=-1,
+        inactive_threshold=retention,
+    )
+    await js.add_consumer(PARK_STREAM, config, timeout=2.0)
+    puller = DuePuller(client, js._prefix, name)
+    await puller.open()
+    return puller
+
+
+class DuePuller:
+    """Pulls from natsmw's consumer of due messages with a callback subscription of its own.
+
+    Not nats-py's ``fetch``: it leaves what it takes unfinished in the subscription's queue,
+    and the client's ``drain()`` then waits its whole timeout (30 s) for it. A callback
+    subscription is drained like any other, and a pull request's late answers are kept for
+    the next pull instead of being lost.
+    """
+
+    def __init__(self, client: Client, prefix: str, consumer: str) -> None:
+        self._client = client
+        self._next = f"{prefix}.CONSUMER.MSG.NEXT.{PARK_STREAM}.{consumer}"
+        self._inbox = client.new_inbox()
+        self._taken: list[Msg] = []
+        self._answered = asyncio.Event()
+        self._wanted = 0
+        self._sub: Any = None
+
+    async def open(self) -> None:
+        # Client.subscribe itself, not an install()'s wrapper: natsmw's own traffic never
+        # goes through a user's chain.
+        self._sub = await Client.subscribe(self._client, self._inbox, cb=self._received)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(NatsError):
+                await self._sub.unsubscribe()
+
+    async def _received(self, msg: Msg) -> None:
+        if JetStreamContext.is_status_msg(msg):
+            self._answered.set()  # no (more) messages, or the request expired
+            return
+        self._taken.append(msg)
+        if len(self._taken) >= self._wanted:
+            self._answered.set()
+
+    async def pull(self, batch: int, wait: float | None) -> list[Msg]:
+        """Up to ``batch`` due messages: those there are now (``wait`` None), or waiting up to
+        ``wait`` seconds for the first."""
+        if not self._taken:
+            self._wanted = batch
+            self._answered.clear()
+            request: dict[str, Any] = {"batch": batch}
+            if wait is None:
+                request["no_wait"] = True
+            else:
+                request["expires"] = int(wait * 1e9)
+            await self._client.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), (wait or 0.0) + 1.0)
+        taken, self._taken = self._taken[:batch], self._taken[batch:]
+        return taken
+
+
+class DueFetcher:
+    """Due messages for a pull subscription made under ``install``: its ``fetch`` returns
+    them along with the consumer's own messages. Registers the consumer as served while the
+    subscription lives."""
+
+    _POLL = 0.25
+
+    def __init__(self, client: Client, stream: str, consumer: str) -> None:
+        self._client = weakref.ref(client)
+        self._key = (stream, consumer)
+        self._puller: DuePuller | None = None
+        self._next_poll = 0.0
+        self._durable = True
+        _register(client, self._key)
+
+    @property
+    def serving(self) -> bool:
+        """Whether due messages may come (a durable consumer, with a park stream)."""
+        return self._durable and self._puller is not None
+
+    def close(self) -> None:
+        client = self._client()
+        if client is not None:
+            _unregister(client, self._key)
+        self._durable = False
+
+    async def take(self, batch: int) -> list[DueMsg]:
+        """Due messages, at most ``batch``; asks the server at most every 250 ms when none
+        are waiting. Never raises: a failure is logged, and asked again later."""
+        now = time.monotonic()
+        if not self._durable:
+            return []
+        client = self._client()
+        waiting_for_stream = self._puller is None and client is not None
+        just_created = waiting_for_stream and park_stream(client).created.is_set()  # type: ignore[arg-type]
+        if now < self._next_poll and not just_created:
+            return []
+        self._next_poll = now + self._POLL
+        try:
+            if self._puller is None:
+                self._puller = await asyncio.wait_for(
+                    due_subscription(self._client, *self._key, DEFAULT_RETENTION), 0.5
+                )
+                if self._puller is None:
+                    self.close()  # an ephemeral consumer: never parked, nothing to take
+                    return []
+            copies = await self._puller.pull(batch, wait=None)
+        except asyncio.TimeoutError:
+            if self._puller is None:  # no park stream yet: nothing was ever parked here
+                self._next_poll = now + _WAIT_FOR_STREAM / 2
+            return []
+        except (NatsError, ParkError, OSError) as error:
+            log.warning("cannot fetch due messages of %s/%s: %r", *self._key, error)
+            self._next_poll = now + 2.0
+            return []
+        if not copies:
+            return []
+        self._next_poll = 0.0  # there may be more
+        readable = [await _readable(copy) for copy in copies]
+        return [due for due in readable if due is not None]
+
+
+_UNREADABLE_NAK = 3600.0
+
+
+async def _readable(copy: Msg) -> DueMsg | None:
+    """The due message behind ``copy``; ``None`` (and ``copy`` naked for an hour, for an
+    operator to look at, never dropped) when natsmw did not write it."""
+    try:
+        return due_message(copy)
+    except ValueError as error:
+        log.error(
+            "%s in %s was not written by natsmw (%s): it is left there, naked for %.0fs",
+            copy.subject, PARK_STREAM, error, _UNREADABLE_NAK,
+        )  # fmt: skip
+        with contextlib.suppress(NatsError):
+            await copy.nak(delay=_UNREADABLE_NAK)
+        return None
 
 
 async def serve_parked(

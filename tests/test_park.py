@@ -1,0 +1,437 @@
+"""The park tier on real nats-servers, in compressed time: long delays wait in the server's
+scheduler, off the consumer's ack-pending set, and come back through the same chain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, StreamConfig
+
+from natsmw import (
+    Handler,
+    MessageProxy,
+    compose,
+    handler_calls,
+    install,
+    middleware,
+    serve_parked,
+    uninstall,
+    with_delay_cap,
+)
+from natsmw.delay import PARK_STREAM, DueMsg
+from natsmw.delay.park import due_consumer_name
+from natsmw.server import NatsServer
+from tests.conftest import Connection, Stream, connect
+from tests.delay_support import CAP
+
+PARK = 2.0  # a delay that parks (over CAP)
+
+
+@dataclass(frozen=True)
+class Seen:
+    at: float
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    handler_calls: int
+    num_delivered: int
+    sequence: int
+
+
+class Parker:
+    """A legacy handler: naks each message for ``delay`` on its first call, acks after."""
+
+    def __init__(self, delay: float = PARK, *, naks: int = 1, only: bytes | None = None) -> None:
+        self.delay = delay
+        self.naks = naks
+        self.only = only  # defer only the message with this body
+        self.seen: list[Seen] = []
+        self.asked_at: dict[bytes, float] = {}
+        self._changed = asyncio.Condition()
+
+    async def __call__(self, msg: Msg) -> None:
+        calls = handler_calls(msg)
+        meta = msg.metadata
+        seen = Seen(time.time(), msg.subject, msg.data, msg.headers, calls,
+                    meta.num_delivered, meta.sequence.stream)  # fmt: skip
+        if calls <= self.naks and self.only in (None, msg.data):
+            self.asked_at[msg.data] = time.time()
+            await msg.nak(delay=self.delay)
+        else:
+            await msg.ack_sync()
+        async with self._changed:
+            self.seen.append(seen)
+            self._changed.notify_all()
+
+    def of(self, data: bytes) -> list[Seen]:
+        return [s for s in self.seen if s.data == data]
+
+    async def wait(self, data: bytes, calls: int, timeout: float = 15.0) -> list[Seen]:
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: len(self.of(data)) >= calls), timeout
+            )
+        return self.of(data)
+
+
+async def ack_pending_becomes(
+    conn: Connection, stream: str, consumer: str, count: int, timeout: float = 2.0
+) -> None:
+    """Wait until the consumer's ack-pending count is ``count``, asking the server."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (await conn.js.consumer_info(stream, consumer)).num_ack_pending != count:
+        assert loop.time() < deadline, f"ack-pending of {consumer} never became {count}"
+        await asyncio.sleep(0.01)  # between two questions to the server
+
+
+async def due_left(conn: Connection, stream: str, consumer: str) -> tuple[int, int]:
+    """Due copies of ``stream``/``consumer`` still pending or unacked in the park stream."""
+    info = await conn.js.consumer_info(PARK_STREAM, due_consumer_name(stream, consumer))
+    return info.num_pending, info.num_ack_pending
+
+
+@contextlib.asynccontextmanager
+async def served(
+    conn: Connection, handler: Handler, stream: str, consumer: str
+) -> AsyncIterator[None]:
+    serving = await serve_parked(conn.js, handler, stream=stream, consumer=consumer)
+    try:
+        yield
+    finally:
+        await serving.stop()
+
+
+async def test_parked_message_leaves_ack_pending_and_runs_once_after_its_deadline(
+    conn: Connection, stream: Stream
+) -> None:
+    parker = Parker(only=b"A")
+    cap = with_delay_cap(CAP)
+    handle = cap(parker)
+    await conn.js.subscribe(
+        stream.subject, durable="slot", cb=handle, manual_ack=True,
+        config=ConsumerConfig(max_ack_pending=1, ack_wait=30),
+    )  # fmt: skip
+    async with served(conn, handle, stream.name, "slot"):
+        await conn.js.publish(stream.subject, b"A", headers={"X-Order": "17"})
+        await parker.wait(b"A", 1)
+        published_b = time.time()
+        await conn.js.publish(stream.subject, b"B")
+        (b,) = await parker.wait(b"B", 1)
+        # B got the slot at once: A left ack-pending when it was parked.
+        assert b.at - published_b < 1.0
+        info = await conn.js.consumer_info(stream.name, "slot")
+        assert info.num_ack_pending == 0  # A parked, B acked (ack_sync)
+        first, second = await parker.wait(b"A", 2)
+
+    assert second.at >= parker.asked_at[b"A"] + PARK
+    assert second.at < parker.asked_at[b"A"] + PARK + 1.5
+    assert (second.subject, second.data, second.headers) == (
+        stream.subject,
+        b"A",
+        {"X-Order": "17"},
+    )
+    assert (first.handler_calls, second.handler_calls) == (1, 2)
+    assert second.sequence == first.sequence  # the original's stream sequence
+    assert len(parker.of(b"A")) == 2
+    assert cap.stats.parked == 1
+    assert cap.stats.unparked == 1
+    assert cap.stats.holds == 0
+    info = await conn.js.consumer_info(stream.name, "slot")
+    assert (info.num_ack_pending, info.num_pending, info.num_redelivered) == (0, 0, 0)
+    assert await due_left(conn, stream.name, "slot") == (0, 0)  # the due copy was acked
+
+
+async def test_parked_while_the_slot_is_taken_new_work_flows(
+    conn: Connection, stream: Stream
+) -> None:
+    """max_ack_pending=1: A parked for a while, B published after is handled at once, and
+    the consumer's ack-pending count is 0 while A is parked."""
+    parker = Parker(delay=4.0)
+    handle = with_delay_cap(CAP)(parker)
+    await conn.js.add_consumer(
+        stream.name, ConsumerConfig(durable_name="one", max_ack_pending=1, ack_wait=30)
+    )
+    psub = await conn.js.pull_subscribe_bind("one", stream.name)
+
+    async def work() -> None:
+        while True:
+            with contextlib.suppress(nats.errors.TimeoutError):
+                for msg in await psub.fetch(1, timeout=0.5):
+                    await handle(msg)
+
+    async with served(conn, handle, stream.name, "one"):
+        worker = asyncio.create_task(work())
+        try:
+            await conn.js.publish(stream.subject, b"A")
+            await parker.wait(b"A", 1)
+            # Parked: the original's ack is on its way; ack-pending drops to 0 and stays.
+            await ack_pending_becomes(conn, stream.name, "one", 0)
+            parker.naks = 0  # B is handled at once
+            published_b = time.time()
+            await conn.js.publish(stream.subject, b"B")
+            (b,) = await parker.wait(b"B", 1)
+            assert b.at - published_b < 1.0
+            _first, second = await parker.wait(b"A", 2, timeout=10)
+        finally:
+            worker.cancel()
+            await psub.unsubscribe()  # else nats-py's drain waits on what fetch took
+    assert second.at >= parker.asked_at[b"A"] + 4.0
+    assert second.handler_calls == 2
+
+
+async def test_max_deliver_two_a_long_deferral_is_handled_once_after_the_deadline(
+    conn: Connection, stream: Stream
+) -> None:
+    parker = Parker(delay=3.0)
+    cap = with_delay_cap(CAP)
+    install(conn.nc, chain=cap)
+    try:
+        await conn.nc.jetstream().subscribe(
+            stream.subject, durable="twice", cb=parker, manual_ack=True,
+            config=ConsumerConfig(max_deliver=2, ack_wait=30),
+        )  # fmt: skip
+        await conn.js.publish(stream.subject, b"A")
+        _first, second = await parker.wait(b"A", 2)
+    finally:
+        uninstall(conn.nc)
+    assert second.at >= parker.asked_at[b"A"] + 3.0
+    assert second.handler_calls == 2
+    assert second.num_delivered == 2  # the original's one delivery, and the due copy's
+    assert cap.stats.holds == 0
+    assert cap.stats.parked == 1
+
+
+async def test_auto_ack_push_subscription_under_install(conn: Connection, stream: Stream) -> None:
+    calls: list[tuple[int, float]] = []
+    done = asyncio.Event()
+    asked: list[float] = []
+
+    async def legacy(msg: Msg) -> None:
+        calls.append((handler_calls(msg), time.time()))
+        if handler_calls(msg) == 1:
+            asked.append(time.time())
+            await msg.nak(delay=PARK)
+        else:
+            done.set()  # returns without settling: nats-py's auto-ack acks the due copy
+
+    install(conn.nc, chain=with_delay_cap(CAP))
+    try:
+        await conn.nc.jetstream().subscribe(stream.subject, durable="auto", cb=legacy)
+        await conn.js.publish(stream.subject, b"x")
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        uninstall(conn.nc)
+    assert [c for c, _ in calls] == [1, 2]
+    assert calls[1][1] >= asked[0] + PARK
+    # The due copy was acked by the auto-ack: nothing left to deliver, nothing pending. The
+    # auto-ack is sent after the handler returns: flush it before asking.
+    await conn.nc.flush()
+    assert await due_left(conn, stream.name, "auto") == (0, 0)
+
+
+async def test_pull_fetch_under_install_returns_due_messages(
+    conn: Connection, stream: Stream
+) -> None:
+    parker = Parker()
+    install(conn.nc, chain=with_delay_cap(CAP))
+    try:
+        js = conn.nc.jetstream()
+        psub = await js.pull_subscribe(stream.subject, durable="pulled")
+        await conn.js.publish(stream.subject, b"A", headers={"Nats-Msg-Id": "a-1", "K": "v"})
+        deadline = time.time() + 10
+        while len(parker.of(b"A")) < 2 and time.time() < deadline:
+            with contextlib.suppress(nats.errors.TimeoutError):
+                for msg in await psub.fetch(1, timeout=5):
+                    await parker(msg)
+        await psub.unsubscribe()  # else nats-py's drain waits on what fetch took
+    finally:
+        uninstall(conn.nc)
+    _first, second = parker.of(b"A")
+    assert second.at >= parker.asked_at[b"A"] + PARK
+    assert second.at < parker.asked_at[b"A"] + PARK + 1.5  # the 5 s fetch did not sit on it
+    assert second.headers == {"Nats-Msg-Id": "a-1", "K": "v"}
+    assert second.handler_calls == 2
+
+
+async def test_a_due_message_naked_long_again_is_parked_again(
+    conn: Connection, stream: Stream
+) -> None:
+    parker = Parker(delay=1.0, naks=2)
+    cap = with_delay_cap(CAP)
+    install(conn.nc, chain=cap)
+    try:
+        await conn.nc.jetstream().subscribe(
+            stream.subject, durable="again", cb=parker, manual_ack=True
+        )
+        await conn.js.publish(stream.subject, b"A")
+        calls = await parker.wait(b"A", 3)
+    finally:
+        uninstall(conn.nc)
+    assert [c.handler_calls for c in calls] == [1, 2, 3]
+    assert calls[2].at >= calls[1].at + 1.0
+    assert cap.stats.parked == 2
+    assert cap.stats.unparked == 2
+
+
+async def test_a_lost_ack_after_parking_never_runs_the_handler_early(
+    conn: Connection, stream: Stream
+) -> None:
+    """A crash between storing the schedule and acking the original: the original comes back
+    after ack_wait while its schedule waits. It is acked, not handled, and only one due
+    message ever comes."""
+    parker = Parker(delay=3.0)
+    cap = with_delay_cap(CAP)
+    dropped: list[int] = []
+    originals: list[int] = []  # deliveries of the original, as num_delivered
+
+    async def lose_the_first_ack(msg: MessageProxy, call_next: Handler) -> None:
+        if not isinstance(msg.message, DueMsg):
+            originals.append(msg.metadata.num_delivered)
+
+        async def swallow(settlement: object, send: object) -> None:
+            dropped.append(msg.metadata.num_delivered)  # never reaches the server
+
+        if msg.metadata.num_delivered == 1 and not isinstance(msg.message, DueMsg):
+            with msg.intercept(swallow, kinds=("ack", "ack_sync")):
+                await call_next(msg)
+        else:
+            await call_next(msg)
+
+    handle = compose(middleware(lose_the_first_ack), cap)(parker)
+    await conn.js.subscribe(
+        stream.subject, durable="lost", cb=handle, manual_ack=True,
+        config=ConsumerConfig(ack_wait=1.0),
+    )  # fmt: skip
+    async with served(conn, handle, stream.name, "lost"):
+        await conn.js.publish(stream.subject, b"A")
+        await parker.wait(b"A", 2)
+        info = await conn.js.consumer_info(stream.name, "lost")
+    assert dropped == [1]
+    calls = parker.of(b"A")
+    assert [c.handler_calls for c in calls] == [1, 2]
+    assert calls[1].at >= parker.asked_at[b"A"] + 3.0
+    assert originals == [1, 2]  # the original came back once, and was acked unhandled
+    assert info.num_ack_pending == 0
+
+
+async def test_decorator_without_serving_holds_and_says_so(
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    parker = Parker(delay=1.0)
+    cap = with_delay_cap(CAP)
+    with caplog.at_level(logging.WARNING, logger="natsmw.delay"):
+        await conn.js.subscribe(stream.subject, durable="alone", cb=cap(parker), manual_ack=True)
+        await conn.js.publish(stream.subject, b"A")
+        _first, second = await parker.wait(b"A", 2)
+    assert second.at >= parker.asked_at[b"A"] + 1.0
+    assert cap.stats.parked == 0
+    assert cap.stats.holds >= 3
+    assert "held, not parked" in caplog.text
+
+
+@pytest.fixture
+async def alone(own_server: NatsServer) -> AsyncIterator[tuple[Connection, Stream]]:
+    """A connection and a stream on a server of the test's own (no park stream yet)."""
+    conn = await connect(own_server.url)
+    await conn.js.add_stream(name="ALONE", subjects=["alone.>"])
+    yield conn, Stream("ALONE", "alone.work")
+    await conn.nc.drain()
+
+
+async def test_a_refused_park_stream_falls_back_to_holds_loudly(
+    alone: tuple[Connection, Stream], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone else made natsmw_parked without schedules (as a 2.11 server would read it
+    back): natsmw holds, warns and counts, and loses nothing."""
+    conn, stream = alone
+    await conn.js.add_stream(
+        StreamConfig(name=PARK_STREAM, subjects=["natsmw.park.>", "natsmw.due.>"])
+    )
+    parker = Parker(delay=1.0)
+    cap = with_delay_cap(CAP)
+    handle = cap(parker)
+    with caplog.at_level(logging.WARNING, logger="natsmw.delay"):
+        await conn.js.subscribe(stream.subject, durable="refused", cb=handle, manual_ack=True)
+        async with served(conn, handle, stream.name, "refused"):
+            await conn.js.publish(stream.subject, b"A")
+            _first, second = await parker.wait(b"A", 2)
+    assert second.at >= parker.asked_at[b"A"] + 1.0
+    assert cap.stats.park_fallbacks == 1
+    assert cap.stats.parked == 0
+    assert cap.stats.holds >= 3
+    assert "could not park" in caplog.text
+    assert "allow_msg_schedules" in caplog.text
+
+
+async def test_a_server_too_old_for_schedules_falls_back_to_holds(
+    alone: tuple[Connection, Stream], caplog: pytest.LogCaptureFixture
+) -> None:
+    conn, stream = alone
+    parker = Parker(delay=1.0)
+    cap = with_delay_cap(CAP)
+    handle = cap(parker)
+    conn.nc._server_info["version"] = "2.11.9"  # what a 2.11 server announces
+    with caplog.at_level(logging.WARNING, logger="natsmw.delay"):
+        await conn.js.subscribe(stream.subject, durable="old", cb=handle, manual_ack=True)
+        async with served(conn, handle, stream.name, "old"):
+            await conn.js.publish(stream.subject, b"A")
+            await parker.wait(b"A", 2)
+    assert cap.stats.park_fallbacks == 1
+    assert cap.stats.parked == 0
+    assert "2.11.9 has no message schedules" in caplog.text
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await conn.js.stream_info(PARK_STREAM)  # nothing was created on it
+
+
+async def test_ephemeral_consumers_are_held_not_parked(conn: Connection, stream: Stream) -> None:
+    parker = Parker(delay=1.0)
+    cap = with_delay_cap(CAP)
+    install(conn.nc, chain=cap)
+    try:
+        await conn.nc.jetstream().subscribe(stream.subject, cb=parker, manual_ack=True)  # ephemeral
+        await conn.js.publish(stream.subject, b"A")
+        await parker.wait(b"A", 2)
+    finally:
+        uninstall(conn.nc)
+    assert cap.stats.parked == 0
+    assert cap.stats.holds >= 3
+
+
+async def test_publisher_deadline_far_ahead_is_parked_on_first_delivery(
+    conn: Connection, stream: Stream
+) -> None:
+    from natsmw import publish_not_before
+
+    seen: list[tuple[float, int]] = []
+    done = asyncio.Event()
+
+    async def legacy(msg: Msg) -> None:
+        seen.append((time.time(), handler_calls(msg)))
+        await msg.ack()
+        done.set()
+
+    cap = with_delay_cap(CAP)
+    install(conn.nc, chain=cap)
+    try:
+        await conn.nc.jetstream().subscribe(
+            stream.subject, durable="header", cb=legacy, manual_ack=True
+        )
+        published = time.time()
+        await publish_not_before(conn.js, stream.subject, b"x", not_before=PARK)
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        uninstall(conn.nc)
+    assert seen[0][0] >= published + PARK
+    assert seen[0][1] == 1
+    assert cap.stats.parked == 1
+    assert cap.stats.holds == 0
