@@ -44,7 +44,7 @@ class Client:
         return self
 
     async def consumer_info(self, *_: Any, **__: Any) -> Any:
-        return SimpleNamespace(config=SimpleNamespace(max_deliver=-1))
+        return SimpleNamespace(config=SimpleNamespace(max_deliver=-1, durable_name="micro"))
 
 
 CLIENT = Client()

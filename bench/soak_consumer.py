@@ -44,7 +44,7 @@ async def main(url: str, cap_s: float, delay: float) -> None:
     async def report() -> None:
         while True:
             line = {"t": time.time(), "rss_mb": rss_mb(), **counts, "holds": cap.stats.holds,
-                    "remembered": len(cap._local)}  # fmt: skip
+                    "remembered": len(cap._memory)}  # fmt: skip
             print(json.dumps(line), flush=True)
             await asyncio.sleep(1.0)
 

@@ -46,13 +46,13 @@ class ConsumerLimits:
     """
 
     def __init__(self) -> None:
-        self._known: weakref.WeakKeyDictionary[
-            Client, dict[tuple[str, str], tuple[Limits, float]]
-        ] = weakref.WeakKeyDictionary()
+        # By id(client), not a WeakKeyDictionary (its get is Python code, and this is read on
+        # every hold); the entry goes when the client does.
+        self._known: dict[int, dict[tuple[str, str], tuple[Limits, float]]] = {}
 
     def cached(self, client: Client, stream: str, consumer: str) -> Limits | None:
         """The limits if they are cached and fresh, without a server round trip."""
-        known = self._known.get(client)
+        known = self._known.get(id(client))
         entry = None if known is None else known.get((stream, consumer))
         if entry is not None and time.monotonic() < entry[1]:
             return entry[0]
@@ -65,10 +65,13 @@ class ConsumerLimits:
         fresh = self.cached(client, stream, consumer)
         if fresh is not None:
             return fresh
-        known = self._known.setdefault(client, {})
+        known = self._known.get(id(client))
+        if known is None:
+            known = self._known[id(client)] = {}
+            weakref.finalize(client, self._known.pop, id(client), None)
         entry = known.get((stream, consumer))
         try:
-            js = Client.jetstream(client, domain=domain or None)
+            js = client.jetstream(domain=domain or None)
             info = await js.consumer_info(stream, consumer, timeout=2.0)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             log.warning("cannot read consumer info of %s/%s: %s", stream, consumer, error)

@@ -379,24 +379,28 @@ def park_stream(client: Client, retention: float = DEFAULT_RETENTION) -> ParkStr
 
 # -- serving due messages ------------------------------------------------------------------
 
-# Which original consumers have someone serving their due messages, per client: the delay cap
-# parks only for those, so that nothing is parked that nobody will bring back.
-_served: weakref.WeakKeyDictionary[Client, dict[tuple[str, str], int]] = weakref.WeakKeyDictionary()
+# Which original consumers have someone serving their due messages, per client (by id, the
+# entry going with the client: read on every long delay): the delay cap parks only for those,
+# so that nothing is parked that nobody will bring back.
+_served: dict[int, dict[tuple[str, str], int]] = {}
 
 
 def is_served(client: Client, stream: str, consumer: str) -> bool:
     """Whether this process serves the due messages of ``stream``/``consumer`` on ``client``."""
-    served = _served.get(client)
+    served = _served.get(id(client))
     return served is not None and (stream, consumer) in served
 
 
 def _register(client: Client, key: tuple[str, str]) -> None:
-    served = _served.setdefault(client, {})
+    served = _served.get(id(client))
+    if served is None:
+        served = _served[id(client)] = {}
+        weakref.finalize(client, _served.pop, id(client), None)
     served[key] = served.get(key, 0) + 1
 
 
 def _unregister(client: Client, key: tuple[str, str]) -> None:
-    served = _served.get(client)
+    served = _served.get(id(client))
     if served is None or key not in served:
         return
     served[key] -= 1
