@@ -435,3 +435,57 @@ async def test_publisher_deadline_far_ahead_is_parked_on_first_delivery(
     assert seen[0][1] == 1
     assert cap.stats.parked == 1
     assert cap.stats.holds == 0
+
+
+async def test_publish_not_before_with_a_schedule_subject_uses_the_servers_scheduler(
+    conn: Connection,
+) -> None:
+    from natsmw import publish_not_before
+
+    await conn.js.add_stream(
+        StreamConfig(name="SCHED", subjects=["sched.>"], allow_msg_schedules=True)
+    )
+    try:
+        seen: list[tuple[float, int, bool]] = []
+        done = asyncio.Event()
+
+        async def legacy(msg: Msg) -> None:  # no natsmw: a plain nats-py consumer
+            seen.append(
+                (time.time(), msg.metadata.num_delivered, "Nats-Scheduler" in (msg.headers or {}))
+            )
+            await msg.ack()
+            done.set()
+
+        await conn.js.subscribe("sched.out", durable="plain", cb=legacy, manual_ack=True)
+        published = time.time()
+        await publish_not_before(
+            conn.js, "sched.out", b"x", not_before=PARK, schedule_subject="sched.pending.1"
+        )
+        info = await conn.js.consumer_info("SCHED", "plain")
+        assert info.num_pending == 0  # nothing for the consumer until the server publishes it
+        await asyncio.wait_for(done.wait(), 10)
+        ((at, delivered, scheduled),) = seen
+        assert at >= published + PARK - 0.5  # the scheduler ticks every 250 ms
+        assert (delivered, scheduled) == (1, True)  # one delivery: no holds, no naks
+    finally:
+        await conn.js.delete_stream("SCHED")
+
+
+async def test_publish_not_before_refuses_a_schedule_the_stream_cannot_keep(
+    conn: Connection, stream: Stream
+) -> None:
+    from natsmw import publish_not_before
+
+    with pytest.raises(ValueError, match="does not allow message schedules"):
+        await publish_not_before(
+            conn.js,
+            stream.subject,
+            b"x",
+            not_before=5,
+            schedule_subject=f"{stream.name.lower()}.s.1",
+        )
+    with pytest.raises(ValueError, match="literal subject other than"):
+        await publish_not_before(
+            conn.js, stream.subject, b"x", not_before=5, schedule_subject=stream.subject
+        )
+    assert (await conn.js.stream_info(stream.name)).state.messages == 0  # nothing stored early

@@ -96,21 +96,67 @@ async def publish_not_before(
     *,
     not_before: datetime | float | timedelta,
     headers: Mapping[str, str] | None = None,
+    schedule_subject: str | None = None,
     **publish_options: Any,
 ) -> PubAck:
-    """Publish to JetStream a message that natsmw delay caps hold until ``not_before``.
+    """Publish to JetStream a message that natsmw handlers see no earlier than ``not_before``.
 
-    Consumers wrapped in :func:`~natsmw.with_delay_cap` never call their handler for it
-    earlier; other consumers see an ordinary message with one more header. Like
-    :func:`natsmw.publish`, it opens a PRODUCER span and propagates its context.
+    By default the message is stored at once with a ``Natsmw-Deadline`` header: consumers
+    wrapped in :func:`~natsmw.with_delay_cap` park or hold it until then; other consumers see
+    an ordinary message with one more header.
+
+    With ``schedule_subject``, the server's own scheduler (nats-server 2.12+) keeps it instead:
+    a one-shot schedule is stored on ``schedule_subject`` and the server publishes the message
+    to ``subject`` at ``not_before``, so every consumer, natsmw or not, gets it then, with no
+    holds at all. ``schedule_subject`` must be a literal subject of the same stream, different
+    from ``subject``, that **no consumer reads**: the schedule itself is a stored message, and
+    a consumer whose filter matches it receives it at once. The stream must allow message
+    schedules (``allow_msg_schedules``); natsmw checks that before publishing.
+
+    Like :func:`natsmw.publish`, it opens a PRODUCER span and propagates its context.
 
     Example::
 
         await publish_not_before(js, "invoices.remind", body, not_before=timedelta(hours=3))
+        await publish_not_before(js, "invoices.remind", body, not_before=timedelta(hours=3),
+                                 schedule_subject="invoices.scheduled.4711")
 
     Raises:
-        TypeError, ValueError: ``not_before`` is not an aware datetime or a valid delay.
+        TypeError, ValueError: ``not_before`` is not an aware datetime or a valid delay;
+            ``schedule_subject`` is ``subject``, has wildcards, or is not in the same stream
+            as ``subject``; or that stream does not allow message schedules (the message is
+            not published: nothing is stored early).
         Whatever ``js.publish`` raises.
     """
-    merged = {**(headers or {}), **deadline_header(not_before)}
-    return await publish(js, subject, payload, headers=merged, **publish_options)
+    deadline = deadline_header(not_before)
+    merged = {**(headers or {}), **deadline}
+    if schedule_subject is None:
+        return await publish(js, subject, payload, headers=merged, **publish_options)
+    await _check_schedulable(js, subject, schedule_subject)
+    at = deadline[DEADLINE_HEADER]
+    # The Natsmw-Deadline header stays: the scheduler may fire a tick early, and natsmw
+    # consumers then wait out the difference.
+    merged.update({"Nats-Schedule": f"@at {at}", "Nats-Schedule-Target": subject})
+    return await publish(js, schedule_subject, payload, headers=merged, **publish_options)
+
+
+async def _check_schedulable(js: JetStreamContext, subject: str, schedule_subject: str) -> None:
+    if schedule_subject == subject or any(token in ("*", ">") for token in
+                                          schedule_subject.split(".")):  # fmt: skip
+        raise ValueError(
+            f"schedule_subject must be a literal subject other than {subject!r}, "
+            f"got {schedule_subject!r}"
+        )
+    stream = await js.find_stream_name_by_subject(subject)
+    if await js.find_stream_name_by_subject(schedule_subject) != stream:
+        raise ValueError(
+            f"schedule_subject {schedule_subject!r} must be in the stream of {subject!r} "
+            f"({stream}): the server schedules only within one stream"
+        )
+    info = await js.stream_info(stream)
+    if not info.config.allow_msg_schedules:
+        raise ValueError(
+            f"stream {stream!r} does not allow message schedules (allow_msg_schedules is off, "
+            f"or the server is older than 2.12): publish without schedule_subject to use the "
+            f"{DEADLINE_HEADER} header instead"
+        )
