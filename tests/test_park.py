@@ -489,3 +489,32 @@ async def test_publish_not_before_refuses_a_schedule_the_stream_cannot_keep(
             conn.js, stream.subject, b"x", not_before=5, schedule_subject=stream.subject
         )
     assert (await conn.js.stream_info(stream.name)).state.messages == 0  # nothing stored early
+
+
+async def test_serving_binds_to_a_due_consumer_made_with_another_config(
+    conn: Connection, stream: Stream
+) -> None:
+    """Another instance made natsmw's consumer of due messages when the original consumer's
+    ack_wait was different: serving uses it as it is rather than not at all."""
+    from natsmw.delay.park import park_stream
+
+    await park_stream(conn.nc).ensure()
+    await conn.js.add_consumer(
+        PARK_STREAM,
+        ConsumerConfig(
+            durable_name=due_consumer_name(stream.name, "changed"),
+            filter_subject=f"natsmw.due.{stream.name}.changed.>",
+            ack_wait=7,
+        ),
+    )
+    parker = Parker(delay=1.0)
+    handle = with_delay_cap(CAP)(parker)
+    await conn.js.subscribe(
+        stream.subject, durable="changed", cb=handle, manual_ack=True,
+        config=ConsumerConfig(ack_wait=30),
+    )  # fmt: skip
+    async with served(conn, handle, stream.name, "changed"):
+        await conn.js.publish(stream.subject, b"A")
+        _, second = await parker.wait(b"A", 2)
+    assert second.handler_calls == 2
+    assert second.at >= parker.asked_at[b"A"] + 1.0

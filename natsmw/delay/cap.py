@@ -311,6 +311,9 @@ class DelayCap:
         )
         if isinstance(decision, Park) and deferral is not None:
             calls_before = delivery - 1 - deferral.skipped(delivery)
+            real = msg.__wrapped__
+            if real.__class__ is DueMsg:
+                calls_before += real.parked.calls  # a due copy that came far too early
 
             async def ack(settlement: Settlement) -> None:
                 await msg.ack_sync(settlement.timeout)  # through the middlewares around this one

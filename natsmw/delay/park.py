@@ -43,11 +43,10 @@ from nats.errors import Error as NatsError
 from nats.errors import MsgAlreadyAckdError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from natsmw.chain import Handler
 from natsmw.delay.deadline import format_deadline
-from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import ParkError
 
 __all__ = [
@@ -568,7 +567,17 @@ async def due_subscription(
         max_deliver=-1,
         inactive_threshold=retention,
     )
-    await js.add_consumer(PARK_STREAM, config, timeout=2.0)
+    try:
+        await js.add_consumer(PARK_STREAM, config, timeout=2.0)
+    except APIError as error:
+        # Made by another instance with another config (the original's ack_wait changed
+        # since): serve from it as it is rather than not at all.
+        try:
+            await js.consumer_info(PARK_STREAM, name, timeout=2.0)
+        except NotFoundError:
+            raise error from None
+        log.info("serving due messages of %s/%s from the existing %s (%s)",
+                 stream, consumer, name, error)  # fmt: skip
     puller = DuePuller(client, js._prefix, name)
     await puller.open()
     return puller
@@ -715,7 +724,6 @@ async def serve_parked(
     stream: str,
     consumer: str,
     manual_ack: bool = False,
-    retention: Duration = DEFAULT_RETENTION,
     batch: int = 16,
 ) -> ParkedServing:
     """Serve the parked messages of a durable consumer when they are due, through ``handler``.
@@ -737,8 +745,6 @@ async def serve_parked(
         stream, consumer: the original stream and durable consumer.
         manual_ack: as for ``js.subscribe``: when false, a due message the handler returns
             from without settling is acked, as nats-py's auto-ack would.
-        retention: how long due messages wait for a server before they expire, and how long
-            natsmw's consumer of them outlives the last instance that served it.
         batch: due messages fetched, and handled concurrently, at a time.
 
     Raises:
@@ -759,6 +765,6 @@ async def serve_parked(
         stream,
         consumer,
         manual_ack=manual_ack,
-        retention=to_positive_seconds(retention, "retention"),
+        retention=DEFAULT_RETENTION,
         batch=batch,
     )
