@@ -190,7 +190,7 @@ def _serving_subscribe(nc: Client) -> Any:
             subs = nc._subs
             ParkedServing(
                 nc, sub._cb, sub._stream, sub._consumer,
-                manual_ack=True, retention=DEFAULT_RETENTION, batch=16,
+                manual_ack=True, retention=DEFAULT_RETENTION, concurrency=1,
                 alive=lambda: sub._id in subs,
             )  # fmt: skip
         return sub

@@ -47,6 +47,7 @@ __all__ = [
     "Settle",
     "Settlement",
     "SettlementKind",
+    "StandInMsg",
 ]
 
 SettlementKind: TypeAlias = Literal["ack", "ack_sync", "nak", "term", "in_progress"]
@@ -88,6 +89,16 @@ class Position(NamedTuple):
     consumer: str
     stream_sequence: int
     delivered: int
+
+
+class StandInMsg(Msg):
+    """A message delivered on behalf of another one (natsmw's due copies of parked messages).
+
+    It is settled on its own reply subject, and shows the original's subject, body, headers
+    and ``metadata``; ``original`` is the original's position, for observers (tracing).
+    """
+
+    original: Position
 
 
 @dataclass(frozen=True)
@@ -220,6 +231,15 @@ class MessageProxy(_Proxy):
         if position is None:
             position = self._self_position = _position(self.__wrapped__)
         return position
+
+    @property
+    def identity(self) -> Position:
+        """The position of the message the handler sees: :attr:`position`, or for a
+        :class:`StandInMsg`, the original's (its stream, consumer, sequence, deliveries)."""
+        real = self.__wrapped__
+        if isinstance(real, StandInMsg):
+            return real.original
+        return self.position
 
     @classmethod
     def of(cls, msg: Msg) -> MessageProxy:

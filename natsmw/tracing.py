@@ -267,7 +267,7 @@ def _start_attributes(msg: MessageProxy, real: Msg, destination: str) -> dict[st
         attributes["messaging.message.id"] = message_id
     attributes.update(_server_attributes(real._client))
     if msg.is_jetstream:
-        position = msg.position
+        position = msg.identity  # a due copy of a parked message: the original's
         attributes["messaging.consumer.group.name"] = position.consumer
         attributes["messaging.nats.stream.name"] = position.stream
         attributes["messaging.nats.message.stream_sequence"] = position.stream_sequence

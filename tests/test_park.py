@@ -50,9 +50,17 @@ class Seen:
 class Parker:
     """A legacy handler: naks each message for ``delay`` on its first call, acks after."""
 
-    def __init__(self, delay: float = PARK, *, naks: int = 1, only: bytes | None = None) -> None:
+    def __init__(
+        self,
+        delay: float = PARK,
+        *,
+        naks: int = 1,
+        only: bytes | None = None,
+        delays: tuple[float, ...] = (),
+    ) -> None:
         self.delay = delay
-        self.naks = naks
+        self.delays = delays  # the nak delay of each call, when given
+        self.naks = max(naks, len(delays))
         self.only = only  # defer only the message with this body
         self.seen: list[Seen] = []
         self.asked_at: dict[bytes, float] = {}
@@ -65,7 +73,7 @@ class Parker:
                     meta.num_delivered, meta.sequence.stream)  # fmt: skip
         if calls <= self.naks and self.only in (None, msg.data):
             self.asked_at[msg.data] = time.time()
-            await msg.nak(delay=self.delay)
+            await msg.nak(delay=self.delays[calls - 1] if self.delays else self.delay)
         else:
             await msg.ack_sync()
         async with self._changed:
@@ -518,3 +526,99 @@ async def test_serving_binds_to_a_due_consumer_made_with_another_config(
         _, second = await parker.wait(b"A", 2)
     assert second.handler_calls == 2
     assert second.at >= parker.asked_at[b"A"] + 1.0
+
+
+async def test_a_due_message_naked_under_park_after_is_held_to_its_new_deadline(
+    conn: Connection, stream: Stream
+) -> None:
+    """The due run asks for a delay between the cap and park_after: that is a hold, and the
+    handler does not run again before it is over."""
+    parker = Parker(delays=(2.0, 1.0))  # parked, then held (under park_after)
+    cap = with_delay_cap(CAP, park_after=1.5)
+    install(conn.nc, chain=cap)
+    try:
+        js = conn.nc.jetstream()
+        await js.subscribe(stream.subject, durable="mixed", cb=parker, manual_ack=True)
+        await conn.js.publish(stream.subject, b"A")
+        calls = await parker.wait(b"A", 3)
+        first = calls[0]
+    finally:
+        uninstall(conn.nc)
+    second, third = calls[1], calls[2]
+    assert second.at >= first.at + 2.0
+    assert third.at >= second.at + 1.0
+    assert [c.handler_calls for c in calls] == [1, 2, 3]
+    assert cap.stats.parked == 1
+    assert cap.stats.unparked == 1  # the held redeliveries of the due copy are not unparks
+    assert cap.stats.holds >= 3
+
+
+async def test_due_messages_come_back_promptly_one_at_a_time(
+    conn: Connection, stream: Stream
+) -> None:
+    """Served one after the other, as nats-py calls a callback, and within a scheduler tick or
+    two of their deadlines (not on natsmw's own polling rhythm)."""
+    running = 0
+    most = 0
+    late: list[float] = []
+    asked: dict[bytes, float] = {}
+
+    async def legacy(msg: Msg) -> None:
+        nonlocal running, most
+        if handler_calls(msg) == 1:
+            asked[msg.data] = time.time() + 1.3
+            await msg.nak(delay=1.3)
+            return
+        running += 1
+        most = max(most, running)
+        late.append(time.time() - asked[msg.data])
+        await asyncio.sleep(0.05)
+        running -= 1
+        await msg.ack()
+
+    handle = with_delay_cap(CAP)(legacy)
+    await conn.js.subscribe(stream.subject, durable="prompt", cb=handle, manual_ack=True)
+    serving = await serve_parked(conn.js, handle, stream=stream.name, consumer="prompt")
+    try:
+        for i in range(5):
+            await conn.js.publish(stream.subject, b"%d" % i)
+        for _ in range(200):
+            if len(late) == 5:
+                break
+            await asyncio.sleep(0.05)  # polling the handler's own record, with a bound
+    finally:
+        await serving.stop()
+    assert len(late) == 5
+    assert most == 1
+    assert min(late) >= 0
+    assert max(late) < 0.8
+
+
+async def test_the_due_consumer_keeps_the_originals_max_deliver(
+    conn: Connection, stream: Stream
+) -> None:
+    parker = Parker(delay=1.0)
+    handle = with_delay_cap(CAP)(parker)
+    await conn.js.subscribe(
+        stream.subject, durable="bounded", cb=handle, manual_ack=True,
+        config=ConsumerConfig(max_deliver=4),
+    )  # fmt: skip
+    async with served(conn, handle, stream.name, "bounded"):
+        await conn.js.publish(stream.subject, b"A")
+        await parker.wait(b"A", 2)
+    info = await conn.js.consumer_info(PARK_STREAM, due_consumer_name(stream.name, "bounded"))
+    assert info.config.max_deliver == 4  # a poison message is not retried without end
+
+
+async def test_serve_parked_refuses_what_it_could_never_serve(
+    conn: Connection, stream: Stream
+) -> None:
+    handle = with_delay_cap(CAP)(Parker())
+    with pytest.raises(ValueError, match="no consumer 'nobody'"):
+        await serve_parked(conn.js, handle, stream=stream.name, consumer="nobody")
+    sub = await conn.js.subscribe(stream.subject, cb=handle)  # ephemeral
+    info = await sub.consumer_info()
+    with pytest.raises(ValueError, match="not a durable consumer"):
+        await serve_parked(conn.js, handle, stream=stream.name, consumer=info.name)
+    with pytest.raises(ValueError, match="concurrency"):
+        await serve_parked(conn.js, handle, stream=stream.name, consumer="x", concurrency=0)

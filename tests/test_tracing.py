@@ -446,5 +446,9 @@ async def test_a_parked_message_runs_in_a_span_linked_to_the_one_that_parked_it(
     assert unparked.attributes["natsmw.delay.late_s"] >= 0  # type: ignore[index,operator]
     assert [link.context.span_id for link in final.links] == [deferring.context.span_id]
     assert final.attributes["messaging.destination.name"] == stream.subject  # type: ignore[index]
+    # The due copy is reported as the original: its stream, consumer and sequence.
+    assert final.attributes["messaging.nats.stream.name"] == stream.name  # type: ignore[index]
+    assert final.attributes["messaging.consumer.group.name"] == "parked"  # type: ignore[index]
+    assert final.attributes["messaging.nats.message.delivery_count"] == 2  # type: ignore[index]
     assert telemetry.metric("natsmw.delay.parked")[0].value == 1
     assert telemetry.metric("natsmw.delay.unparked")[0].value == 1

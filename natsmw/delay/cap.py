@@ -114,6 +114,7 @@ class _Found:
     recorded: bool  # whether the deferral is (or is to be) kept in the store
     known: bool = True  # False: the store could not be asked, and nothing is known locally
     parked: bool = False  # a schedule of this message waits in the park stream
+    entry: Remembered | None = None  # what this instance remembered of it, if anything
 
 
 _NOTHING = _Found(None, recorded=False)
@@ -214,10 +215,22 @@ class DelayCap:
         stream, consumer, sequence, delivery = msg.position
         key = _new_key((stream, consumer, sequence))
         header = self._header_deferral(msg)
-        entry = self._memory.recall(key, real._client, delivery)
+        found = await self._gather(msg, key, delivery, header)
+        if found is not _NOTHING and await self._kept_back(msg, key, found, delivery):
+            return
+        await self._run(
+            msg, key, delivery, found.deferral, call_next, calls_before=0, shown=delivery
+        )
+
+    async def _gather(
+        self, msg: MessageProxy, key: DeadlineKey, delivery: int, header: Deferral | None
+    ) -> _Found:
+        """What is known of this delivery's deadline: from the header, this instance's memory,
+        or the store."""
+        entry = self._memory.recall(key, msg.__wrapped__._client, delivery)
         if header is None and entry is None and delivery == 1:
-            found = _NOTHING  # the hot path: nothing to look up for a first, plain delivery
-        elif (
+            return _NOTHING  # the hot path: nothing to look up for a first, plain delivery
+        if (
             header is None
             and entry is not None
             and entry.deferral is not None
@@ -225,14 +238,8 @@ class DelayCap:
         ):
             # The usual hold, on the instance that deferred the message: only a handler run
             # can move a deadline, and none ran since this instance last saw the message.
-            found = _Found(entry.deferral, recorded=True)
-        else:
-            found = await self._find(msg, key, delivery, header, entry)
-        if found is not _NOTHING and await self._kept_back(msg, key, found, delivery, entry):
-            return
-        await self._run(
-            msg, key, delivery, found.deferral, call_next, calls_before=0, shown=delivery
-        )
+            return _Found(entry.deferral, recorded=True, entry=entry)
+        return await self._find(msg, key, delivery, header, entry)
 
     async def _run(
         self,
@@ -274,7 +281,6 @@ class DelayCap:
         key: DeadlineKey,
         found: _Found,
         delivery: int,
-        entry: Remembered | None,
     ) -> bool:
         """Hold or park the delivery if its deadline is ahead (or unknown); say whether it was."""
         if found.parked:
@@ -335,7 +341,7 @@ class DelayCap:
             return True
         await self._hold(msg, decision, delivery, remaining or 0.0, limits)
         if found.recorded:
-            self._memory.held(key, entry, msg.__wrapped__._client, deferral, delivery)
+            self._memory.held(key, found.entry, msg.__wrapped__._client, deferral, delivery)
         return True
 
     # -- finding the deadline ---------------------------------------------------------------
@@ -353,7 +359,7 @@ class DelayCap:
             return _Found(header, recorded=False)
         if entry is not None and entry.deferral is not None and entry.deferral.deadline > now:
             # Only a handler run can move a deadline, and no handler runs before this one.
-            return _Found(entry.deferral, recorded=True)
+            return _Found(entry.deferral, recorded=True, entry=entry)
         if entry is not None and entry.last_delivery == delivery - 1:
             # This instance saw every delivery since it last looked: nobody else ran the
             # handler, so what it knows is all there is.
@@ -466,6 +472,8 @@ class DelayCap:
     # -- due messages (parked, now back) ------------------------------------------------------
 
     async def _due(self, msg: MessageProxy, due: DueMsg, call_next: Handler) -> None:
+        """A parked message is back. Its park deadline is kept like a header's; a deadline the
+        handler asked for on an earlier run of the due copy (a hold) is kept as any other."""
         parked = due.parked
         remaining = parked.deadline - time.time()
         if 0 < remaining <= _EARLY_WAIT:
@@ -473,21 +481,25 @@ class DelayCap:
             remaining = parked.deadline - time.time()
         position = msg.position  # the due copy's: that is what gets settled
         key = DeadlineKey(position.stream, position.consumer, position.stream_sequence)
-        if remaining > 0:
-            # Far too early (clocks apart): held like a deadline from a header.
-            found = _Found(Deferral(deadline=parked.deadline), recorded=False)
-            if await self._kept_back(msg, key, found, position.delivered, None):
-                return
-        self.stats.unparked += 1
-        msg.report(
-            "natsmw.delay.unparked",
-            {"natsmw.delay.deadline": _iso(parked.deadline),
-             "natsmw.delay.late_s": round(max(-remaining, 0.0), 3),
-             "natsmw.delay.handler_calls_before": parked.calls,
-             "messaging.nats.message.delivery_count": due.metadata.num_delivered},
-            link=parked.traceparent,
-        )  # fmt: skip
-        await self._run(msg, key, position.delivered, None, call_next,
+        delivery = position.delivered
+        # Far too early (clocks apart): held like a deadline from a header.
+        header = Deferral(deadline=parked.deadline) if remaining > 0 else None
+        found = await self._gather(msg, key, delivery, header)
+        if found is not _NOTHING and await self._kept_back(msg, key, found, delivery):
+            return
+        deferral = found.deferral
+        if (deferral is None and delivery == 1) or (header is not None and deferral is header):
+            # The first run since the park (later runs of the due copy are its redeliveries).
+            self.stats.unparked += 1
+            msg.report(
+                "natsmw.delay.unparked",
+                {"natsmw.delay.deadline": _iso(parked.deadline),
+                 "natsmw.delay.late_s": round(max(time.time() - parked.deadline, 0.0), 3),
+                 "natsmw.delay.handler_calls_before": parked.calls,
+                 "messaging.nats.message.delivery_count": due.metadata.num_delivered},
+                link=parked.traceparent,
+            )  # fmt: skip
+        await self._run(msg, key, delivery, deferral, call_next,
                         calls_before=parked.calls, shown=due.metadata.num_delivered)  # fmt: skip
 
     # -- holding ----------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from nats.js.errors import APIError, NotFoundError
 from natsmw.chain import Handler
 from natsmw.delay.deadline import format_deadline
 from natsmw.errors import ParkError
+from natsmw.message import Position, StandInMsg
 
 __all__ = [
     "DEFAULT_RETENTION",
@@ -141,7 +142,7 @@ class Parked:
         return f"{_DUE}.{self.stream}.{self.consumer}.{self.sequence}"
 
 
-class DueMsg(Msg):
+class DueMsg(StandInMsg):
     """A parked message that is due, as handlers see it.
 
     ``subject``, ``data`` and ``headers`` are the original's; ``metadata`` names the original
@@ -188,6 +189,9 @@ def due_message(copy: Msg) -> DueMsg:
         domain=meta.domain,
     )
     due.parked = parked
+    due.original = Position(
+        parked.stream, parked.consumer, parked.sequence, parked.delivered + meta.num_delivered
+    )
     return due
 
 
@@ -426,7 +430,7 @@ class ParkedServing:
         *,
         manual_ack: bool,
         retention: float,
-        batch: int,
+        concurrency: int,
         alive: Any = None,
     ) -> None:
         self.stream = stream
@@ -435,7 +439,7 @@ class ParkedServing:
         self._handler = handler
         self._manual_ack = manual_ack
         self._retention = retention
-        self._batch = batch
+        self._concurrency = concurrency
         self._alive = alive  # stop when this returns False (an install's subscription)
         _servings.add(self)
         self._key = (stream, consumer)
@@ -494,16 +498,18 @@ class ParkedServing:
                 _unregister(client, self._key)
 
     async def _pull(self, puller: DuePuller) -> None:
+        """Keep up to ``concurrency`` due messages in the handler; pull only what can start at
+        once (a message that waited here would spend its ack_wait, then go elsewhere too)."""
         try:
             while not self._gone():
-                copies = await puller.pull(self._batch, wait=1.0)
-                if not copies:
+                free = self._concurrency - len(self._running)
+                if free <= 0:
+                    await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                tasks = {asyncio.create_task(self._handle(copy)) for copy in copies}
-                self._running.update(tasks)
-                for task in tasks:
+                for copy in await puller.pull(free, wait=1.0):
+                    task = asyncio.create_task(self._handle(copy))
+                    self._running.add(task)
                     task.add_done_callback(self._running.discard)
-                await asyncio.wait(tasks)  # not gather: stop() must not cancel a handler
         finally:
             await puller.close()
 
@@ -527,8 +533,17 @@ class ParkedServing:
 _WAIT_FOR_STREAM = 10.0
 
 
+class _NoParkStream(ParkError):
+    """``natsmw_parked`` does not exist (yet): nothing was ever parked on this server."""
+
+
 async def due_subscription(
-    client_ref: weakref.ReferenceType[Client], stream: str, consumer: str, retention: float
+    client_ref: weakref.ReferenceType[Client],
+    stream: str,
+    consumer: str,
+    retention: float,
+    *,
+    wait_for_stream: bool = True,
 ) -> Any:
     """A pull subscription to the due messages of ``stream``/``consumer``, on natsmw's
     durable consumer of them; ``None`` if the original consumer is not durable.
@@ -549,7 +564,8 @@ async def due_subscription(
             await asyncio.wait_for(js.stream_info(PARK_STREAM), 2.0)
             break
         except NotFoundError:
-            pass
+            if not wait_for_stream:
+                raise _NoParkStream(f"no stream {PARK_STREAM!r} yet") from None
         del client, js
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(parks.created.wait(), _WAIT_FOR_STREAM)
@@ -564,7 +580,8 @@ async def due_subscription(
         ack_policy=AckPolicy.EXPLICIT,
         # A handler gets as long with a due copy as with the original.
         ack_wait=info.config.ack_wait,
-        max_deliver=-1,
+        # As many deliveries again as the original allows: a poison message stays bounded.
+        max_deliver=info.config.max_deliver or -1,
         inactive_threshold=retention,
     )
     try:
@@ -598,7 +615,6 @@ class DuePuller:
         self._inbox = client.new_inbox()
         self._taken: list[Msg] = []
         self._answered = asyncio.Event()
-        self._wanted = 0
         self._sub: Any = None
 
     async def open(self) -> None:
@@ -616,14 +632,12 @@ class DuePuller:
             self._answered.set()  # no (more) messages, or the request expired
             return
         self._taken.append(msg)
-        if len(self._taken) >= self._wanted:
-            self._answered.set()
+        self._answered.set()  # hand it over at once; the rest of the batch follows
 
     async def pull(self, batch: int, wait: float | None) -> list[Msg]:
         """Up to ``batch`` due messages: those there are now (``wait`` None), or waiting up to
         ``wait`` seconds for the first."""
         if not self._taken:
-            self._wanted = batch
             self._answered.clear()
             request: dict[str, Any] = {"batch": batch}
             if wait is None:
@@ -678,15 +692,19 @@ class DueFetcher:
         try:
             if self._puller is None:
                 self._puller = await asyncio.wait_for(
-                    due_subscription(self._client, *self._key, DEFAULT_RETENTION), 0.5
+                    due_subscription(
+                        self._client, *self._key, DEFAULT_RETENTION, wait_for_stream=False
+                    ),
+                    2.0,
                 )
                 if self._puller is None:
                     self.close()  # an ephemeral consumer: never parked, nothing to take
                     return []
             copies = await self._puller.pull(batch, wait=None)
+        except _NoParkStream:
+            self._next_poll = now + _WAIT_FOR_STREAM / 2  # nothing was ever parked here
+            return []
         except asyncio.TimeoutError:
-            if self._puller is None:  # no park stream yet: nothing was ever parked here
-                self._next_poll = now + _WAIT_FOR_STREAM / 2
             return []
         except (NatsError, ParkError, OSError) as error:
             log.warning("cannot fetch due messages of %s/%s: %r", *self._key, error)
@@ -724,7 +742,7 @@ async def serve_parked(
     stream: str,
     consumer: str,
     manual_ack: bool = False,
-    batch: int = 16,
+    concurrency: int = 1,
 ) -> ParkedServing:
     """Serve the parked messages of a durable consumer when they are due, through ``handler``.
 
@@ -745,20 +763,35 @@ async def serve_parked(
         stream, consumer: the original stream and durable consumer.
         manual_ack: as for ``js.subscribe``: when false, a due message the handler returns
             from without settling is acked, as nats-py's auto-ack would.
-        batch: due messages fetched, and handled concurrently, at a time.
+        concurrency: due messages handled at once. 1, the default, handles them one after
+            the other, as nats-py calls a subscription's callback.
 
     Raises:
         TypeError: ``handler`` is not callable.
-        ValueError: ``stream`` or ``consumer`` is empty or not a valid name, ``batch`` < 1.
+        ValueError: ``stream`` or ``consumer`` is empty or not a valid name, the consumer does
+            not exist or is not durable (nothing of it is ever parked), or ``concurrency`` < 1.
+        nats.errors.Error: the consumer's info could not be read.
     """
     if not callable(handler):
         raise TypeError(f"handler must be an async message handler, got {handler!r}")
     for what, name in (("stream", stream), ("consumer", consumer)):
         if not isinstance(name, str) or not name or any(c in name for c in ".*> \t\r\n"):
             raise ValueError(f"{what} must be a JetStream {what} name, got {name!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a whole number of at least 1, got {batch!r}")
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be a whole number of at least 1, got {concurrency!r}")
     client = connection._nc if isinstance(connection, JetStreamContext) else connection
+    try:
+        info = await Client.jetstream(client).consumer_info(stream, consumer, timeout=2.0)
+    except NotFoundError:
+        raise ValueError(
+            f"no consumer {consumer!r} on stream {stream!r}: serve_parked needs the durable "
+            f"consumer the handler reads (subscribe first, then serve)"
+        ) from None
+    if not info.config.durable_name:
+        raise ValueError(
+            f"{stream}/{consumer} is not a durable consumer: nothing of it is ever parked "
+            f"(it may be gone before a deadline), so there is nothing to serve"
+        )
     return ParkedServing(
         client,
         handler,
@@ -766,5 +799,5 @@ async def serve_parked(
         consumer,
         manual_ack=manual_ack,
         retention=DEFAULT_RETENTION,
-        batch=batch,
+        concurrency=concurrency,
     )
