@@ -103,13 +103,16 @@ async def run_demo() -> int:
         say(
             f"The legacy handler asks for a {REVIEW_DELAY:.0f}s delay on large orders "
             f"(think: 3 hours). It is wrapped in with_delay_cap({CAP}), so the server never "
-            f"sees a nak longer than {CAP}s, and the handler never sees the order early."
+            f"sees a nak longer than {CAP}s, and the handler never sees the order early. "
+            f"This demo shows the hold tier (parking=False); examples/parking.py shows long "
+            f"delays parked in the server's own scheduler."
         )
 
         done = asyncio.Event()
         billed: dict[int, float] = {}
         asked: dict[int, float] = {}
-        cap = with_delay_cap(CAP)
+        # The hold tier, shown nak by nak; examples/parking.py shows the park tier.
+        cap = with_delay_cap(CAP, parking=False)
 
         # A legacy handler, unchanged: large orders wait for a review, then get billed.
         spans = InMemorySpanExporter()

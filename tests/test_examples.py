@@ -21,4 +21,4 @@ def test_example_runs(example: Path) -> None:
 
 
 def test_every_example_is_collected() -> None:
-    assert {e.name for e in EXAMPLES} >= {"legacy_handler.py", "tracing_console.py"}
+    assert {e.name for e in EXAMPLES} >= {"legacy_handler.py", "parking.py", "tracing_console.py"}
