@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from natsmw.chain import Handler, Middleware
-from natsmw.delay.park import DEFAULT_RETENTION, DueFetcher, ParkedServing
+from natsmw.delay.park import DEFAULT_RETENTION, DueFetcher, ParkedServing, stop_serving
 from natsmw.errors import NatsmwError
 from natsmw.headers import Undecoded, can_defer, lazy_message_class
 from natsmw.message import MessageProxy
@@ -90,6 +90,7 @@ def install(nc: Client, *, lazy_headers: bool = True, chain: Middleware | None =
         nc._process_headers = wrapt.FunctionWrapper(nc._process_headers, _defer_decoding)  # type: ignore[method-assign]
     if chain is not None:
         nc.subscribe = wrapt.FunctionWrapper(nc.subscribe, _chained_subscribe(chain))  # type: ignore[method-assign]
+        nc.drain = wrapt.FunctionWrapper(nc.drain, _draining)  # type: ignore[method-assign]
         nc.jetstream = wrapt.FunctionWrapper(nc.jetstream, _chained_jetstream())  # type: ignore[method-assign]
     _installed[nc] = installation
 
@@ -106,7 +107,7 @@ def uninstall(nc: Client) -> None:
     if installation is None:
         return
     instance = vars(nc)
-    for name in ("_process_headers", "subscribe", "jetstream"):
+    for name in ("_process_headers", "subscribe", "jetstream", "drain"):
         if isinstance(instance.get(name), wrapt.FunctionWrapper):
             del instance[name]
     if installation.lazy_headers:
@@ -179,6 +180,15 @@ def _chained_jetstream() -> Any:
     return jetstream
 
 
+async def _draining(
+    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    # As drain() lets each callback finish, due messages being handled finish (and are
+    # settled) before the connection goes: else another instance would handle them again.
+    await stop_serving(wrapped.__self__)
+    return await wrapped(*args, **kwargs)
+
+
 def _serving_subscribe(nc: Client) -> Any:
     async def subscribe(
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -210,12 +220,20 @@ def _chained_pull_subscribe(nc: Client) -> Any:
             dues = DueFetcher(nc, psub._stream, psub._consumer)
             weakref.finalize(psub, dues.close)
             psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(chain, dues))
+            psub.unsubscribe = wrapt.FunctionWrapper(psub.unsubscribe, _closing(dues))
         return psub
 
     return pull_subscribe_bind
 
 
-_DUE_CHECK = 1.0  # while serving due messages, a long fetch waits in slices of this
+def _closing(dues: DueFetcher) -> Any:
+    async def unsubscribe(
+        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        await dues.aclose()  # natsmw's own pull of due messages goes with the subscription
+        return await wrapped(*args, **kwargs)
+
+    return unsubscribe
 
 
 def _chained_fetch(chain: Middleware, dues: DueFetcher) -> Any:
@@ -234,14 +252,7 @@ def _chained_fetch(chain: Middleware, dues: DueFetcher) -> Any:
                 if released:
                     return released
             left = None if deadline is None else max(deadline - loop.time(), 0.001)
-            sliced = left if not dues.serving else min(left or _DUE_CHECK, _DUE_CHECK)
-            try:
-                msgs = await wrapped(batch, sliced, *rest, **kwargs)
-            except nats.errors.TimeoutError:
-                if sliced == left:
-                    raise
-                msgs = []  # a slice ended: look for due messages, then wait on
-            released = await _through_chain(chain, msgs)
+            released = await _through_chain(chain, await wrapped(batch, left, *rest, **kwargs))
             if released:
                 return released
             # Everything fetched was held or rejected: fetch again within the caller's

@@ -14,7 +14,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from natsmw import (
     Handler,
@@ -259,14 +259,14 @@ async def test_pull_fetch_under_install_returns_due_messages(
         deadline = time.time() + 10
         while len(parker.of(b"A")) < 2 and time.time() < deadline:
             with contextlib.suppress(nats.errors.TimeoutError):
-                for msg in await psub.fetch(1, timeout=5):
+                for msg in await psub.fetch(1, timeout=0.5):
                     await parker(msg)
         await psub.unsubscribe()  # else nats-py's drain waits on what fetch took
     finally:
         uninstall(conn.nc)
     _first, second = parker.of(b"A")
     assert second.at >= parker.asked_at[b"A"] + PARK
-    assert second.at < parker.asked_at[b"A"] + PARK + 1.5  # the 5 s fetch did not sit on it
+    assert second.at < parker.asked_at[b"A"] + PARK + 1.5  # returned by the next fetch
     assert second.headers == {"Nats-Msg-Id": "a-1", "K": "v"}
     assert second.handler_calls == 2
 
@@ -622,3 +622,83 @@ async def test_serve_parked_refuses_what_it_could_never_serve(
         await serve_parked(conn.js, handle, stream=stream.name, consumer=info.name)
     with pytest.raises(ValueError, match="concurrency"):
         await serve_parked(conn.js, handle, stream=stream.name, consumer="x", concurrency=0)
+
+
+async def test_a_new_message_on_a_recreated_stream_is_not_taken_for_a_parked_one(
+    alone: tuple[Connection, Stream],
+) -> None:
+    """A stream deleted and recreated under its name starts its sequences again: a new
+    message 1 that comes back (its first delivery was never settled) is handled, not acked
+    as if it were the parked message 1 of the old stream."""
+    conn, stream = alone
+    parker = Parker(delay=4.0, only=b"old")
+    handle = with_delay_cap(CAP)(parker)
+    config = ConsumerConfig(durable_name="gen", ack_wait=1.0)
+    await conn.js.add_consumer(stream.name, config)
+    psub = await conn.js.pull_subscribe_bind("gen", stream.name)
+    async with served(conn, handle, stream.name, "gen"):
+        await conn.js.publish(stream.subject, b"old")
+        (old,) = await psub.fetch(1, timeout=2)
+        await handle(old)  # parked
+        await psub.unsubscribe()
+        await conn.js.delete_stream(stream.name)
+        await conn.js.add_stream(name=stream.name, subjects=[stream.wildcard])
+        await conn.js.add_consumer(stream.name, config)
+        psub = await conn.js.pull_subscribe_bind("gen", stream.name)
+        ack = await conn.js.publish(stream.subject, b"new")
+        assert ack.seq == 1  # the sequence of the parked "old"
+        await psub.fetch(1, timeout=2)  # delivered, never settled: back after ack_wait
+        (again,) = await psub.fetch(1, timeout=5)
+        assert again.metadata.num_delivered == 2
+        await handle(again)
+        await psub.unsubscribe()
+        _, old_again = await parker.wait(b"old", 2)
+    (new,) = parker.of(b"new")
+    assert new.num_delivered == 2  # handled, not acked as "parked already"
+    assert old_again.at >= parker.asked_at[b"old"] + 4.0  # and the parked one still came back
+
+
+async def test_an_ack_all_consumer_holds_rather_than_ack_earlier_messages(
+    conn: Connection, stream: Stream
+) -> None:
+    parker = Parker(delay=1.0, only=b"B")
+    cap = with_delay_cap(CAP)
+    handle = cap(parker)
+    await conn.js.subscribe(
+        stream.subject, durable="all", cb=handle, manual_ack=True,
+        config=ConsumerConfig(ack_policy=AckPolicy.ALL),
+    )  # fmt: skip
+    async with served(conn, handle, stream.name, "all"):
+        await conn.js.publish(stream.subject, b"B")
+        await parker.wait(b"B", 2)
+    assert cap.stats.parked == 0
+    assert cap.stats.holds >= 3
+
+
+async def test_a_header_named_status_does_not_hide_a_due_message(
+    conn: Connection, stream: Stream
+) -> None:
+    parker = Parker(delay=1.0)
+    handle = with_delay_cap(CAP)(parker)
+    await conn.js.subscribe(stream.subject, durable="status", cb=handle, manual_ack=True)
+    async with served(conn, handle, stream.name, "status"):
+        await conn.js.publish(stream.subject, b"A", headers={"Status": "shipped"})
+        _, second = await parker.wait(b"A", 2)
+    assert second.headers == {"Status": "shipped"}
+
+
+async def test_a_body_too_big_to_park_is_held_and_the_connection_stays(
+    conn: Connection, stream: Stream
+) -> None:
+    parker = Parker(delay=1.0)
+    cap = with_delay_cap(CAP)
+    handle = cap(parker)
+    body = b"x" * (conn.nc.max_payload - 200)  # fits as it is; not with natsmw's park headers
+    await conn.js.subscribe(stream.subject, durable="big", cb=handle, manual_ack=True)
+    async with served(conn, handle, stream.name, "big"):
+        await conn.js.publish(stream.subject, body, headers={"K": "v"})
+        await parker.wait(body, 2)
+    assert cap.stats.park_fallbacks == 1  # said once, when the handler asked
+    assert cap.stats.parked == 0
+    assert conn.nc.is_connected
+    assert conn.errors == []

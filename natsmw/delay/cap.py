@@ -281,13 +281,18 @@ class DelayCap:
         key: DeadlineKey,
         found: _Found,
         delivery: int,
+        *,
+        may_park: bool = True,
     ) -> bool:
         """Hold or park the delivery if its deadline is ahead (or unknown); say whether it was."""
         if found.parked:
             # Parked before, and the ack of the original was lost: the copy in the park
             # stream carries its future. Settle the original without calling the handler.
-            log.info("%s seq %s is parked already: acking the redelivered original",
-                     msg.subject, key.sequence)  # fmt: skip
+            log.warning(
+                "%s seq %s came back, but it is parked already (the ack after parking was lost): "
+                "acking it without calling the handler; the parked copy runs at the deadline",
+                msg.subject, key.sequence,
+            )  # fmt: skip
             self._memory.gone(key)
             await msg.ack()
             return True
@@ -304,7 +309,10 @@ class DelayCap:
         if limits is None:
             limits = await self._limits_of(msg, key)
         parkable = (
-            remaining is not None and self.park_after is not None and remaining > self.park_after
+            may_park
+            and remaining is not None
+            and self.park_after is not None
+            and remaining > self.park_after
         )
         decision = delivery_decision(
             remaining,
@@ -379,7 +387,7 @@ class DelayCap:
             stored = None
         if stored is not None:
             return _Found(stored, recorded=True)
-        if header is None and await self._parked_already(msg, key):
+        if await self._parked_already(msg, key):
             return _PARKED
         return _Found(header, recorded=False)
 
@@ -389,8 +397,11 @@ class DelayCap:
         client = msg.__wrapped__._client
         if self.park_after is None or not is_served(client, key.stream, key.consumer):
             return False
+        stored_at = msg.metadata.timestamp.timestamp()
         try:
-            return await park_stream(client).holds(key.stream, key.consumer, key.sequence)
+            return await park_stream(client).holds(
+                key.stream, key.consumer, key.sequence, stored_at
+            )
         except ParkError as error:
             log.warning("cannot tell whether %s is parked (%s): handling it", key, error)
             return False
@@ -447,10 +458,14 @@ class DelayCap:
                     origin.stream, origin.consumer,
                 )  # fmt: skip
             return None
-        if real.__class__ is not DueMsg and not limits.durable:
-            return None  # an ephemeral consumer may be gone before the message is due
+        if real.__class__ is not DueMsg and not (limits.durable and limits.ack_explicit):
+            # An ephemeral consumer may be gone before the message is due; on an ack-all
+            # consumer the ack of a parked original would ack every earlier message too.
+            return None
         if park_stream(real._client).refused:
             return None  # refused a moment ago, and said so: hold without asking again
+        if _too_big_to_park(real):
+            return None  # said once, when the handler asked (_defer)
         return self.park_after
 
     def _after_call(
@@ -471,6 +486,30 @@ class DelayCap:
 
     # -- due messages (parked, now back) ------------------------------------------------------
 
+    async def _parked_again(
+        self, msg: MessageProxy, due: DueMsg, key: DeadlineKey, delivery: int
+    ) -> bool:
+        """A redelivered due copy whose handler parked the message again (the ack of the
+        copy was lost): the new schedule carries its future; ack the copy, call nothing."""
+        if self._memory.recall(key, due._client, delivery) is not None:
+            return False  # this instance followed it: no park since
+        parked = due.parked
+        try:
+            again = await park_stream(due._client).holds(
+                parked.stream, parked.consumer, parked.sequence, parked.stored_at, due=False
+            )
+        except ParkError as error:
+            log.warning("cannot tell whether %s was parked again (%s): handling it", key, error)
+            return False
+        if again:
+            log.warning(
+                "%s seq %s: a due copy came back, but the message is parked again (the ack "
+                "after parking was lost): acking the copy without calling the handler",
+                due.subject, parked.sequence,
+            )  # fmt: skip
+            await msg.ack()
+        return again
+
     async def _due(self, msg: MessageProxy, due: DueMsg, call_next: Handler) -> None:
         """A parked message is back. Its park deadline is kept like a header's; a deadline the
         handler asked for on an earlier run of the due copy (a hold) is kept as any other."""
@@ -482,10 +521,15 @@ class DelayCap:
         position = msg.position  # the due copy's: that is what gets settled
         key = DeadlineKey(position.stream, position.consumer, position.stream_sequence)
         delivery = position.delivered
-        # Far too early (clocks apart): held like a deadline from a header.
+        if delivery > 1 and await self._parked_again(msg, due, key, delivery):
+            return
+        # Far too early (this host's clock is ahead of the server's): held like a deadline
+        # from a header, never parked again (the server would fire it at once, again).
         header = Deferral(deadline=parked.deadline) if remaining > 0 else None
         found = await self._gather(msg, key, delivery, header)
-        if found is not _NOTHING and await self._kept_back(msg, key, found, delivery):
+        if found is not _NOTHING and await self._kept_back(
+            msg, key, found, delivery, may_park=header is None
+        ):
             return
         deferral = found.deferral
         if (deferral is None and delivery == 1) or (header is not None and deferral is header):
@@ -636,6 +680,18 @@ class DelayCap:
         the deadline and cap the nak."""
         deadline = time.time() + delay
         traceparent = _traceparent(msg)
+        if (
+            self.park_after is not None
+            and delay > self.park_after
+            and _too_big_to_park(msg.message)
+        ):
+            self.stats.park_fallbacks += 1
+            log.warning(
+                "%s seq %s is too big to park (%d bytes, max_payload %d with natsmw's headers): "
+                "holding it with naks of at most %.3fs instead",
+                msg.subject, _seq(msg), len(msg.message.data), msg.message._client.max_payload,
+                self.cap,
+            )  # fmt: skip
         limits = await self._limits_of(msg, key)
         decision = nak_decision(
             delay,
@@ -767,8 +823,20 @@ def _traceparent(msg: MessageProxy) -> str | None:
 _W3C = TraceContextTextMapPropagator()
 
 
+# What natsmw adds to a parked copy (its record, the schedule headers), with room to spare.
+_PARK_OVERHEAD = 4096
+
+
+def _too_big_to_park(real: Msg) -> bool:
+    limit = getattr(real._client, "max_payload", 0) or 0
+    return bool(limit) and len(real.data) + _PARK_OVERHEAD > limit
+
+
 def _iso(moment: float) -> str:
-    return format_deadline(datetime.fromtimestamp(moment, timezone.utc))
+    try:
+        return format_deadline(datetime.fromtimestamp(moment, timezone.utc))
+    except (ValueError, OverflowError, OSError):
+        return f"unix {moment:.0f}"  # past year 9999: still say it, do not fail the nak
 
 
 def _seq(msg: MessageProxy) -> int:

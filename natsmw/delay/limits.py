@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from nats.js.api import AckPolicy
 
 __all__ = ["ConsumerLimits", "Limits"]
 
@@ -26,15 +27,18 @@ class Limits:
     Attributes:
         max_deliver: deliveries allowed per message; ``None``: unlimited.
         durable: whether the consumer is durable (a parked message can find it again).
+        ack_explicit: whether each message is acked on its own (not ack-all: there, the ack
+            of a parked original would ack every earlier message too).
         known: ``False`` when the info could never be read: nothing is proven safe.
     """
 
     max_deliver: int | None
     durable: bool
+    ack_explicit: bool = True
     known: bool = True
 
 
-UNKNOWN = Limits(max_deliver=None, durable=False, known=False)
+UNKNOWN = Limits(max_deliver=None, durable=False, ack_explicit=False, known=False)
 
 
 class ConsumerLimits:
@@ -82,6 +86,7 @@ class ConsumerLimits:
         value = Limits(
             max_deliver=limit if limit is not None and limit > 0 else None,
             durable=bool(info.config.durable_name),
+            ack_explicit=info.config.ack_policy in (None, AckPolicy.EXPLICIT),
         )
         known[(stream, consumer)] = (value, time.monotonic() + _TTL)
         return value

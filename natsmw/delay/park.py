@@ -134,12 +134,23 @@ class Parked:
         return parked
 
     @property
+    def generation(self) -> str:
+        """The original's store time in microseconds: with the sequence, it names one message
+        even when a stream is recreated under the same name and its sequences start again."""
+        return str(round(self.stored_at * 1e6))
+
+    @property
     def schedule_subject(self) -> str:
-        return f"{_SCHEDULE}.{self.stream}.{self.consumer}.{self.sequence}"
+        return schedule_subject(self.stream, self.consumer, self.sequence, self.stored_at)
 
     @property
     def due_subject(self) -> str:
-        return f"{_DUE}.{self.stream}.{self.consumer}.{self.sequence}"
+        return f"{_DUE}.{self.stream}.{self.consumer}.{self.sequence}.{self.generation}"
+
+
+def schedule_subject(stream: str, consumer: str, sequence: int, stored_at: float) -> str:
+    """The subject of the schedule of one message: one per message, so a re-park replaces."""
+    return f"{_SCHEDULE}.{stream}.{consumer}.{sequence}.{round(stored_at * 1e6)}"
 
 
 class DueMsg(StandInMsg):
@@ -320,6 +331,10 @@ class ParkStream:
         Raises:
             ParkError: not stored (the reason is in the message); the original must be kept.
         """
+        if parked.deadline > _LATEST:
+            raise ParkError(
+                f"the deadline {parked.deadline!r} is past what the server can schedule"
+            )
         await self.ensure()
         schedule = {
             **_kept_headers(headers),
@@ -328,17 +343,36 @@ class ParkStream:
             "Nats-Schedule-Target": parked.due_subject,
             "Nats-Schedule-TTL": f"{max(round(self.retention), 1)}s",
         }
+        client = self._client()
+        limit = getattr(client, "max_payload", 0) or 0
+        size = len(data) + sum(len(k) + len(v) + 4 for k, v in schedule.items()) + 16
+        if limit and size > limit:
+            # nats-py checks only the body, and the server closes the connection for good.
+            raise ParkError(f"the schedule would be {size} bytes, over max_payload {limit}")
         try:
             ack = await self._js().publish(
                 parked.schedule_subject, data, headers=schedule, timeout=self._timeout
             )
         except (NatsError, asyncio.TimeoutError, OSError) as error:
-            raise ParkError(f"the schedule was not stored: {error!r}") from error
+            if await self._stored(parked):
+                return  # only the answer was lost
+            raise ParkError(f"the schedule was not confirmed stored: {error!r}") from error
         if ack.stream != PARK_STREAM:
             raise ParkError(f"the schedule was stored in {ack.stream!r}, not {PARK_STREAM!r}")
 
-    async def holds(self, stream: str, consumer: str, sequence: int) -> bool:
-        """Whether a schedule or a due copy of this message is waiting in the stream.
+    async def _stored(self, parked: Parked) -> bool:
+        """Whether this very schedule is in the stream (a publish whose answer was lost)."""
+        try:
+            found = await self._js().get_last_msg(PARK_STREAM, parked.schedule_subject)
+        except (NatsError, asyncio.TimeoutError, OSError):
+            return False
+        return (found.headers or {}).get(PARKED_HEADER) == parked.to_header()
+
+    async def holds(
+        self, stream: str, consumer: str, sequence: int, stored_at: float, *, due: bool = True
+    ) -> bool:
+        """Whether a schedule or a due copy of this very message (the same store time, so not
+        one of an earlier stream of the same name) is waiting in the stream.
 
         ``False`` too when the stream does not exist: then nothing was ever parked here.
 
@@ -346,15 +380,25 @@ class ParkStream:
             ParkError: the stream could not be asked.
         """
         js = self._js()
-        for prefix in (_SCHEDULE, _DUE):
+        token = f"{stream}.{consumer}.{sequence}.{round(stored_at * 1e6)}"
+        for prefix in (_SCHEDULE, _DUE) if due else (_SCHEDULE,):
             try:
-                await js.get_last_msg(PARK_STREAM, f"{prefix}.{stream}.{consumer}.{sequence}")
-                return True
+                found = await js.get_last_msg(PARK_STREAM, f"{prefix}.{token}")
             except NotFoundError:
                 continue
             except (NatsError, asyncio.TimeoutError, OSError) as error:
                 raise ParkError(f"cannot read {PARK_STREAM!r}: {error!r}") from error
+            value = (found.headers or {}).get(PARKED_HEADER)
+            try:
+                if value is not None and Parked.from_header(value).stored_at == stored_at:
+                    return True
+            except ValueError:
+                pass  # not natsmw's: someone published there by hand
         return False
+
+
+# The server keeps schedule times as nanoseconds in an int64: it cannot schedule past 2262.
+_LATEST = datetime(2200, 1, 1, tzinfo=timezone.utc).timestamp()
 
 
 def _at(moment: float) -> str:
@@ -414,6 +458,12 @@ def _unregister(client: Client, key: tuple[str, str]) -> None:
 _servings: set[ParkedServing] = set()  # running: asyncio keeps only weak references to tasks
 
 
+async def stop_serving(client: Client) -> None:
+    """Stop every :class:`ParkedServing` of ``client``; due messages being handled finish."""
+    mine = [serving for serving in _servings if serving._client() is client]
+    await asyncio.gather(*(serving.stop() for serving in mine), return_exceptions=True)
+
+
 class ParkedServing:
     """Serving the due messages of one durable consumer; from :func:`serve_parked`.
 
@@ -442,6 +492,7 @@ class ParkedServing:
         self._concurrency = concurrency
         self._alive = alive  # stop when this returns False (an install's subscription)
         _servings.add(self)
+        self._registered = True
         self._key = (stream, consumer)
         self.ready = asyncio.Event()
         _register(client, self._key)
@@ -480,22 +531,36 @@ class ParkedServing:
                     puller = await due_subscription(self._client, *self._key, self._retention)
                     if puller is None:
                         return  # not a durable consumer: nothing of it is ever parked
+                    self._served(True)
                     self.ready.set()
                     wait = 0.1
                     await self._pull(puller)
                 except ParkError as error:
+                    self._served(False)
                     log.warning("cannot serve due messages of %s/%s: %s", *self._key, error)
                 except (NatsError, asyncio.TimeoutError, OSError) as error:
-                    log.warning("serving due messages of %s/%s: %r; retrying", *self._key, error)
+                    self._served(False)
+                    log.warning(
+                        "serving due messages of %s/%s: %r; retrying (meanwhile its long "
+                        "delays are held, not parked)", *self._key, error,
+                    )  # fmt: skip
                 except Exception:
                     # Serving must outlive any surprise: a parked message nobody serves is lost.
+                    self._served(False)
                     log.exception("serving due messages of %s/%s failed; retrying", *self._key)
                 await asyncio.sleep(wait)  # back off while the server is away
                 wait = min(wait * 2, 5.0)
         finally:
-            client = self._client()
-            if client is not None:
-                _unregister(client, self._key)
+            self._served(False)
+
+    def _served(self, serving: bool) -> None:
+        """Say whether this process serves the consumer: the delay cap parks only while it
+        does, so that nothing is parked while its serving fails."""
+        client = self._client()
+        if client is None or serving == self._registered:
+            return
+        self._registered = serving
+        (_register if serving else _unregister)(client, self._key)
 
     async def _pull(self, puller: DuePuller) -> None:
         """Keep up to ``concurrency`` due messages in the handler; pull only what can start at
@@ -628,7 +693,9 @@ class DuePuller:
                 await self._sub.unsubscribe()
 
     async def _received(self, msg: Msg) -> None:
-        if JetStreamContext.is_status_msg(msg):
+        # A message has an ack subject; a status line (404, 408, 409) has none. Not
+        # is_status_msg(): a message of the user's may carry a header named Status.
+        if not (msg.reply or "").startswith("$JS.ACK."):
             self._answered.set()  # no (more) messages, or the request expired
             return
         self._taken.append(msg)
@@ -666,16 +733,18 @@ class DueFetcher:
         self._durable = True
         _register(client, self._key)
 
-    @property
-    def serving(self) -> bool:
-        """Whether due messages may come (a durable consumer, with a park stream)."""
-        return self._durable and self._puller is not None
-
     def close(self) -> None:
         client = self._client()
-        if client is not None:
+        if client is not None and self._durable:
             _unregister(client, self._key)
         self._durable = False
+
+    async def aclose(self) -> None:
+        """Stop taking due messages, and unsubscribe natsmw's pull of them."""
+        self.close()
+        puller, self._puller = self._puller, None
+        if puller is not None:
+            await puller.close()
 
     async def take(self, batch: int) -> list[DueMsg]:
         """Due messages, at most ``batch``; asks the server at most every 250 ms when none
