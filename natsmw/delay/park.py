@@ -6,18 +6,20 @@ and headers and what natsmw knows of the message, and only once the server has c
 acks the original. The original leaves the consumer's ack-pending set at once and spends no
 delivery until it is due.
 
-At the deadline the server publishes the parked copy to ``natsmw.due.<stream>.<consumer>.<seq>``
+At the deadline the server publishes the parked copy to ``natsmw.due.<stream>.<consumer>...``
 in the same stream. A durable pull consumer of natsmw's, one per original durable consumer,
 hands each due message to one instance, which passes it through the same chain as a
 :class:`DueMsg`: the original subject, body, headers and identity, settled on the due copy.
 
 Layout of ``natsmw_parked`` (work-queue retention, schedules and per-message TTL on):
 
-* ``natsmw.park.<stream>.<consumer>.<seq>``: the schedule. One per message: a re-park
-  replaces it (the server rolls schedules up per subject), so a crash between storing it and
-  acking the original cannot make two.
-* ``natsmw.due.<stream>.<consumer>.<seq>``: the due copy, removed when acked; expires after
-  the retention if nobody serves it (its consumer expires after the same time of inactivity).
+* ``natsmw.park.<stream>.<consumer>.<seq>.<stored µs>``: the schedule. One per message (the
+  store time tells a recreated stream's messages apart): a re-park replaces it (the server
+  rolls schedules up per subject), so a crash between storing it and acking the original
+  cannot make two.
+* ``natsmw.due.<stream>.<consumer>.<seq>.<stored µs>``: the due copy, removed when acked;
+  expires after the retention if nobody serves it (its consumer expires after the same time
+  of inactivity).
 
 Stream and consumer names never contain ``.``, ``*``, ``>`` or whitespace, so they are used
 as subject tokens as they are.
