@@ -702,3 +702,33 @@ async def test_a_body_too_big_to_park_is_held_and_the_connection_stays(
     assert cap.stats.parked == 0
     assert conn.nc.is_connected
     assert conn.errors == []
+
+
+async def test_drain_under_install_lets_a_due_handler_finish_and_settle(
+    nats_server: NatsServer, stream: Stream, conn: Connection
+) -> None:
+    """A rolling deploy: drain() while a due message is in its handler. The handler finishes,
+    its ack reaches the server, and no other instance gets the message again."""
+    worker = await connect(nats_server.url)
+    started = asyncio.Event()
+    finished: list[bool] = []
+
+    async def legacy(msg: Msg) -> None:
+        if handler_calls(msg) == 1:
+            await msg.nak(delay=1.0)
+            return
+        started.set()
+        await asyncio.sleep(0.5)  # still working when the service shuts down
+        await msg.ack()
+        finished.append(True)
+
+    install(worker.nc, chain=with_delay_cap(CAP))
+    await worker.nc.jetstream().subscribe(
+        stream.subject, durable="deploy", cb=legacy, manual_ack=True
+    )
+    await conn.js.publish(stream.subject, b"A")
+    await asyncio.wait_for(started.wait(), 10)
+    await worker.nc.drain()
+
+    assert finished == [True]
+    assert await due_left(conn, stream.name, "deploy") == (0, 0)  # acked: nobody gets it again
