@@ -11,6 +11,7 @@ on the instance, so other clients in the process are untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import Iterator
@@ -25,7 +26,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from natsmw.chain import Handler, Middleware
-from natsmw.delay.park import DEFAULT_RETENTION, DueFetcher, ParkedServing, stop_serving
+from natsmw.delay.park import (
+    DEFAULT_RETENTION,
+    DueFetcher,
+    ParkedServing,
+    park_stream,
+    stop_serving,
+)
 from natsmw.errors import NatsmwError
 from natsmw.headers import Undecoded, can_defer, lazy_message_class
 from natsmw.message import MessageProxy
@@ -198,11 +205,16 @@ def _serving_subscribe(nc: Client) -> Any:
             # Due messages of this consumer go to the same (chained) callback. It is the one
             # nats-py subscribed with: with manual_ack=False it acks them itself.
             subs = nc._subs
-            ParkedServing(
+            serving = ParkedServing(
                 nc, sub._cb, sub._stream, sub._consumer,
                 manual_ack=True, retention=DEFAULT_RETENTION, concurrency=1,
                 alive=lambda: sub._id in subs,
             )  # fmt: skip
+            if await park_stream(nc).exists():
+                # Messages parked before are served from now on, and the first long delay
+                # of this subscription parks (it is held while the pull is not ready).
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(serving.ready.wait(), 2.0)
         return sub
 
     return subscribe

@@ -377,7 +377,7 @@ async def test_a_refused_park_stream_falls_back_to_holds_loudly(
     assert cap.stats.park_fallbacks == 1
     assert cap.stats.parked == 0
     assert cap.stats.holds >= 3
-    assert "could not park" in caplog.text
+    assert "held, not parked" in caplog.text
     assert "allow_msg_schedules" in caplog.text
 
 
@@ -732,3 +732,21 @@ async def test_drain_under_install_lets_a_due_handler_finish_and_settle(
 
     assert finished == [True]
     assert await due_left(conn, stream.name, "deploy") == (0, 0)  # acked: nobody gets it again
+
+
+async def test_serving_comes_back_when_its_due_consumer_is_deleted(
+    conn: Connection, stream: Stream
+) -> None:
+    """An operator deletes natsmw's consumer of due messages: serving notices (its pull has
+    no responder), makes it again, and what is parked after still comes back."""
+    parker = Parker(delay=1.0)
+    cap = with_delay_cap(CAP)
+    handle = cap(parker)
+    await conn.js.subscribe(stream.subject, durable="operator", cb=handle, manual_ack=True)
+    async with served(conn, handle, stream.name, "operator"):
+        await conn.js.delete_consumer(PARK_STREAM, due_consumer_name(stream.name, "operator"))
+        await conn.js.publish(stream.subject, b"A")
+        _, second = await parker.wait(b"A", 2)
+    assert second.at >= parker.asked_at[b"A"] + 1.0
+    assert second.handler_calls == 2
+    assert cap.stats.parked == 1  # parked while its serving was broken: and still back

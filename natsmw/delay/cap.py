@@ -45,7 +45,7 @@ from natsmw.delay.decision import (
 )
 from natsmw.delay.limits import ConsumerLimits, Limits
 from natsmw.delay.memory import Deliveries, Remembered
-from natsmw.delay.park import DueMsg, Parked, is_served, park_stream
+from natsmw.delay.park import LATEST_SCHEDULE, DueMsg, Parked, is_served, is_wanted, park_stream
 from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDeadlineStore
 from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlineStoreError, ParkError
@@ -313,7 +313,11 @@ class DelayCap:
             and remaining is not None
             and self.park_after is not None
             and remaining > self.park_after
+            and deferral is not None
+            and deferral.deadline < LATEST_SCHEDULE
         )
+        if parkable:
+            await self._prepare_parking(msg, key)
         decision = delivery_decision(
             remaining,
             cap=self.cap,
@@ -439,6 +443,26 @@ class DelayCap:
             client, key.stream, key.consumer, msg.metadata.domain or None
         )
 
+    async def _prepare_parking(self, msg: MessageProxy, key: DeadlineKey) -> None:
+        """Make the park stream if something here wants to serve this consumer but cannot
+        pull yet because the stream does not exist: this delivery is held, later ones park."""
+        real = msg.__wrapped__
+        origin = real.parked if real.__class__ is DueMsg else key
+        client = real._client
+        if is_served(client, origin.stream, origin.consumer):
+            return
+        if not is_wanted(client, origin.stream, origin.consumer):
+            return
+        parks = park_stream(client)
+        if parks.refused:
+            return
+        try:
+            await parks.ensure()
+        except ParkError as error:
+            self.stats.park_fallbacks += 1
+            log.warning("long delays on %s/%s are held, not parked: %s",
+                        origin.stream, origin.consumer, error)  # fmt: skip
+
     def _park_threshold(self, msg: MessageProxy, key: DeadlineKey, limits: Limits) -> float | None:
         """``park_after`` if this message can be parked, else ``None``.
 
@@ -450,6 +474,8 @@ class DelayCap:
         real = msg.__wrapped__
         origin = real.parked if real.__class__ is DueMsg else key
         if not is_served(real._client, origin.stream, origin.consumer):
+            if is_wanted(real._client, origin.stream, origin.consumer):
+                return None  # its pull is starting (or failing, and saying so): hold for now
             if (origin.stream, origin.consumer) not in self._unserved_warned:
                 self._unserved_warned.add((origin.stream, origin.consumer))
                 log.warning(
@@ -527,12 +553,19 @@ class DelayCap:
         # from a header, never parked again (the server would fire it at once, again).
         header = Deferral(deadline=parked.deadline) if remaining > 0 else None
         found = await self._gather(msg, key, delivery, header)
+        if header is not None and found.deferral is header:
+            # Remembered like a handler's deferral: the holds it takes are not handler calls.
+            found = replace(found, recorded=True)
         if found is not _NOTHING and await self._kept_back(
             msg, key, found, delivery, may_park=header is None
         ):
             return
         deferral = found.deferral
-        if (deferral is None and delivery == 1) or (header is not None and deferral is header):
+        if (deferral is None and delivery == 1) or (
+            deferral is not None
+            and deferral.deferred_at == 0
+            and deferral.deadline == parked.deadline
+        ):
             # The first run since the park (later runs of the due copy are its redeliveries).
             self.stats.unparked += 1
             msg.report(
@@ -680,6 +713,10 @@ class DelayCap:
         the deadline and cap the nak."""
         deadline = time.time() + delay
         traceparent = _traceparent(msg)
+        if self.park_after is not None and delay > self.park_after:
+            await self._prepare_parking(msg, key)
+            if park_stream(msg.message._client).refused:
+                self.stats.park_fallbacks += 1  # said when the stream was refused
         if (
             self.park_after is not None
             and delay > self.park_after

@@ -241,6 +241,16 @@ class ParkStream:
         self._opening = asyncio.Lock()
         self.created = asyncio.Event()  # set once this process has made or found the stream
 
+    async def exists(self) -> bool:
+        """Whether ``natsmw_parked`` exists on the server (without making it)."""
+        if self._ready:
+            return True
+        try:
+            await asyncio.wait_for(self._js().stream_info(PARK_STREAM), self._timeout)
+        except (NatsError, asyncio.TimeoutError, OSError, ParkError):
+            return False
+        return True
+
     @property
     def refused(self) -> bool:
         """Whether the stream was found unusable less than a minute ago."""
@@ -333,7 +343,7 @@ class ParkStream:
         Raises:
             ParkError: not stored (the reason is in the message); the original must be kept.
         """
-        if parked.deadline > _LATEST:
+        if parked.deadline > LATEST_SCHEDULE:
             raise ParkError(
                 f"the deadline {parked.deadline!r} is past what the server can schedule"
             )
@@ -351,14 +361,28 @@ class ParkStream:
         if limit and size > limit:
             # nats-py checks only the body, and the server closes the connection for good.
             raise ParkError(f"the schedule would be {size} bytes, over max_payload {limit}")
+        # An id the server deduplicates on: if the answer to a publish is lost, the same
+        # publish again either stores it or is told it already has (never stores two).
+        schedule["Nats-Msg-Id"] = (
+            "natsmw-park-" + hashlib.sha256(schedule[PARKED_HEADER].encode()).hexdigest()[:32]
+        )
+        js = self._js()
         try:
-            ack = await self._js().publish(
-                parked.schedule_subject, data, headers=schedule, timeout=self._timeout
-            )
+            try:
+                ack = await js.publish(
+                    parked.schedule_subject, data, headers=schedule, timeout=self._timeout
+                )
+            except (NatsError, asyncio.TimeoutError):
+                ack = await js.publish(
+                    parked.schedule_subject, data, headers=schedule, timeout=self._timeout
+                )
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             if await self._stored(parked):
-                return  # only the answer was lost
-            raise ParkError(f"the schedule was not confirmed stored: {error!r}") from error
+                return  # only the answers were lost
+            raise ParkError(
+                f"the schedule was not confirmed stored, twice: {error!r} (if the server "
+                f"stores it late, the message may run twice)"
+            ) from error
         if ack.stream != PARK_STREAM:
             raise ParkError(f"the schedule was stored in {ack.stream!r}, not {PARK_STREAM!r}")
 
@@ -400,7 +424,7 @@ class ParkStream:
 
 
 # The server keeps schedule times as nanoseconds in an int64: it cannot schedule past 2262.
-_LATEST = datetime(2200, 1, 1, tzinfo=timezone.utc).timestamp()
+LATEST_SCHEDULE = datetime(2200, 1, 1, tzinfo=timezone.utc).timestamp()
 
 
 def _at(moment: float) -> str:
@@ -428,33 +452,64 @@ def park_stream(client: Client, retention: float = DEFAULT_RETENTION) -> ParkStr
 
 # -- serving due messages ------------------------------------------------------------------
 
-# Which original consumers have someone serving their due messages, per client (by id, the
-# entry going with the client: read on every long delay): the delay cap parks only for those,
-# so that nothing is parked that nobody will bring back.
-_served: dict[int, dict[tuple[str, str], int]] = {}
+# Who serves the due messages of which original consumers, per client (by id, the entry going
+# with the client: read on every long delay). Per consumer: [servers that want to serve, of
+# them those whose pull works]. The delay cap parks only when one works, so that nothing is
+# parked that nobody brings back; while they only want to, it makes the park stream for them.
+_served: dict[int, dict[tuple[str, str], list[int]]] = {}
 
 
 def is_served(client: Client, stream: str, consumer: str) -> bool:
-    """Whether this process serves the due messages of ``stream``/``consumer`` on ``client``."""
+    """Whether this process pulls the due messages of ``stream``/``consumer`` right now."""
+    served = _served.get(id(client))
+    counts = None if served is None else served.get((stream, consumer))
+    return counts is not None and counts[1] > 0
+
+
+def is_wanted(client: Client, stream: str, consumer: str) -> bool:
+    """Whether something in this process wants to serve ``stream``/``consumer`` (and may be
+    waiting for the park stream to exist)."""
     served = _served.get(id(client))
     return served is not None and (stream, consumer) in served
 
 
-def _register(client: Client, key: tuple[str, str]) -> None:
+def _count(client: Client, key: tuple[str, str], which: int, step: int) -> None:
     served = _served.get(id(client))
     if served is None:
+        if step < 0:
+            return
         served = _served[id(client)] = {}
         weakref.finalize(client, _served.pop, id(client), None)
-    served[key] = served.get(key, 0) + 1
-
-
-def _unregister(client: Client, key: tuple[str, str]) -> None:
-    served = _served.get(id(client))
-    if served is None or key not in served:
-        return
-    served[key] -= 1
-    if served[key] <= 0:
+    counts = served.setdefault(key, [0, 0])
+    counts[which] = max(counts[which] + step, 0)
+    if counts[0] == 0:
         del served[key]
+
+
+class _Registration:
+    """One server's place in ``_served``: it wants to serve from creation until closed, and
+    works while its pull does."""
+
+    def __init__(self, client: Client, key: tuple[str, str]) -> None:
+        self._client = weakref.ref(client)
+        self._key = key
+        self._working = False
+        self._open = True
+        _count(client, key, 0, +1)
+
+    def working(self, working: bool) -> None:
+        client = self._client()
+        if client is None or not self._open or working == self._working:
+            return
+        self._working = working
+        _count(client, self._key, 1, +1 if working else -1)
+
+    def close(self) -> None:
+        self.working(False)
+        client = self._client()
+        if client is not None and self._open:
+            _count(client, self._key, 0, -1)
+        self._open = False
 
 
 _servings: set[ParkedServing] = set()  # running: asyncio keeps only weak references to tasks
@@ -494,10 +549,9 @@ class ParkedServing:
         self._concurrency = concurrency
         self._alive = alive  # stop when this returns False (an install's subscription)
         _servings.add(self)
-        self._registered = True
         self._key = (stream, consumer)
+        self._registration = _Registration(client, self._key)
         self.ready = asyncio.Event()
-        _register(client, self._key)
         self._task = asyncio.create_task(self._serve(), name=f"natsmw serve {stream}/{consumer}")
         self._task.add_done_callback(self._done)
         self._running: set[asyncio.Task[None]] = set()
@@ -553,16 +607,13 @@ class ParkedServing:
                 await asyncio.sleep(wait)  # back off while the server is away
                 wait = min(wait * 2, 5.0)
         finally:
-            self._served(False)
+            self._registration.close()
 
     def _served(self, serving: bool) -> None:
-        """Say whether this process serves the consumer: the delay cap parks only while it
-        does, so that nothing is parked while its serving fails."""
-        client = self._client()
-        if client is None or serving == self._registered:
-            return
-        self._registered = serving
-        (_register if serving else _unregister)(client, self._key)
+        """Say whether this process's pull works: the delay cap parks only while it does."""
+        self._registration.working(serving)
+        if not serving:
+            self.ready.clear()
 
     async def _pull(self, puller: DuePuller) -> None:
         """Keep up to ``concurrency`` due messages in the handler; pull only what can start at
@@ -573,7 +624,9 @@ class ParkedServing:
                 if free <= 0:
                     await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                for copy in await puller.pull(free, wait=1.0):
+                # One at a time: the rest of a bigger batch would wait here, spending its
+                # ack_wait, and go to another instance too.
+                for copy in await puller.pull(1, wait=1.0):
                     task = asyncio.create_task(self._handle(copy))
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
@@ -682,6 +735,7 @@ class DuePuller:
         self._inbox = client.new_inbox()
         self._taken: list[Msg] = []
         self._answered = asyncio.Event()
+        self._failure: str | None = None
         self._sub: Any = None
 
     async def open(self) -> None:
@@ -698,7 +752,11 @@ class DuePuller:
         # A message has an ack subject; a status line (404, 408, 409) has none. Not
         # is_status_msg(): a message of the user's may carry a header named Status.
         if not (msg.reply or "").startswith("$JS.ACK."):
-            self._answered.set()  # no (more) messages, or the request expired
+            status = JetStreamContext.is_status_msg(msg)
+            if status not in ("404", "408"):  # not "no messages" nor "request expired"
+                headers = msg.headers or {}
+                self._failure = f"{status} {headers.get('Description', '')}".strip()
+            self._answered.set()
             return
         self._taken.append(msg)
         self._answered.set()  # hand it over at once; the rest of the batch follows
@@ -716,6 +774,11 @@ class DuePuller:
             await self._client.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._answered.wait(), (wait or 0.0) + 1.0)
+        failure, self._failure = self._failure, None
+        if failure is not None and not self._taken:
+            # No responders (the consumer or the stream was deleted), consumer deleted...:
+            # the pull no longer works. Said, so that serving starts again from scratch.
+            raise ParkError(f"the pull of due messages was answered {failure or 'with an error'}")
         taken, self._taken = self._taken[:batch], self._taken[batch:]
         return taken
 
@@ -733,12 +796,10 @@ class DueFetcher:
         self._puller: DuePuller | None = None
         self._next_poll = 0.0
         self._durable = True
-        _register(client, self._key)
+        self._registration = _Registration(client, self._key)
 
     def close(self) -> None:
-        client = self._client()
-        if client is not None and self._durable:
-            _unregister(client, self._key)
+        self._registration.close()
         self._durable = False
 
     async def aclose(self) -> None:
@@ -771,15 +832,21 @@ class DueFetcher:
                 if self._puller is None:
                     self.close()  # an ephemeral consumer: never parked, nothing to take
                     return []
+            self._registration.working(True)
             copies = await self._puller.pull(batch, wait=None)
         except _NoParkStream:
             self._next_poll = now + _WAIT_FOR_STREAM / 2  # nothing was ever parked here
             return []
-        except asyncio.TimeoutError:
-            return []
-        except (NatsError, ParkError, OSError) as error:
-            log.warning("cannot fetch due messages of %s/%s: %r", *self._key, error)
-            self._next_poll = now + 2.0
+        except (NatsError, ParkError, OSError, asyncio.TimeoutError) as error:
+            log.warning(
+                "cannot fetch due messages of %s/%s: %r (meanwhile its long delays are held, "
+                "not parked)", *self._key, error,
+            )  # fmt: skip
+            self._registration.working(False)
+            puller, self._puller = self._puller, None  # subscribe again next time
+            if puller is not None:
+                await puller.close()
+            self._next_poll = now + 5.0
             return []
         if not copies:
             return []
@@ -863,7 +930,7 @@ async def serve_parked(
             f"{stream}/{consumer} is not a durable consumer: nothing of it is ever parked "
             f"(it may be gone before a deadline), so there is nothing to serve"
         )
-    return ParkedServing(
+    serving = ParkedServing(
         client,
         handler,
         stream,
@@ -872,3 +939,18 @@ async def serve_parked(
         retention=DEFAULT_RETENTION,
         concurrency=concurrency,
     )
+    # Asked to serve: make the park stream now, and return once the pull works, so that the
+    # first long delay is parked rather than held.
+    try:
+        await park_stream(client).ensure()
+    except ParkError as error:
+        log.warning("long delays of %s/%s will be held, not parked: %s", stream, consumer, error)
+        return serving
+    try:
+        await asyncio.wait_for(serving.ready.wait(), 5.0)
+    except asyncio.TimeoutError:
+        log.warning(
+            "serving due messages of %s/%s does not work yet: its long delays are held, "
+            "not parked, until it does", stream, consumer,
+        )  # fmt: skip
+    return serving
