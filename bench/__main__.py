@@ -1,5 +1,6 @@
-"""Run every benchmark: ``python -m bench`` (about half an hour), or ``python -m bench --quick``
-(a minute: small sizes, to check that they still run; the figures mean little).
+"""Run every benchmark: ``python -m bench`` (about three quarters of an hour), or
+``python -m bench --quick`` (a minute: small sizes, to check that they still run; the figures
+mean little).
 
 Each benchmark prints its table and writes bench/results/<name>.json; BENCHMARKS.md records
 the figures of a full run.
@@ -17,6 +18,7 @@ FULL = {
     "tracing": [],
     "holds": [],
     "soak": ["--cap", "30"],
+    "park": [],
 }
 QUICK = {
     "micro": ["--messages", "200", "--rounds", "1"],
@@ -24,6 +26,7 @@ QUICK = {
     "tracing": ["--messages", "500", "--rounds", "1"],
     "holds": ["--messages", "200", "--seconds", "1"],
     "soak": ["--messages", "1000", "--cycles", "2", "--cap", "1"],
+    "park": ["--messages", "200", "--delay", "3", "--cap", "1"],
 }
 
 

@@ -44,7 +44,9 @@ class Client:
         return self
 
     async def consumer_info(self, *_: Any, **__: Any) -> Any:
-        return SimpleNamespace(config=SimpleNamespace(max_deliver=-1, durable_name="micro", ack_policy=None))
+        return SimpleNamespace(
+            config=SimpleNamespace(max_deliver=-1, durable_name="micro", ack_policy=None)
+        )
 
 
 CLIENT = Client()

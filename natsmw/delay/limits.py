@@ -53,6 +53,8 @@ class ConsumerLimits:
         # By id(client), not a WeakKeyDictionary (its get is Python code, and this is read on
         # every hold); the entry goes when the client does.
         self._known: dict[int, dict[tuple[str, str], tuple[Limits, float]]] = {}
+        # One request per consumer at a time: concurrent handlers wait for the same answer.
+        self._asking: dict[tuple[int, str, str], asyncio.Future[Limits]] = {}
 
     def cached(self, client: Client, stream: str, consumer: str) -> Limits | None:
         """The limits if they are cached and fresh, without a server round trip."""
@@ -69,6 +71,29 @@ class ConsumerLimits:
         fresh = self.cached(client, stream, consumer)
         if fresh is not None:
             return fresh
+        asking = (id(client), stream, consumer)
+        pending = self._asking.get(asking)
+        if pending is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this caller was cancelled
+                # the one asking was cancelled: ask ourselves
+        future: asyncio.Future[Limits] = asyncio.get_running_loop().create_future()
+        self._asking[asking] = future
+        try:
+            value = await self._ask(client, stream, consumer, domain)
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
+            if self._asking.get(asking) is future:
+                del self._asking[asking]
+        future.set_result(value)
+        return value
+
+    async def _ask(self, client: Client, stream: str, consumer: str, domain: str | None) -> Limits:
         known = self._known.get(id(client))
         if known is None:
             known = self._known[id(client)] = {}

@@ -555,6 +555,7 @@ class ParkedServing:
         self._task = asyncio.create_task(self._serve(), name=f"natsmw serve {stream}/{consumer}")
         self._task.add_done_callback(self._done)
         self._running: set[asyncio.Task[None]] = set()
+        self._handling: float | None = None  # seconds a handler run takes, on average
 
     async def stop(self) -> None:
         """Stop serving; due messages being handled finish first."""
@@ -624,19 +625,27 @@ class ParkedServing:
                 if free <= 0:
                     await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                # One at a time: the rest of a bigger batch would wait here, spending its
-                # ack_wait, and go to another instance too.
-                for copy in await puller.pull(1, wait=1.0):
+                for copy in await puller.pull(free, wait=1.0, ask=self._ask(puller.ack_wait)):
                     task = asyncio.create_task(self._handle(copy))
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
         finally:
             await puller.close()
 
+    def _ask(self, ack_wait: float) -> int:
+        """How many due messages to ask for at once: as many as the handler gets through in a
+        tenth of ack_wait (by its average so far), so that none waits here long enough to be
+        sent to another instance too; one until that is known."""
+        if self._handling is None:
+            return self._concurrency
+        fits = int(ack_wait * 0.1 * self._concurrency / max(self._handling, 1e-4))
+        return max(self._concurrency, min(fits, _MOST_ASKED))
+
     async def _handle(self, copy: Msg) -> None:
         due = await _readable(copy)
         if due is None:
             return
+        started = time.monotonic()
         try:
             await self._handler(due)
         except Exception:
@@ -645,12 +654,16 @@ class ParkedServing:
                 due.subject, due.parked.sequence,
             )  # fmt: skip
             return
+        finally:
+            took = time.monotonic() - started
+            self._handling = took if self._handling is None else 0.8 * self._handling + 0.2 * took
         if not self._manual_ack and not due._ackd:
             with contextlib.suppress(MsgAlreadyAckdError):
                 await due.ack()
 
 
 _WAIT_FOR_STREAM = 10.0
+_MOST_ASKED = 64
 
 
 class _NoParkStream(ParkError):
@@ -715,7 +728,7 @@ async def due_subscription(
             raise error from None
         log.info("serving due messages of %s/%s from the existing %s (%s)",
                  stream, consumer, name, error)  # fmt: skip
-    puller = DuePuller(client, js._prefix, name)
+    puller = DuePuller(client, js._prefix, name, ack_wait=info.config.ack_wait or 30.0)
     await puller.open()
     return puller
 
@@ -729,7 +742,8 @@ class DuePuller:
     the next pull instead of being lost.
     """
 
-    def __init__(self, client: Client, prefix: str, consumer: str) -> None:
+    def __init__(self, client: Client, prefix: str, consumer: str, *, ack_wait: float) -> None:
+        self.ack_wait = ack_wait
         self._client = client
         self._next = f"{prefix}.CONSUMER.MSG.NEXT.{PARK_STREAM}.{consumer}"
         self._inbox = client.new_inbox()
@@ -761,12 +775,14 @@ class DuePuller:
         self._taken.append(msg)
         self._answered.set()  # hand it over at once; the rest of the batch follows
 
-    async def pull(self, batch: int, wait: float | None) -> list[Msg]:
+    async def pull(self, batch: int, wait: float | None, *, ask: int | None = None) -> list[Msg]:
         """Up to ``batch`` due messages: those there are now (``wait`` None), or waiting up to
-        ``wait`` seconds for the first."""
+        ``wait`` seconds for the first. When none are kept from an earlier request, ask the
+        server for ``ask`` (default ``batch``): the rest are kept for the next pulls."""
         if not self._taken:
+            batch_asked = ask or batch
             self._answered.clear()
-            request: dict[str, Any] = {"batch": batch}
+            request: dict[str, Any] = {"batch": batch_asked}
             if wait is None:
                 request["no_wait"] = True
             else:
