@@ -80,7 +80,10 @@ class ConsumerLimits:
                 if not pending.cancelled():
                     raise  # this caller was cancelled
                 # the one asking was cancelled: ask ourselves
-        future: asyncio.Future[Limits] = asyncio.get_running_loop().create_future()
+        try:
+            future: asyncio.Future[Limits] = asyncio.get_running_loop().create_future()
+        except RuntimeError:  # driven without an event loop (bench.micro): nothing to share
+            return await self._ask(client, stream, consumer, domain)
         self._asking[asking] = future
         try:
             value = await self._ask(client, stream, consumer, domain)
