@@ -750,3 +750,29 @@ async def test_serving_comes_back_when_its_due_consumer_is_deleted(
     assert second.at >= parker.asked_at[b"A"] + 1.0
     assert second.handler_calls == 2
     assert cap.stats.parked == 1  # parked while its serving was broken: and still back
+
+
+async def test_install_leaves_no_serving_behind_for_ephemeral_or_gone_subscriptions(
+    alone: tuple[Connection, Stream],
+) -> None:
+    """Short-lived subscriptions on a server with no park stream: nothing of natsmw's stays
+    around waiting for it (an ordered consumer never parks; an unsubscribed one is gone)."""
+    conn, stream = alone
+    install(conn.nc, chain=with_delay_cap(CAP))
+    try:
+        js = conn.nc.jetstream()
+        for _ in range(5):
+            sub = await js.subscribe(stream.subject, cb=Parker(), ordered_consumer=True)
+            await sub.unsubscribe()
+        durable = await js.subscribe(stream.subject, durable="short", cb=Parker())
+        await durable.unsubscribe()
+
+        def serving() -> list[asyncio.Task[object]]:
+            return [t for t in asyncio.all_tasks() if t.get_name().startswith("natsmw serve")]
+
+        left = serving()
+        if left:  # each notices within one wait for the stream (10 s)
+            await asyncio.wait(left, timeout=15)
+        assert serving() == []
+    finally:
+        uninstall(conn.nc)

@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -585,7 +585,9 @@ class ParkedServing:
         try:
             while not self._gone():
                 try:
-                    puller = await due_subscription(self._client, *self._key, self._retention)
+                    puller = await due_subscription(
+                        self._client, *self._key, self._retention, alive=self._alive
+                    )
                     if puller is None:
                         return  # not a durable consumer: nothing of it is ever parked
                     self._served(True)
@@ -594,7 +596,8 @@ class ParkedServing:
                     await self._pull(puller)
                 except ParkError as error:
                     self._served(False)
-                    log.warning("cannot serve due messages of %s/%s: %s", *self._key, error)
+                    if not self._gone():  # not worth a word when the subscription just ended
+                        log.warning("cannot serve due messages of %s/%s: %s", *self._key, error)
                 except (NatsError, asyncio.TimeoutError, OSError) as error:
                     self._served(False)
                     log.warning(
@@ -677,20 +680,31 @@ async def due_subscription(
     retention: float,
     *,
     wait_for_stream: bool = True,
+    alive: Callable[[], bool] | None = None,
 ) -> Any:
     """A pull subscription to the due messages of ``stream``/``consumer``, on natsmw's
     durable consumer of them; ``None`` if the original consumer is not durable.
 
     Waits for ``natsmw_parked`` to exist (made by whichever process parks first) rather than
-    create it: a service that never parks never gets the stream.
+    create it, while ``alive()`` says the subscription it serves still exists: a service
+    that never parks never gets the stream.
 
     Raises:
         ParkError, nats.errors.Error: the server could not be asked (the caller retries).
     """
+    client = client_ref()
+    if client is None or client.is_closed:
+        raise ParkError("the client is closed")
+    # First whether there is anything to serve: an ephemeral or ordered consumer never parks.
+    info = await Client.jetstream(client).consumer_info(stream, consumer, timeout=2.0)
+    if not info.config.durable_name:
+        return None
     while True:
         client = client_ref()
         if client is None or client.is_closed:
             raise ParkError("the client is closed")
+        if alive is not None and not alive():
+            raise ParkError("the subscription is gone")
         parks = park_stream(client, retention)
         js = Client.jetstream(client)
         try:
@@ -702,9 +716,6 @@ async def due_subscription(
         del client, js
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(parks.created.wait(), _WAIT_FOR_STREAM)
-    info = await js.consumer_info(stream, consumer, timeout=2.0)
-    if not info.config.durable_name:
-        return None
     name = due_consumer_name(stream, consumer)
     config = ConsumerConfig(
         durable_name=name,
