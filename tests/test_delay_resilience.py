@@ -173,8 +173,9 @@ async def test_cluster_node_stopped_mid_hold(cluster: NatsCluster) -> None:
     conn = await connect(*cluster.urls)
     await conn.js.add_stream(StreamConfig(name="HA", subjects=["ha.>"], num_replicas=3))
     await conn.js.add_consumer("HA", ConsumerConfig(durable_name="ha", ack_wait=1))
-    # Long enough that holds are still due once the cluster has re-elected its leaders.
-    legacy = LegacyHandler(delay=10.0)
+    # Long enough that holds are still due once the cluster has re-elected its leaders (on a
+    # loaded 2-core machine that took more than 10 s once).
+    legacy = LegacyHandler(delay=20.0)
     async with pulling(conn.js, "ha.x", "ha", with_delay_cap(CAP)(legacy)):
         await publish_until_stored(conn, "ha.x", b"x", msg_id="ha-1")
         await asyncio.wait_for(legacy.deferred.wait(), 10)
@@ -185,7 +186,7 @@ async def test_cluster_node_stopped_mid_hold(cluster: NatsCluster) -> None:
     await wait_for_consumer(conn, "HA", "ha")
     fresh = with_delay_cap(CAP)
     async with pulling(conn.js, "ha.x", "ha", fresh(legacy)):
-        _, second = await legacy.wait_calls(2, timeout=20)
+        _, second = await legacy.wait_calls(2, timeout=40)
 
     assert second.at >= legacy.earliest_allowed
     assert second.handler_calls == 2

@@ -96,7 +96,7 @@ async def test_cluster_node_stopped_mid_park(cluster: NatsCluster) -> None:
     await conn.js.add_stream(StreamConfig(name="HA", subjects=["ha.>"], num_replicas=3))
     await conn.js.add_consumer("HA", ConsumerConfig(durable_name="ha", ack_wait=5))
     # Long enough that the message is still parked once the cluster has re-elected leaders.
-    legacy = LegacyHandler(delay=8.0)
+    legacy = LegacyHandler(delay=15.0)
     cap = with_delay_cap(CAP)
     handle = cap(legacy)
     serving = await serve_parked(conn.js, handle, stream="HA", consumer="ha")
@@ -109,8 +109,8 @@ async def test_cluster_node_stopped_mid_park(cluster: NatsCluster) -> None:
         cluster.servers[connected].stop()
         await asyncio.wait_for(conn.reconnected.wait(), 10)
         await wait_for_consumer(conn, "HA", "ha")
-        assert time.time() < parked_at + 8.0  # the node went down mid-park
-        _, second = await legacy.wait_calls(2, timeout=30)
+        assert time.time() < parked_at + 15.0  # the node went down mid-park
+        _, second = await legacy.wait_calls(2, timeout=45)
     await serving.stop()
 
     assert second.at >= legacy.earliest_allowed
