@@ -562,6 +562,7 @@ async def test_due_messages_come_back_promptly_one_at_a_time(
     most = 0
     late: list[float] = []
     asked: dict[bytes, float] = {}
+    all_back = asyncio.Event()
 
     async def legacy(msg: Msg) -> None:
         nonlocal running, most
@@ -575,6 +576,8 @@ async def test_due_messages_come_back_promptly_one_at_a_time(
         await asyncio.sleep(0.05)
         running -= 1
         await msg.ack()
+        if len(late) == 5:
+            all_back.set()
 
     handle = with_delay_cap(CAP)(legacy)
     await conn.js.subscribe(stream.subject, durable="prompt", cb=handle, manual_ack=True)
@@ -582,10 +585,7 @@ async def test_due_messages_come_back_promptly_one_at_a_time(
     try:
         for i in range(5):
             await conn.js.publish(stream.subject, b"%d" % i)
-        for _ in range(200):
-            if len(late) == 5:
-                break
-            await asyncio.sleep(0.05)  # polling the handler's own record, with a bound
+        await asyncio.wait_for(all_back.wait(), 10)
     finally:
         await serving.stop()
     assert len(late) == 5

@@ -54,7 +54,6 @@ async def test_two_processes_on_one_durable_handle_1000_parked_messages_once_nev
         await pool.start(url, stream.name, "many", delay=3.0, park=True)
         sequences = [(await conn.js.publish(stream.subject, b"%d" % i)).seq for i in range(count)]
         await pool.wait(all_handled(count), timeout=90)
-        await asyncio.sleep(0)
         handled = Counter(e["seq"] for e in pool.calls() if e["calls"] == 2)
         deferred = Counter(e["seq"] for e in pool.calls() if e["calls"] == 1)
         assert set(handled) == set(sequences)
