@@ -117,6 +117,9 @@ class Inbox:
         return self.items[:count]
 
 
+_markers = itertools.count()
+
+
 class AckSpy(Inbox):
     """Every ack, nak and term any client sends for one stream, as the server receives them."""
 
@@ -140,8 +143,12 @@ class AckSpy(Inbox):
         The server keeps one connection's messages in order, so once a marker sent now
         arrives, every settlement sent before it has arrived too.
         """
-        await nc.publish(f"$JS.ACK.{self.stream}.end-of-test", b"marker")
-        await self.wait_for(len(self.items) + 1)
+        marker = f"marker {next(_markers)}".encode()
+        await nc.publish(f"$JS.ACK.{self.stream}.end-of-test", marker)
+        async with self._arrived:
+            await asyncio.wait_for(
+                self._arrived.wait_for(lambda: any(m.data == marker for m in self.items)), 5.0
+            )
 
 
 async def spy_acks(nc: Client, stream: str) -> AckSpy:

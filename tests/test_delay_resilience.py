@@ -32,7 +32,6 @@ from tests.delay_support import (
     ScriptedHandler,
     nak_delays,
     pulling,
-    wait_until,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,6 +262,7 @@ async def test_unreachable_store_never_trusts_a_stale_local_deadline(
     """Instance A deferred to T1; B ran the handler at T1, which deferred again to T2.
     With the store gone, A must not take T1 as the deadline: it holds blind instead."""
     store_server, store = remote_store
+    spy = await spy_acks(conn.nc, stream.name)
     await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="ab", ack_wait=30))
     scripted = ScriptedHandler(("nak", 1.0), ("nak", 1.5), ("ack",))
     first, second = with_delay_cap(CAP, store=store), with_delay_cap(CAP, store=store)
@@ -272,8 +272,12 @@ async def test_unreachable_store_never_trusts_a_stale_local_deadline(
     async with pulling(conn.js, stream.subject, "ab", second(scripted)):
         await scripted.wait_settled(2)
     store_server.stop()
+    await spy.catch_up(conn.nc)
+    settled_before = len(spy.items)
     async with pulling(conn.js, stream.subject, "ab", first(scripted)):
-        await wait_until(scripted.naked_at[1] + 0.5)  # well past T1, still before T2
+        # Every delivery A sees now is past T1. Its first settlement must be a blind hold
+        # (counted before the nak is sent), not a run on the stale deadline.
+        await spy.wait_for(settled_before + 1, timeout=10)
         assert len(scripted.calls) == 2
         assert first.stats.blind_holds >= 1
         store_server.start()
