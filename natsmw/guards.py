@@ -20,16 +20,28 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from natsmw.chain import Handler, middleware
+from natsmw.delay.limits import ConsumerLimits
 from natsmw.duration import Duration, to_seconds
-from natsmw.headers import header_block_size, header_count
+from natsmw.headers import header_block_size, header_count, sendable_name
 from natsmw.message import MessageProxy
 
-__all__ = ["OversizeAction", "Rejection", "SizeGuard", "SizeGuardStats", "with_size_limit"]
+__all__ = [
+    "LAST_CHANCE_DELAY",
+    "OversizeAction",
+    "Rejection",
+    "SizeGuard",
+    "SizeGuardStats",
+    "with_size_limit",
+]
 
 log = logging.getLogger("natsmw.guards")
 
 OversizeAction = Literal["dead_letter", "term", "nak"]
 _ACTIONS = ("dead_letter", "term", "nak")
+
+LAST_CHANCE_DELAY = 3600.0
+"""The nak delay before a message's last allowed delivery, when it can be neither handled nor
+copied: an hour for an operator to fix the cause (say, a missing dead-letter stream)."""
 
 # The original's own Nats-* headers (Msg-Id, TTL, Rollup, Expected-*, ...) would make the
 # server refuse, expire, deduplicate or roll up the copy: they travel renamed.
@@ -47,7 +59,11 @@ class Rejection:
 
 @dataclass
 class SizeGuardStats:
-    """What one :class:`SizeGuard` did: ``rejected`` in all, and what became of them."""
+    """What one :class:`SizeGuard` did: ``rejected`` in all, and what became of them.
+
+    ``stranded``: naked on their last allowed delivery (``max_deliver``) because no copy could
+    be stored; they stay in their stream, but their consumer will not deliver them again.
+    """
 
     rejected: int = 0
     dead_lettered: int = 0
@@ -55,6 +71,7 @@ class SizeGuardStats:
     termed: int = 0
     naked: int = 0
     dropped: int = 0
+    stranded: int = 0
 
 
 def with_size_limit(
@@ -133,6 +150,7 @@ class SizeGuard:
         self.dead_letter_subject = dead_letter_subject
         self.nak_delay = to_seconds(nak_delay, "nak_delay")
         self.stats = SizeGuardStats()
+        self._limits = ConsumerLimits()
 
     def __call__(self, handler: Handler) -> Handler:
         return middleware(self._step)(handler)
@@ -177,21 +195,63 @@ class SizeGuard:
             self.stats.termed += 1
             log.warning("terminated %s: %s", _where(msg), _describe(rejection))
         elif self.on_oversize == "nak":
-            await msg.nak(self.nak_delay)
-            self.stats.naked += 1
-            log.warning("naked %s: %s", _where(msg), _describe(rejection))
+            await self._keep(msg, rejection, "naked")
         else:
             await self._dead_letter(msg, rejection)
+
+    async def _keep(self, msg: MessageProxy, rejection: Rejection, what: str) -> None:
+        """Nak the message so that it comes back, without spending its last delivery.
+
+        Every delivery counts toward the consumer's ``max_deliver``: a nak on the last one
+        ends the message's life on this consumer. So the nak before the last delivery waits
+        long (:data:`LAST_CHANCE_DELAY`), and on the last one natsmw says, loudly, where the
+        message stays.
+        """
+        stream, consumer, sequence, delivery = msg.position
+        limits = await self._limits.read(
+            msg.message._client, stream, consumer, msg.metadata.domain or None, max_age=0.0
+        )
+        left = None if limits.max_deliver is None else limits.max_deliver - delivery
+        delay = self.nak_delay
+        if left is not None and left <= 0:
+            self.stats.stranded += 1
+            log.error(
+                "%s: %s, and this was its last delivery (max_deliver=%s): no nak can keep it on "
+                "consumer %s. It is not deleted: it stays in stream %s at sequence %d until the "
+                "stream's limits remove it; copy it from there",
+                _where(msg), _describe(rejection), limits.max_deliver, consumer, stream, sequence,
+            )  # fmt: skip
+            msg.report(
+                "natsmw.guard.stranded", {"natsmw.guard.max_deliver": limits.max_deliver or 0}
+            )
+        elif left == 1:
+            delay = max(delay, LAST_CHANCE_DELAY)
+            log.error(
+                "%s %s for %.0fs: %s; one delivery is left (max_deliver=%s), so it waits long "
+                "for the cause to be fixed",
+                what, _where(msg), delay, _describe(rejection), limits.max_deliver,
+            )  # fmt: skip
+        else:
+            log.warning("%s %s for %.1fs: %s", what, _where(msg), delay, _describe(rejection))
+        await msg.nak(delay)
+        self.stats.naked += 1
 
     async def _dead_letter(self, msg: MessageProxy, rejection: Rejection) -> None:
         meta = msg.metadata
         subject = self.dead_letter_subject.format(
             stream=meta.stream, consumer=meta.consumer, subject=msg.subject
         )
-        headers = {_renamed(k): v for k, v in (msg.headers or {}).items()}
+        headers = {sendable_name(_renamed(k)): v for k, v in (msg.headers or {}).items()}
+        # Unique per consumer and per stream generation (a stream recreated under the same
+        # name restarts its sequences, but not its store times): a duplicate answer then can
+        # only mean this very copy was stored before (the term after it was lost).
+        stored = round(meta.timestamp.timestamp() * 1e6)
         headers.update(
             {
-                "Nats-Msg-Id": f"natsmw-dead-letter:{meta.stream}:{meta.sequence.stream}",
+                "Nats-Msg-Id": (
+                    f"natsmw-dead-letter:{meta.stream}:{meta.consumer}:"
+                    f"{meta.sequence.stream}:{stored}"
+                ),
                 "Natsmw-Rejected-Limit": rejection.limit,
                 "Natsmw-Rejected-Size": str(rejection.size),
                 "Natsmw-Rejected-Maximum": str(rejection.maximum),
@@ -203,20 +263,20 @@ class SizeGuard:
         )
         try:
             js = msg.message._client.jetstream()
-            await js.publish(subject, msg.data, headers=headers)
+            ack = await js.publish(subject, msg.data, headers=headers)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             self.stats.dead_letter_failures += 1
             log.error(
-                "could not store a dead-letter copy of %s on %s (%r): naking it for %.1fs so "
-                "that it comes back; %s",
-                _where(msg), subject, error, self.nak_delay, _describe(rejection),
+                "could not store a dead-letter copy of %s on %s (%r): keeping the original",
+                _where(msg), subject, error,
             )  # fmt: skip
             msg.report(
                 "natsmw.guard.dead_letter_failed", {"natsmw.guard.dead_letter_subject": subject}
             )
-            await msg.nak(self.nak_delay)
-            self.stats.naked += 1
+            await self._keep(msg, rejection, "naked")
             return
+        if ack.duplicate:
+            log.info("the dead-letter copy of %s was stored before", _where(msg))
         await msg.term()
         self.stats.dead_lettered += 1
         msg.report("natsmw.guard.dead_lettered", {"natsmw.guard.dead_letter_subject": subject})

@@ -12,6 +12,8 @@ block without decoding the rest.
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from typing import Any
 
 from nats.aio import client as nats_client
@@ -19,7 +21,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from wrapt import ObjectProxy
 
-__all__ = ["header_block_size", "header_count", "lazy_message_class", "peek_header"]
+__all__ = [
+    "header_block_size",
+    "header_count",
+    "lazy_message_class",
+    "original_name",
+    "peek_header",
+    "sendable_name",
+]
 
 _HDR_LINE = bytes(nats_client.NATS_HDR_LINE)
 _HDR_LINE_SIZE = len(_HDR_LINE)
@@ -167,3 +176,25 @@ def header_count(msg: Msg) -> int:
         return max(undecoded.raw.count(_CRLF) - 2, 0)
     headers = msg.headers
     return len(headers) if headers else 0
+
+
+# The header names nats-py will send (``Client._send_command`` refuses others with
+# BadHeaderError); a message published by another client may carry any name the server took.
+_SENDABLE = re.compile(r"[!#$&'*+\-.^_`|~0-9A-Za-z]+")
+_UNSENDABLE_CHAR = re.compile(r"[^!#$&'*+\-.^_`|~0-9A-Za-z]")
+
+
+def sendable_name(name: str) -> str:
+    """``name`` as a header name nats-py can send: characters it refuses, and ``%`` itself,
+    percent-encoded (UTF-8). Names it can send (without ``%``) are returned unchanged, so
+    :func:`original_name` restores every name exactly."""
+    if _SENDABLE.fullmatch(name):
+        return name
+    return _UNSENDABLE_CHAR.sub(
+        lambda match: "".join(f"%{byte:02X}" for byte in match[0].encode()), name
+    )
+
+
+def original_name(name: str) -> str:
+    """The name :func:`sendable_name` encoded."""
+    return urllib.parse.unquote(name) if "%" in name else name

@@ -6,11 +6,14 @@ import logging
 
 import pytest
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
+from nats.protocol import command as prot_command
 
+import natsmw.guards
 from natsmw.guards import with_size_limit
-from natsmw.headers import Undecoded
+from natsmw.headers import Undecoded, original_name
 from natsmw.install import installed
-from tests.conftest import Connection, Inbox, Stream, spy_acks
+from tests.conftest import AckSpy, Connection, Inbox, Stream, spy_acks
 
 
 @pytest.fixture
@@ -200,3 +203,123 @@ async def test_server_headers_of_the_original_travel_renamed_so_the_copy_is_stor
     assert guard.stats.dead_lettered == 1
     assert guard.stats.dead_letter_failures == 0
     await conn.js.delete_stream("TTLS")
+
+
+async def test_no_nak_spends_the_last_delivery_and_the_message_waits_for_the_fix(
+    conn: Connection, stream: Stream, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """No stream stores the dead letters, max_deliver=3: the guard must not nak three times
+    (the server would drop the message). The nak before the last delivery waits long; once
+    the operator adds the stream, the last delivery stores the copy."""
+    monkeypatch.setattr(natsmw.guards, "LAST_CHANCE_DELAY", 1.0)  # an hour, compressed
+    spy = await spy_acks(conn.nc, stream.name)
+    guard = with_size_limit(max_body=1, dead_letter_subject="later.{stream}", nak_delay=0.1)
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        raise AssertionError("an oversized message reached the handler")
+
+    await conn.js.subscribe(
+        stream.subject, durable="md3", cb=handler, manual_ack=True,
+        config=ConsumerConfig(ack_wait=30, max_deliver=3),
+    )  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="natsmw.guards"):
+        big = await conn.js.publish(stream.subject, b"too big")
+        await spy.wait_for(2)
+        assert spy.settlements(big.seq) == [b'-NAK {"delay": 100000000}',
+                                            b'-NAK {"delay": 1000000000}']  # fmt: skip
+        assert "one delivery is left" in caplog.text
+        await conn.js.add_stream(name="LATER", subjects=["later.>"])
+        await spy.wait_for(3)
+    await spy.catch_up(conn.nc)
+
+    assert spy.settlements(big.seq)[-1] == b"+TERM"
+    copy = await conn.js.get_last_msg("LATER", f"later.{stream.name}")
+    assert copy.data == b"too big"
+    assert guard.stats.stranded == 0
+    await conn.js.delete_stream("LATER")
+
+
+async def test_a_message_on_its_last_delivery_is_stranded_loudly_never_termed(
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    guard = with_size_limit(max_body=1, dead_letter_subject="nowhere.{stream}")
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        raise AssertionError("an oversized message reached the handler")
+
+    await conn.js.subscribe(
+        stream.subject, durable="md1", cb=handler, manual_ack=True,
+        config=ConsumerConfig(ack_wait=30, max_deliver=1),
+    )  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="natsmw.guards"):
+        big = await conn.js.publish(stream.subject, b"too big")
+        await spy.wait_for(1)
+    await spy.catch_up(conn.nc)
+
+    assert spy.settlements(big.seq)[0].startswith(b"-NAK")
+    assert guard.stats.stranded == 1
+    assert f"stays in stream {stream.name} at sequence {big.seq}" in caplog.text
+    assert (await conn.js.get_msg(stream.name, big.seq)).data == b"too big"
+
+
+async def test_every_consumer_and_every_stream_generation_gets_its_own_copy(
+    conn: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    await conn.js.add_stream(name="DLQ", subjects=["dlq.>"])
+    guard = with_size_limit(max_body=1, dead_letter_subject="dlq.{stream}.{consumer}")
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        raise AssertionError("an oversized message reached the handler")
+
+    async def one_oversized_message(consumers: tuple[str, ...]) -> AckSpy:
+        await conn.js.add_stream(name="GEN", subjects=["gen.>"])
+        spy = await spy_acks(conn.nc, "GEN")
+        for durable in consumers:
+            await conn.js.subscribe("gen.x", durable=durable, cb=handler, manual_ack=True)
+        await conn.js.publish("gen.x", b"too big")
+        await spy.wait_for(len(consumers))
+        await spy.catch_up(conn.nc)
+        return spy
+
+    first = await one_oversized_message(("a", "b"))
+    assert first.settlements(1) == [b"+TERM", b"+TERM"]
+    await conn.js.delete_stream("GEN")
+    second = await one_oversized_message(("a",))  # the same name, sequence 1 again
+    assert second.settlements(1) == [b"+TERM"]
+
+    info = await conn.js.stream_info("DLQ")
+    assert info.state.messages == 3  # a's and b's copy, then the new stream's message 1
+    assert guard.stats.dead_lettered == 3
+    await conn.js.delete_stream("GEN")
+    await conn.js.delete_stream("DLQ")
+
+
+async def test_header_names_nats_py_cannot_send_are_copied_percent_encoded(
+    conn: Connection, stream: Stream, dead_letters: Inbox
+) -> None:
+    guard = with_size_limit(max_body=1)
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        raise AssertionError("an oversized message reached the handler")
+
+    await conn.js.subscribe(stream.subject, durable="raw", cb=handler, manual_ack=True)
+    # Another client's publish, with names nats-py refuses (BadHeaderError) but the server takes.
+    block = b"NATS/1.0\r\nX-Path/Sub: a\r\nX(1): b\r\nPlain: c\r\n\r\n"
+    await conn.nc._send_command(
+        prot_command.hpub_cmd(stream.subject, "", block, b"too big")  # type: ignore[no-untyped-call]
+    )
+    await conn.nc.flush()
+    (copy,) = await dead_letters.wait_for(1)
+
+    assert copy.headers is not None
+    assert {k: copy.headers[k] for k in ("X-Path%2FSub", "X%281%29", "Plain")} == {
+        "X-Path%2FSub": "a", "X%281%29": "b", "Plain": "c",
+    }  # fmt: skip
+    assert {original_name(k) for k in copy.headers} >= {"X-Path/Sub", "X(1)"}
+    assert guard.stats.dead_lettered == 1

@@ -15,6 +15,7 @@ import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from nats.protocol import command as prot_command
 
 from natsmw import (
     Handler,
@@ -776,3 +777,24 @@ async def test_install_leaves_no_serving_behind_for_ephemeral_or_gone_subscripti
         assert serving() == []
     finally:
         uninstall(conn.nc)
+
+
+async def test_header_names_nats_py_cannot_send_are_parked_and_restored_exactly(
+    conn: Connection, stream: Stream
+) -> None:
+    parker = Parker(only=b"A")
+    cap = with_delay_cap(CAP)
+    handle = cap(parker)
+    await conn.js.subscribe(stream.subject, durable="odd", cb=handle, manual_ack=True)
+    async with served(conn, handle, stream.name, "odd"):
+        # Another client's publish, with names nats-py refuses to send (BadHeaderError).
+        block = b"NATS/1.0\r\nX-Path/Sub: a\r\nX(1): b\r\nNatsmw-Park-K: c\r\nA%41: d\r\n\r\n"
+        await conn.nc._send_command(
+            prot_command.hpub_cmd(stream.subject, "", block, b"A")  # type: ignore[no-untyped-call]
+        )
+        first, second = await parker.wait(b"A", 2)
+
+    expected = {"X-Path/Sub": "a", "X(1)": "b", "Natsmw-Park-K": "c", "A%41": "d"}
+    assert first.headers == expected
+    assert second.headers == expected
+    assert (cap.stats.parked, cap.stats.park_fallbacks) == (1, 0)

@@ -51,24 +51,43 @@ class ConsumerLimits:
 
     def __init__(self) -> None:
         # By id(client), not a WeakKeyDictionary (its get is Python code, and this is read on
-        # every hold); the entry goes when the client does.
-        self._known: dict[int, dict[tuple[str, str], tuple[Limits, float]]] = {}
+        # every hold); the entry goes when the client does. Each value: the limits, when they
+        # were last read or tried (monotonic), and until when they may be used at all.
+        self._known: dict[int, dict[tuple[str, str], tuple[Limits, float, float]]] = {}
         # One request per consumer at a time: concurrent handlers wait for the same answer.
         self._asking: dict[tuple[int, str, str], asyncio.Future[Limits]] = {}
 
-    def cached(self, client: Client, stream: str, consumer: str) -> Limits | None:
-        """The limits if they are cached and fresh, without a server round trip."""
+    def cached(
+        self, client: Client, stream: str, consumer: str, max_age: float | None = None
+    ) -> Limits | None:
+        """The limits if they are cached and fresh, without a server round trip.
+
+        ``max_age``: fresh only if read (or tried, and kept after a failed read) at most
+        this many seconds ago.
+        """
         known = self._known.get(id(client))
         entry = None if known is None else known.get((stream, consumer))
-        if entry is not None and time.monotonic() < entry[1]:
+        if entry is None:
+            return None
+        now = time.monotonic()
+        if now < entry[2] and (max_age is None or now - entry[1] <= max_age):
             return entry[0]
         return None
 
     async def read(
-        self, client: Client, stream: str, consumer: str, domain: str | None = None
+        self,
+        client: Client,
+        stream: str,
+        consumer: str,
+        domain: str | None = None,
+        *,
+        max_age: float | None = None,
     ) -> Limits:
-        """The consumer's limits; :data:`UNKNOWN` if they could never be read."""
-        fresh = self.cached(client, stream, consumer)
+        """The consumer's limits; :data:`UNKNOWN` if they could never be read.
+
+        ``max_age``: read them again if the cached value is older (see :meth:`cached`).
+        """
+        fresh = self.cached(client, stream, consumer, max_age)
         if fresh is not None:
             return fresh
         asking = (id(client), stream, consumer)
@@ -108,7 +127,8 @@ class ConsumerLimits:
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             log.warning("cannot read consumer info of %s/%s: %s", stream, consumer, error)
             value = UNKNOWN if entry is None else entry[0]
-            known[(stream, consumer)] = (value, time.monotonic() + _RETRY)
+            now = time.monotonic()
+            known[(stream, consumer)] = (value, now, now + _RETRY)
             return value
         limit = info.config.max_deliver
         value = Limits(
@@ -116,5 +136,6 @@ class ConsumerLimits:
             durable=bool(info.config.durable_name),
             ack_explicit=info.config.ack_policy in (None, AckPolicy.EXPLICIT),
         )
-        known[(stream, consumer)] = (value, time.monotonic() + _TTL)
+        now = time.monotonic()
+        known[(stream, consumer)] = (value, now, now + _TTL)
         return value

@@ -50,6 +50,7 @@ from nats.js.errors import APIError, NotFoundError
 from natsmw.chain import Handler
 from natsmw.delay.deadline import format_deadline
 from natsmw.errors import ParkError
+from natsmw.headers import original_name, sendable_name
 from natsmw.message import Position, StandInMsg
 
 __all__ = [
@@ -76,8 +77,9 @@ DEFAULT_RETENTION = 7 * 24 * 3600.0
 _SCHEDULE = "natsmw.park"
 _DUE = "natsmw.due"
 # Headers of the original that would steer the server (Nats-Msg-Id, Nats-TTL,
-# Nats-Expected-*...) travel renamed under this prefix, and are restored when due; a header
-# that already starts with it is renamed too, so that restoring is exact.
+# Nats-Expected-*...) or that nats-py cannot send (published by another client) travel
+# renamed under this prefix, and are restored when due; a header that already starts with it
+# is renamed too, so that restoring is exact.
 _KEPT = "Natsmw-Park-"
 # What the server adds to the due copy, not part of the original.
 _SERVER_ADDED = frozenset(("Nats-Scheduler", "Nats-Schedule-Next", "Nats-TTL"))
@@ -182,7 +184,7 @@ def due_message(copy: Msg) -> DueMsg:
     for name, header in headers.items():
         if name == PARKED_HEADER or name in _SERVER_ADDED:
             continue
-        original[name[len(_KEPT) :] if name.startswith(_KEPT) else name] = header
+        original[original_name(name[len(_KEPT) :]) if name.startswith(_KEPT) else name] = header
     meta = copy.metadata
     due = DueMsg(
         _client=copy._client,
@@ -211,8 +213,9 @@ def due_message(copy: Msg) -> DueMsg:
 def _kept_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     kept: dict[str, str] = {}
     for name, value in (headers or {}).items():
+        sendable = sendable_name(name)
         steering = name.startswith(("Nats-", _KEPT)) or name == PARKED_HEADER
-        kept[f"{_KEPT}{name}" if steering else name] = value
+        kept[f"{_KEPT}{sendable}" if steering or sendable != name else name] = value
     return kept
 
 
