@@ -84,7 +84,11 @@ def nak_delays(payloads: list[bytes]) -> list[float]:
 
 @contextlib.asynccontextmanager
 async def pulling(
-    js: JetStreamContext, subject: str, durable: str, handler: Callable[[Msg], Awaitable[None]]
+    js: JetStreamContext,
+    subject: str,
+    durable: str,
+    handler: Callable[[Msg], Awaitable[None]],
+    batch: int = 1,
 ) -> AsyncIterator[None]:
     """Fetch from a pull consumer in the background and hand each message to ``handler``."""
     psub = await js.pull_subscribe(subject, durable=durable)
@@ -92,7 +96,7 @@ async def pulling(
     async def loop() -> None:
         while True:
             try:
-                msgs = await psub.fetch(1, timeout=0.5)
+                msgs = await psub.fetch(batch, timeout=0.5)
             except asyncio.TimeoutError:
                 continue
             except nats.errors.Error:  # the server is restarting: as a real worker would

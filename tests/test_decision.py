@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from natsmw.delay.decision import (
+    RESTORE_MARGIN,
     SLACK,
     Hold,
     Park,
@@ -32,7 +33,10 @@ def limit(max_deliver: int) -> Limits:
         (100.0, None, 1, UNLIMITED, Hold(1.0)),  # far ahead, cannot park: hold for the cap
         (5.0, 10.0, 1, UNLIMITED, Hold(1.0)),  # under the threshold: hold
         (0.5, 10.0, 1, UNLIMITED, Hold(0.5 + SLACK)),  # the last hold lands on the deadline
-        (10.0, None, 1, limit(3), Hold(5.0, stretched=True)),  # 2 deliveries left for 10 s
+        (10.0, None, 1, limit(4), Hold(5.0, stretched=True)),  # 3 left, one in reserve
+        (10.0, None, 1, limit(3), Hold(10.0 + SLACK, stretched=True)),  # 2 left, one spare
+        (0.5, None, 2, limit(3), Hold(0.5 + RESTORE_MARGIN, stretched=True)),  # next is last
+        (0.5, None, 2, limit(30), Hold(0.5 + SLACK)),  # a spare delivery: on the deadline
         (10.0, None, 3, limit(3), Run(forced=True, remaining=10.0)),  # last delivery: run
         (10.0, None, 1, UNKNOWN, Run(forced=True, remaining=10.0)),  # limits never read
         (None, 10.0, 2, UNLIMITED, Hold(1.0 + SLACK)),  # unknown deadline: blind, for the cap
@@ -64,7 +68,8 @@ def test_delivery_decision(
         (5.0, 10.0, 1, UNLIMITED, Hold(1.0)),  # between cap and threshold: capped
         (3600.0, None, 1, limit(1), Send(uncapped=True)),  # no delivery to hold with
         (3600.0, None, 1, UNKNOWN, Send(uncapped=True)),  # limits unknown: as asked
-        (10.0, None, 1, limit(3), Hold(5.0, stretched=True)),
+        (10.0, None, 1, limit(4), Hold(5.0, stretched=True)),
+        (10.0, None, 1, limit(2), Hold(10.0 + RESTORE_MARGIN, stretched=True)),
     ],
 )
 def test_nak_decision(

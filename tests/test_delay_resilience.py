@@ -168,6 +168,32 @@ async def test_nats_server_restarted_mid_hold(own_server: NatsServer) -> None:
     await conn.nc.close()
 
 
+async def test_redelivery_early_after_a_server_restart_never_runs_the_handler_early(
+    own_server: NatsServer,
+) -> None:
+    """nats-server keeps nak timers to the second: after a restart a redelivery comes up to a
+    second early. With max_deliver=2 the redelivery is the last one: nothing could hold it
+    again, so the nak that leads to it must land past the deadline by that margin."""
+    conn = await connect(own_server.url)
+    await conn.js.add_stream(name="EARLY", subjects=["early.>"])
+    await conn.js.add_consumer(
+        "EARLY", ConsumerConfig(durable_name="e", ack_wait=30, max_deliver=2)
+    )
+    legacy = LegacyHandler(delay=2.5)
+    cap = with_delay_cap(CAP, parking=False)
+    async with pulling(conn.js, "early.x", "e", cap(legacy)):
+        await conn.js.publish("early.x", b"x")
+        await asyncio.wait_for(legacy.deferred.wait(), 5)
+        own_server.restart()
+        await asyncio.wait_for(conn.reconnected.wait(), 10)
+        _, second = await legacy.wait_calls(2)
+
+    assert second.at >= legacy.earliest_allowed
+    assert second.num_delivered == 2
+    assert cap.stats.forced_runs == 0
+    await conn.nc.close()
+
+
 async def test_cluster_node_stopped_mid_hold(cluster: NatsCluster) -> None:
     conn = await connect(*cluster.urls)
     await conn.js.add_stream(StreamConfig(name="HA", subjects=["ha.>"], num_replicas=3))

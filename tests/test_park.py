@@ -32,7 +32,7 @@ from natsmw.delay import PARK_STREAM, DueMsg
 from natsmw.delay.park import due_consumer_name
 from natsmw.server import NatsServer
 from tests.conftest import Connection, Stream, connect
-from tests.delay_support import CAP
+from tests.delay_support import CAP, ScriptedHandler
 
 PARK = 2.0  # a delay that parks (over CAP)
 
@@ -798,3 +798,32 @@ async def test_header_names_nats_py_cannot_send_are_parked_and_restored_exactly(
     assert first.headers == expected
     assert second.headers == expected
     assert (cap.stats.parked, cap.stats.park_fallbacks) == (1, 0)
+
+
+async def test_a_long_nak_on_the_only_delivery_is_parked_or_said_loudly(
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """max_deliver=1: any nak is the message's last. Parked where it can be; else an error."""
+    scripted = ScriptedHandler(("nak", 1.0), ("ack",))
+    cap = with_delay_cap(CAP)
+    handle = cap(scripted)
+    await conn.js.subscribe(
+        stream.subject, durable="single", cb=handle, manual_ack=True,
+        config=ConsumerConfig(max_deliver=1, ack_wait=30),
+    )  # fmt: skip
+    async with served(conn, handle, stream.name, "single"):
+        await conn.js.publish(stream.subject, b"x")
+        calls = await scripted.wait_calls(2)
+    assert calls[1].at >= scripted.naked_at[0] + 1.0
+    assert (cap.stats.parked, cap.stats.uncapped) == (1, 0)
+
+    unserved = ScriptedHandler(("nak", 1.0))
+    lonely = with_delay_cap(CAP)
+    await conn.js.subscribe(
+        stream.subject, durable="lonely", cb=lonely(unserved), manual_ack=True,
+        config=ConsumerConfig(max_deliver=1, ack_wait=30),
+    )  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="natsmw.delay"):
+        await unserved.wait_settled(1)
+    assert lonely.stats.uncapped == 1
+    assert "on its last allowed delivery (max_deliver=1)" in caplog.text

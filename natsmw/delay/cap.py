@@ -192,6 +192,10 @@ class DelayCap:
         self._stores: weakref.WeakKeyDictionary[Client, DeadlineStore] = weakref.WeakKeyDictionary()
         self._memory = Deliveries()
         self._limits = ConsumerLimits()
+        # max_deliver can be lowered while messages are held. Read at most half a hold ago,
+        # a consumer's limits are read again between any two holds of one message, so a
+        # change costs at most one hold planned on the old value, never the last delivery.
+        self._limits_age = self.cap * (1 - self.jitter) / 2
         self._unserved_warned: set[tuple[str, str]] = set()
 
     def __call__(self, handler: Handler) -> Handler:
@@ -305,7 +309,9 @@ class DelayCap:
                 return False
         else:
             remaining = None
-        limits = self._limits.cached(msg.__wrapped__._client, key.stream, key.consumer)
+        limits = self._limits.cached(
+            msg.__wrapped__._client, key.stream, key.consumer, self._limits_age
+        )
         if limits is None:
             limits = await self._limits_of(msg, key)
         parkable = (
@@ -436,12 +442,13 @@ class DelayCap:
 
     async def _limits_of(self, msg: MessageProxy, key: DeadlineKey) -> Limits:
         client = msg.__wrapped__._client
-        cached = self._limits.cached(client, key.stream, key.consumer)
+        cached = self._limits.cached(client, key.stream, key.consumer, self._limits_age)
         if cached is not None:
             return cached
         return await self._limits.read(
-            client, key.stream, key.consumer, msg.metadata.domain or None
-        )
+            client, key.stream, key.consumer, msg.metadata.domain or None,
+            max_age=self._limits_age,
+        )  # fmt: skip
 
     async def _prepare_parking(self, msg: MessageProxy, key: DeadlineKey) -> None:
         """Make the park stream if something here wants to serve this consumer but cannot
@@ -758,6 +765,16 @@ class DelayCap:
         # and that the whole delay went to the server, so it will not hold the redelivery blind.
         self._memory.seen(key, msg.__wrapped__._client, deferral, delivery)
         if isinstance(decision, Send):
+            if limits.known:
+                # max_deliver leaves no delivery: any nak, the handler's own included, is
+                # the message's last on this consumer. Only parking (above) could keep it.
+                log.error(
+                    "%s seq %s: the handler naked it for %.3fs on its last allowed delivery "
+                    "(max_deliver=%s): the server will not deliver it again to %s (it stays "
+                    "in stream %s). Park it (a durable consumer whose due messages this process "
+                    "serves), or raise max_deliver",
+                    msg.subject, _seq(msg), delay, limits.max_deliver, key.consumer, key.stream,
+                )  # fmt: skip
             return await self._uncapped(msg, delivery, delay, send, "max_deliver leaves no "
                                         "delivery to hold with, or cannot be read")  # fmt: skip
         try:

@@ -12,6 +12,7 @@ from typing import TypeAlias
 from natsmw.delay.limits import Limits
 
 __all__ = [
+    "RESTORE_MARGIN",
     "SLACK",
     "Hold",
     "NakDecision",
@@ -26,6 +27,11 @@ __all__ = [
 SLACK = 0.005
 """Added to a nak meant to land on the deadline: the server's timer starts after "now" was
 measured, and a redelivery a hair early would cost one more hold (and one more delivery)."""
+
+RESTORE_MARGIN = 1.0
+"""Added to a nak that leads to a consumer's last allowed delivery. nats-server stores nak
+timers to the second, so after a restart or a leader change a redelivery can come up to a
+second early; on the last delivery there is no nak left to hold it with."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +81,7 @@ def hold_for(
 
     >>> hold_for(10.0, cap=1.0, jitter=0.0, draw=0.5, delivery=1, limits=Limits(None, True))
     Hold(nak=1.0, stretched=False)
-    >>> hold_for(10.0, cap=1.0, jitter=0.0, draw=0.5, delivery=1, limits=Limits(3, True))
+    >>> hold_for(10.0, cap=1.0, jitter=0.0, draw=0.5, delivery=1, limits=Limits(4, True))
     Hold(nak=5.0, stretched=True)
     """
     if not limits.known:
@@ -83,14 +89,19 @@ def hold_for(
     left = None if limits.max_deliver is None else limits.max_deliver - delivery
     if left is not None and left <= 0:
         return None
+    if left == 1:
+        # The next delivery is the last: nothing can hold it again if it comes early (after
+        # a server restart it can, by up to a second), so it lands a margin past the deadline.
+        return Hold(remaining + RESTORE_MARGIN, remaining + RESTORE_MARGIN > cap)
     interval = min(cap, remaining)
     if interval < remaining and jitter:
         interval *= 1 - jitter * draw
     stretched = False
-    if left is not None and remaining / left > interval:
-        # Survival over the cap: spread what remains over the deliveries left, so the last
-        # one still reaches the handler after the deadline.
-        interval = remaining / left
+    if left is not None and remaining / (left - 1) > interval:
+        # Survival over the cap: spread what remains over the deliveries left, one kept in
+        # reserve for a redelivery that comes early, so the handler still runs after the
+        # deadline.
+        interval = remaining / (left - 1)
         stretched = True
     return Hold(remaining + SLACK if interval >= remaining else interval, stretched)
 
