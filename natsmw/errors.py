@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "DeadlineStoreError",
+    "DeadlinesLostError",
     "NatsmwError",
     "ParkError",
     "ServerError",
@@ -32,6 +33,15 @@ class DeadlineStoreError(NatsmwError):
 
     The delay cap catches it and degrades safely (see the README); custom stores raise it for
     any failure they want handled that way.
+    """
+
+
+class DeadlinesLostError(DeadlineStoreError):
+    """The deadline store's records are gone: its bucket was deleted, or it is missing where
+    a message came back to be checked. Whatever deadline the message had is unknown for good.
+
+    The delay cap counts it (``stats.lost_deadlines``), logs an error and runs the handler:
+    holding blind would never end.
     """
 
 

@@ -86,6 +86,7 @@ class NatsServer:
         name: the server name (``--server_name``).
         cluster_name, cluster_port, routes: join a cluster (see :class:`NatsCluster`).
         executable: the ``nats-server`` to run; :func:`find_nats_server` by default.
+        domain: a JetStream domain for this server.
 
     The ports are chosen once and kept, so clients reconnect to the same URL after a restart.
     """
@@ -99,8 +100,10 @@ class NatsServer:
         cluster_port: int | None = None,
         routes: Sequence[str] = (),
         executable: str | None = None,
+        domain: str | None = None,
     ) -> None:
         self._executable = executable
+        self.domain = domain
         self._own_dir = Path(tempfile.mkdtemp(prefix="natsmw-server-"))
         self.store_dir = Path(store_dir) if store_dir is not None else self._own_dir / "store"
         self.log_file = self._own_dir / "nats-server.log"
@@ -127,6 +130,11 @@ class NatsServer:
         executable = self._executable or find_nats_server()
         args = [executable, "--jetstream", "--addr", "127.0.0.1", "--port", str(self.port)]
         args += ["--http_port", str(self.monitor_port), "--store_dir", str(self.store_dir)]
+        if self.domain:
+            # No command-line flag sets a JetStream domain: a config file does, under the flags.
+            config = self._own_dir / "domain.conf"
+            config.write_text(f"jetstream {{ domain: {json.dumps(self.domain)} }}\n")
+            args += ["--config", str(config)]
         if self.name:
             args += ["--server_name", self.name]
         if self.cluster_name:

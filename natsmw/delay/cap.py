@@ -48,7 +48,7 @@ from natsmw.delay.memory import Deliveries, Remembered
 from natsmw.delay.park import LATEST_SCHEDULE, DueMsg, Parked, is_served, is_wanted, park_stream
 from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDeadlineStore
 from natsmw.duration import Duration, to_positive_seconds
-from natsmw.errors import DeadlineStoreError, ParkError
+from natsmw.errors import DeadlinesLostError, DeadlineStoreError, ParkError
 from natsmw.headers import peek_header
 from natsmw.message import SPAN_KEY, MessageProxy, Settle, Settlement, SettlementKind
 
@@ -57,6 +57,7 @@ __all__ = ["DelayCap", "DelayCapStats", "handler_calls", "with_delay_cap"]
 log = logging.getLogger("natsmw.delay")
 
 _CALLS_KEY = "natsmw.delay.calls"
+_CAPPED_BY = "__natsmw_delay_cap__"
 # NamedTuple's own __new__ is a Python-level call: one per message that bench.micro counts.
 _new_key = partial(tuple.__new__, DeadlineKey)
 _NAK_ONLY: frozenset[SettlementKind] = frozenset(("nak",))
@@ -91,6 +92,8 @@ class DelayCapStats:
             message).
         malformed_headers: ``Natsmw-Deadline`` headers that could not be parsed (ignored).
         store_errors: reads or writes of the deadline store that failed.
+        lost_deadlines: redeliveries whose deadline record is gone for good (the bucket was
+            deleted, or is missing): the handler ran, perhaps early, and an error was logged.
     """
 
     capped: int = 0
@@ -104,6 +107,7 @@ class DelayCapStats:
     forced_runs: int = 0
     malformed_headers: int = 0
     store_errors: int = 0
+    lost_deadlines: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +193,9 @@ class DelayCap:
         self.jitter = float(jitter)
         self.stats = DelayCapStats()
         self._store = store
-        self._stores: weakref.WeakKeyDictionary[Client, DeadlineStore] = weakref.WeakKeyDictionary()
+        self._stores: weakref.WeakKeyDictionary[Client, dict[str | None, DeadlineStore]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._memory = Deliveries()
         self._limits = ConsumerLimits()
         # max_deliver can be lowered while messages are held. Read at most half a hold ago,
@@ -197,9 +203,28 @@ class DelayCap:
         # change costs at most one hold planned on the old value, never the last delivery.
         self._limits_age = self.cap * (1 - self.jitter) / 2
         self._unserved_warned: set[tuple[str, str]] = set()
+        self._lost_said_until = 0.0
 
     def __call__(self, handler: Handler) -> Handler:
-        return middleware(self._step)(handler)
+        """Wrap ``handler``.
+
+        Raises:
+            ValueError: ``handler`` is already wrapped by a delay cap (also through other
+                middlewares): two caps would keep two deadlines under one record.
+        """
+        inner = getattr(handler, _CAPPED_BY, None)
+        if inner is not None:
+            raise ValueError(
+                f"{self!r} would wrap a handler that {inner!r} already caps: two delay caps "
+                f"in one chain keep each message's deadline under the same record and "
+                f"overwrite each other. Keep one (the cap of install(chain=...), or the "
+                f"handler's own)"
+            )
+        wrapped = middleware(self._step)(handler)
+        # functools.wraps copies this onto every wrapper made around it later, so a cap
+        # further out sees it through other middlewares.
+        setattr(wrapped, _CAPPED_BY, self)
+        return wrapped
 
     def __repr__(self) -> str:
         return (
@@ -384,13 +409,25 @@ class DelayCap:
             return _Found(entry.deferral or header, recorded=entry.deferral is not None)
         if entry is None and delivery == 1:
             return _Found(header, recorded=False)  # records are written when a handler naks
+        store = self._store_for(msg)
+        stored_at = msg.metadata.timestamp.timestamp()
         try:
-            stored = await self._store_for(msg).get(key)
+            stored = await store.get(key)
+        except DeadlinesLostError as error:
+            self._deadline_lost(key, delivery, str(error))
+            stored = None
         except DeadlineStoreError as error:
             self.stats.store_errors += 1
             log.warning("deadline store unreachable for %s: %s", key, error)
             return _UNKNOWN
-        if stored is not None and not stored.fits(delivery, msg.metadata.timestamp.timestamp()):
+        else:
+            created = getattr(store, "created_at", None)
+            if stored is None and created is not None and created > stored_at:
+                self._deadline_lost(
+                    key, delivery, "the deadline bucket was created after the message was "
+                    "stored (deleted and made again?): a deadline recorded before is lost",
+                )  # fmt: skip
+        if stored is not None and not stored.fits(delivery, stored_at):
             log.warning(
                 "ignoring a deadline record for %s left by an earlier stream or consumer", key
             )
@@ -400,6 +437,19 @@ class DelayCap:
         if await self._parked_already(msg, key):
             return _PARKED
         return _Found(header, recorded=False)
+
+    def _deadline_lost(self, key: DeadlineKey, delivery: int, why: str) -> None:
+        """The record that may have held this delivery back is gone: say so, loudly."""
+        self.stats.lost_deadlines += 1
+        now = time.monotonic()
+        if now < self._lost_said_until:
+            return
+        self._lost_said_until = now + 60.0  # once a minute: the count says how many
+        log.error(
+            "%s came back (delivery %d) and its deadline cannot be known: %s. Calling the "
+            "handler, which may be early; see stats.lost_deadlines",
+            key, delivery, why,
+        )  # fmt: skip
 
     async def _parked_already(self, msg: MessageProxy, key: DeadlineKey) -> bool:
         """Whether a redelivered original was parked (its ack lost): a schedule or a due copy
@@ -435,9 +485,15 @@ class DelayCap:
         if self._store is not None:
             return self._store
         client = msg.__wrapped__._client
-        store = self._stores.get(client)
+        domain = msg.metadata.domain or None
+        stores = self._stores.get(client)
+        if stores is None:
+            stores = self._stores[client] = {}
+        store = stores.get(domain)
         if store is None:
-            store = self._stores[client] = KeyValueDeadlineStore(client.jetstream())
+            # In the message's JetStream domain, where its consumer is (as its limits are).
+            js = client.jetstream(domain=domain)
+            store = stores[domain] = KeyValueDeadlineStore(js, domain=domain)
         return store
 
     async def _limits_of(self, msg: MessageProxy, key: DeadlineKey) -> Limits:
@@ -495,6 +551,8 @@ class DelayCap:
             # An ephemeral consumer may be gone before the message is due; on an ack-all
             # consumer the ack of a parked original would ack every earlier message too.
             return None
+        if real.metadata.domain:
+            return None  # natsmw_parked lives in the client's own domain: hold instead
         if park_stream(real._client).refused:
             return None  # refused a moment ago, and said so: hold without asking again
         if _too_big_to_park(real):

@@ -18,13 +18,14 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple, Protocol, TypeVar
 
 from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.api import KeyValueConfig, StreamConfig
+from nats.js.errors import KeyNotFoundError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from natsmw.duration import Duration, to_positive_seconds
-from natsmw.errors import DeadlineStoreError
+from natsmw.errors import DeadlinesLostError, DeadlineStoreError
 
 __all__ = [
     "DeadlineKey",
@@ -36,6 +37,7 @@ __all__ = [
 
 log = logging.getLogger("natsmw.delay")
 _T = TypeVar("_T")
+_RECHECK = 30.0
 
 
 class DeadlineKey(NamedTuple):
@@ -181,9 +183,16 @@ class KeyValueDeadlineStore:
         timeout: how long one read or write may take before the store counts as unreachable.
         keep_after_deadline: how long an entry outlives its deadline before it expires on
             its own (the handler's call count, see ``handler_calls``, is read from it).
+        domain: the JetStream domain ``js`` was made for, if any: a write the server stores
+            in another domain is refused (a record there would never be found).
+
+    The bucket is created by the first :meth:`put`, never by a :meth:`get`. An existing
+    bucket is checked when opened: it must allow per-message TTL.
 
     Raises (from :meth:`get` and :meth:`put`):
-        DeadlineStoreError: the bucket cannot be reached, created, read or written.
+        DeadlinesLostError: (from :meth:`get`) the bucket does not exist, or was deleted.
+        DeadlineStoreError: the bucket cannot be reached, created, read or written, or was
+            made without per-message TTL (the message says what to change).
     """
 
     def __init__(
@@ -194,22 +203,28 @@ class KeyValueDeadlineStore:
         replicas: int | None = None,
         timeout: Duration = 2.0,
         keep_after_deadline: Duration = 24 * 3600,
+        domain: str | None = None,
     ) -> None:
         self._js = js
+        self._domain = domain
         self.bucket = bucket
         self._replicas = replicas
         self._timeout = to_positive_seconds(timeout, "timeout")
         self._keep = to_positive_seconds(keep_after_deadline, "keep_after_deadline")
         self._kv: KeyValue | None = None
         self._opening = asyncio.Lock()
+        self._created: float | None = None
+        self._vanished = False  # open once, then its stream was gone
+        self._refused: tuple[float, DeadlineStoreError] | None = None
 
     async def get(self, key: DeadlineKey) -> Deferral | None:
-        kv = await self._bucket()
+        kv = await self._bucket(create=False)
         try:
             entry = await asyncio.wait_for(kv.get(key.as_kv_key()), self._timeout)
         except KeyNotFoundError:
             return None
         except (NatsError, asyncio.TimeoutError, OSError) as error:
+            self._forget_if_gone(error)
             raise DeadlineStoreError(
                 f"cannot read {key} from {self.bucket!r}: {error!r}"
             ) from error
@@ -222,22 +237,50 @@ class KeyValueDeadlineStore:
             return None
 
     async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
-        await self._bucket()
+        await self._bucket(create=True)
         ttl = max(deferral.deadline - time.time(), 0.0) + self._keep
         subject = f"$KV.{self.bucket}.{key.as_kv_key()}"
         try:
             # A put with a per-message TTL: the entry disappears on its own, so records of
             # messages that were handled, deleted or moved never pile up.
-            await self._js.publish(subject, deferral.to_bytes(), timeout=self._timeout, msg_ttl=ttl)
+            ack = await self._js.publish(
+                subject, deferral.to_bytes(), timeout=self._timeout, msg_ttl=ttl
+            )
         except (NatsError, asyncio.TimeoutError, OSError) as error:
+            self._forget_if_gone(error)
             raise DeadlineStoreError(f"cannot write {key} to {self.bucket!r}: {error!r}") from error
+        if self._domain is not None and ack.domain != self._domain:
+            # Key-value writes go to $KV.<bucket>, which the client's own domain answers.
+            raise DeadlineStoreError(
+                f"the record of {key} was stored in JetStream domain {ack.domain!r}, not in "
+                f"{self._domain!r} where its consumer is: pass a store that writes there"
+            )
 
-    async def _bucket(self) -> KeyValue:
+    @property
+    def created_at(self) -> float | None:
+        """When the bucket was created (Unix time, the server's clock), once it is open.
+
+        A record cannot be older than its bucket: a message stored before the bucket existed
+        and deferred before that has lost its record (the bucket was deleted and made again).
+        """
+        return self._created
+
+    def _forget_if_gone(self, error: BaseException) -> None:
+        # The bucket's stream was deleted under us: open it again next time (and say so).
+        if isinstance(error, (NotFoundError, NoRespondersError, ServiceUnavailableError)):
+            if self._kv is not None:
+                self._vanished = True
+            self._kv = None
+
+    async def _bucket(self, *, create: bool) -> KeyValue:
         if self._kv is not None:
             return self._kv
+        refused = self._refused
+        if refused is not None and time.monotonic() < refused[0]:
+            raise refused[1]
         async with self._opening:
             if self._kv is None:
-                self._kv = await self._open()
+                self._kv = await self._open(create=create)
             return self._kv
 
     def _default_replicas(self) -> list[int]:
@@ -245,12 +288,66 @@ class KeyValueDeadlineStore:
         info = getattr(getattr(self._js, "_nc", None), "_server_info", None) or {}
         return [3, 1] if info.get("cluster") else [1]
 
-    async def _open(self) -> KeyValue:
+    async def _open(self, *, create: bool) -> KeyValue:
+        stream = f"KV_{self.bucket}"
+        try:
+            info = await asyncio.wait_for(self._js.stream_info(stream), self._timeout)
+        except NotFoundError:
+            info = None
+        except (NatsError, asyncio.TimeoutError, OSError) as error:
+            raise DeadlineStoreError(f"cannot open {self.bucket!r}: {error!r}") from error
+        if info is not None:
+            self._check(info.config)
+            kv = await self._key_value()
+        elif not create:
+            # Reading never creates the bucket: without it there is no record to find, and an
+            # application that never deferred anything gets no bucket it did not ask for.
+            raise self._lost("does not exist")
+        else:
+            kv = await self._create()
+            info = await asyncio.wait_for(self._js.stream_info(stream), self._timeout)
+        if self._vanished:
+            self._vanished = False
+            log.error(
+                "the deadline bucket %r was deleted while in use and is open again: the "
+                "deadlines recorded in it are lost, and held messages may run early",
+                self.bucket,
+            )
+        created = info.created if info is not None else None
+        self._created = created.timestamp() if created is not None else None
+        return kv
+
+    def _lost(self, how: str) -> DeadlinesLostError:
+        seen = self._vanished or self._created is not None
+        return DeadlinesLostError(
+            f"the deadline bucket {self.bucket!r} {how}"
+            + (" (it was deleted)" if seen else "")
+            + ": if natsmw deferred messages on this server, their deadlines are lost"
+        )
+
+    def _check(self, config: StreamConfig) -> None:
+        if config.allow_msg_ttl:
+            return
+        error = DeadlineStoreError(
+            f"the deadline bucket {self.bucket!r} exists without per-message TTL (its stream "
+            f"KV_{self.bucket} has allow_msg_ttl off, as `nats kv add` makes it without "
+            f"--marker-ttl): natsmw's records expire on their own and cannot be stored there. "
+            f"Delete the bucket (natsmw makes it again), or recreate it with limit markers, "
+            f"or pass another bucket name to KeyValueDeadlineStore"
+        )
+        if self._refused is None or time.monotonic() >= self._refused[0]:
+            log.error("%s", error)
+        # Checked again after a while: an operator may fix it without restarting anything.
+        self._refused = (time.monotonic() + _RECHECK, error)
+        raise error
+
+    async def _key_value(self) -> KeyValue:
         try:
             return await asyncio.wait_for(self._js.key_value(self.bucket), self._timeout)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
-            if not isinstance(error, BucketNotFoundError):
-                raise DeadlineStoreError(f"cannot open {self.bucket!r}: {error!r}") from error
+            raise DeadlineStoreError(f"cannot open {self.bucket!r}: {error!r}") from error
+
+    async def _create(self) -> KeyValue:
         replicas = [self._replicas] if self._replicas else self._default_replicas()
         last: BaseException | None = None
         for count in replicas:

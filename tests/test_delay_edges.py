@@ -1,0 +1,127 @@
+"""The delay cap at the edges of a real deployment: buckets made by other tools or lost,
+JetStream domains, and chains with two caps. Real servers, compressed time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DiscardPolicy, StreamConfig
+
+from natsmw import compose, install, uninstall, with_delay_cap, with_tracing
+from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore
+from natsmw.errors import DeadlineStoreError
+from natsmw.server import NatsServer
+from tests.conftest import Connection, Stream, connect, spy_acks
+from tests.delay_support import CAP, CallLog, pulling
+
+
+class NaksEachOnce(CallLog):
+    """Naks every message for ``delay`` on its first delivery, acks it after."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def __call__(self, msg: Msg) -> None:
+        await self.record(msg)
+        await (msg.nak(delay=self.delay) if msg.metadata.num_delivered == 1 else msg.ack())
+
+
+@pytest.fixture
+async def alone(own_server: NatsServer) -> AsyncIterator[Connection]:
+    """A connection to a server of the test's own, whose buckets it may break."""
+    conn = await connect(own_server.url)
+    await conn.js.add_stream(name="EDGE", subjects=["edge.>"])
+    await conn.js.add_consumer("EDGE", ConsumerConfig(durable_name="c", ack_wait=30))
+    yield conn
+    await conn.nc.close()
+
+
+async def test_a_bucket_made_without_per_message_ttl_is_refused_once_with_the_fix(
+    alone: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`nats kv add natsmw_deadlines` makes a bucket whose stream refuses Nats-TTL."""
+    await alone.js.add_stream(
+        StreamConfig(
+            name="KV_natsmw_deadlines", subjects=["$KV.natsmw_deadlines.>"],
+            allow_rollup_hdrs=True, deny_delete=True, allow_direct=True,
+            max_msgs_per_subject=1, discard=DiscardPolicy.NEW,
+        )
+    )  # fmt: skip
+    handler = NaksEachOnce(delay=1.0)
+    cap = with_delay_cap(CAP, parking=False)
+    with caplog.at_level(logging.ERROR, logger="natsmw.delay"):
+        async with pulling(alone.js, "edge.x", "c", cap(handler)):
+            for _ in range(3):
+                await alone.js.publish("edge.x", b"x")
+            calls = await handler.wait_calls(6)
+
+    refusals = [r for r in caplog.records if "allow_msg_ttl" in r.getMessage()]
+    assert len(refusals) == 1  # said once, not once per message
+    assert "Delete the bucket" in refusals[0].getMessage()
+    assert cap.stats.uncapped == 3  # each long nak went to the server whole: none lost
+    assert all(c.handler_calls == 2 for c in calls[3:])
+
+
+async def test_a_deleted_bucket_is_an_error_and_a_count_not_a_silent_early_run(
+    alone: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    spy = await spy_acks(alone.nc, "EDGE")
+    handler = NaksEachOnce(delay=30.0)
+    first = with_delay_cap(CAP, parking=False)
+    async with pulling(alone.js, "edge.x", "c", first(handler)):
+        await alone.js.publish("edge.x", b"x")
+        await spy.wait_for(1)  # the capped nak: sent once the deadline was recorded
+    await alone.js.delete_key_value("natsmw_deadlines")
+
+    taking_over = with_delay_cap(CAP, parking=False)
+    with caplog.at_level(logging.ERROR, logger="natsmw.delay"):
+        async with pulling(alone.js, "edge.x", "c", taking_over(handler)):
+            calls = await handler.wait_calls(2)
+
+    assert calls[1].at < calls[0].at + 30  # early: the record is gone, nothing can know
+    assert taking_over.stats.lost_deadlines == 1
+    assert "its deadline cannot be known" in caplog.text
+    assert "does not exist" in caplog.text
+    # Reading never makes the bucket: only a deferral does.
+    with pytest.raises(Exception, match="not found"):
+        await alone.js.stream_info("KV_natsmw_deadlines")
+
+
+async def test_two_caps_in_one_chain_are_refused_when_the_chain_is_built(
+    conn: Connection, stream: Stream
+) -> None:
+    async def handler(msg: Msg) -> None:
+        await msg.ack()
+
+    with pytest.raises(ValueError, match="two delay caps"):
+        compose(with_delay_cap(1), with_tracing(), with_delay_cap(2))(handler)
+    with pytest.raises(ValueError, match="two delay caps"):
+        with_delay_cap(1)(with_delay_cap(2)(handler))
+
+    install(conn.nc, chain=with_delay_cap(1))
+    try:
+        with pytest.raises(ValueError, match="two delay caps"):
+            await conn.nc.jetstream().subscribe(
+                stream.subject, durable="twice", cb=with_delay_cap(2)(handler), manual_ack=True
+            )
+    finally:
+        uninstall(conn.nc)
+
+
+async def test_records_are_kept_in_the_messages_domain_or_refused() -> None:
+    with NatsServer(domain="hub") as server:
+        conn = await connect(server.url)
+        try:
+            key, deferral = DeadlineKey("S", "c", 1), Deferral(deadline=2e9)
+            store = KeyValueDeadlineStore(conn.nc.jetstream(domain="hub"), domain="hub")
+            await store.put(key, deferral)
+            assert await store.get(key) == deferral
+            elsewhere = KeyValueDeadlineStore(conn.nc.jetstream(domain="hub"), domain="leaf")
+            with pytest.raises(DeadlineStoreError, match="domain 'hub', not in 'leaf'"):
+                await elsewhere.put(key, deferral)
+        finally:
+            await conn.nc.close()
