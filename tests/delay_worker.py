@@ -5,13 +5,15 @@
 Pulls from an existing durable; its legacy handler naks for <delay> on its first call for a
 message (as counted by natsmw, across processes) and acks on the second. Prints one JSON line
 per event on stdout: ready, call, deferred, and held (a delivery natsmw held). With ``park``
-it also serves the consumer's due messages, so that long delays are parked.
+it also serves the consumer's due messages, so that long delays are parked. The environment
+variable ``NATSMW_TEST_CLOCK_AHEAD`` (seconds, may be negative) puts its wall clock off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -21,9 +23,16 @@ from nats.aio.msg import Msg
 from natsmw import Handler, MessageProxy, compose, middleware, serve_parked
 from natsmw.delay import handler_calls, with_delay_cap
 
+_true_time = time.time
+_ahead = float(os.environ.get("NATSMW_TEST_CLOCK_AHEAD", "0") or 0)
+if _ahead:
+    # This host's wall clock is off by that much (natsmw must not trust it); events are
+    # still reported in the true time, for the test to compare.
+    time.time = lambda: _true_time() + _ahead
+
 
 def emit(event: str, msg: Msg, **fields: object) -> None:
-    record = {"event": event, "at": time.time(), "seq": msg.metadata.sequence.stream, **fields}
+    record = {"event": event, "at": _true_time(), "seq": msg.metadata.sequence.stream, **fields}
     print(json.dumps(record), flush=True)
 
 

@@ -47,12 +47,14 @@ class Workers:
         self._readers: list[asyncio.Task[None]] = []
 
     async def start(
-        self, url: str, stream: str, durable: str, delay: float = DELAY, *, park: bool = False
-    ) -> int:
+        self, url: str, stream: str, durable: str, delay: float = DELAY, *, park: bool = False,
+        clock_ahead: float = 0.0,
+    ) -> int:  # fmt: skip
         arguments = [url, stream, durable, str(CAP), str(delay), *(["park"] if park else [])]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "NATSMW_TEST_CLOCK_AHEAD": str(clock_ahead)}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.delay_worker", *arguments,
-            cwd=ROOT, stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, env=env,
         )  # fmt: skip
         index = len(self._processes)
         self._processes.append(process)
@@ -127,6 +129,29 @@ async def test_two_consumer_processes_on_one_durable_never_call_early(
             e for e in pool.events if e["event"] == "held" and e["worker"] != deferred_by[e["seq"]]
         ]
         assert held_elsewhere  # one process held deadlines the other one recorded
+
+
+@pytest.mark.parametrize("ahead", [2.0, -2.0])
+async def test_an_instance_whose_clock_is_off_never_runs_the_handler_early(
+    conn: Connection, stream: Stream, ahead: float
+) -> None:
+    """One process defers; another, whose wall clock is off by 2 s, takes over. Deadlines are
+    compared in the server's time, so neither direction runs the handler early."""
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="skew", ack_wait=30))
+    url = conn.nc.connected_url.geturl()  # type: ignore[union-attr]
+    delay = 3.0
+    async with workers() as pool:
+        # The deferring process is off the other way: the two clocks differ by 4 s.
+        await pool.start(url, stream.name, "skew", delay, clock_ahead=-ahead)
+        seq = (await conn.js.publish(stream.subject, b"x")).seq
+        await pool.wait(lambda events: any(e["event"] == "deferred" for e in events))
+        pool.kill(0)
+        await pool.start(url, stream.name, "skew", delay, clock_ahead=ahead)
+        await pool.wait(all_handled(1))
+
+        first, second = pool.calls(seq)
+        assert float(second["at"]) >= float(first["at"]) + delay  # type: ignore[arg-type]
+        assert float(second["at"]) < float(first["at"]) + delay + 1.5  # type: ignore[arg-type]
 
 
 async def test_consumer_process_restarted_mid_hold(conn: Connection, stream: Stream) -> None:

@@ -33,6 +33,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from natsmw.chain import Handler, middleware
+from natsmw.delay.clock import server_clock
 from natsmw.delay.deadline import DEADLINE_HEADER, format_deadline, parse_deadline
 from natsmw.delay.decision import (
     SLACK,
@@ -263,7 +264,7 @@ class DelayCap:
             header is None
             and entry is not None
             and entry.deferral is not None
-            and entry.deferral.deadline > time.time()
+            and entry.deferral.deadline > server_clock.now(msg.__wrapped__._client)
         ):
             # The usual hold, on the instance that deferred the message: only a handler run
             # can move a deadline, and none ran since this instance last saw the message.
@@ -329,7 +330,7 @@ class DelayCap:
         if found.known:
             if deferral is None:
                 return False
-            remaining: float | None = deferral.deadline - time.time()
+            remaining: float | None = deferral.deadline - server_clock.now(msg.__wrapped__._client)
             if remaining is not None and remaining <= 0:
                 return False
         else:
@@ -397,7 +398,7 @@ class DelayCap:
         header: Deferral | None,
         entry: Remembered | None,
     ) -> _Found:
-        now = time.time()
+        now = server_clock.now(msg.__wrapped__._client)
         if header is not None and header.deadline > now:
             return _Found(header, recorded=False)
         if entry is not None and entry.deferral is not None and entry.deferral.deadline > now:
@@ -437,6 +438,18 @@ class DelayCap:
         if await self._parked_already(msg, key):
             return _PARKED
         return _Found(header, recorded=False)
+
+    async def _measure_clock(self, msg: MessageProxy, *, parking: bool) -> None:
+        """Measure this host's clock against the server's before a deadline is written, where
+        natsmw writes anyway: its park stream, else the default deadline bucket."""
+        client = msg.__wrapped__._client
+        if not server_clock.stale(client):
+            return
+        parks = park_stream(client)
+        if parking and parks.ready:
+            await parks.measure_clock()
+        elif isinstance(store := self._store_for(msg), KeyValueDeadlineStore):
+            await store.measure_clock(create=True)
 
     def _deadline_lost(self, key: DeadlineKey, delivery: int, why: str) -> None:
         """The record that may have held this delivery back is gone: say so, loudly."""
@@ -605,10 +618,11 @@ class DelayCap:
         """A parked message is back. Its park deadline is kept like a header's; a deadline the
         handler asked for on an earlier run of the due copy (a hold) is kept as any other."""
         parked = due.parked
-        remaining = parked.deadline - time.time()
+        await park_stream(due._client).measure_clock()
+        remaining = parked.deadline - server_clock.now(due._client)
         if 0 < remaining <= _EARLY_WAIT:
             await asyncio.sleep(remaining + SLACK)  # fired a tick early: never run early
-            remaining = parked.deadline - time.time()
+            remaining = parked.deadline - server_clock.now(due._client)
         position = msg.position  # the due copy's: that is what gets settled
         key = DeadlineKey(position.stream, position.consumer, position.stream_sequence)
         delivery = position.delivered
@@ -636,7 +650,8 @@ class DelayCap:
             msg.report(
                 "natsmw.delay.unparked",
                 {"natsmw.delay.deadline": _iso(parked.deadline),
-                 "natsmw.delay.late_s": round(max(time.time() - parked.deadline, 0.0), 3),
+                 "natsmw.delay.late_s": round(
+                     max(server_clock.now(due._client) - parked.deadline, 0.0), 3),
                  "natsmw.delay.handler_calls_before": parked.calls,
                  "messaging.nats.message.delivery_count": due.metadata.num_delivered},
                 link=parked.traceparent,
@@ -737,7 +752,8 @@ class DelayCap:
             await park_stream(real._client).park(parked, real.data, real.headers)
         except ParkError as error:
             self.stats.park_fallbacks += 1
-            _survival(msg, "park_fallback", msg.position.delivered, deadline - time.time(),
+            _survival(msg, "park_fallback", msg.position.delivered,
+                      deadline - server_clock.now(real._client),
                       reason=str(error)[:200])  # fmt: skip
             log.warning(
                 "could not park %s seq %s (%s): holding it with naks of at most %.3fs instead",
@@ -749,7 +765,7 @@ class DelayCap:
         msg.report(
             "natsmw.delay.parked",
             {"natsmw.delay.deadline": _iso(deadline),
-             "natsmw.delay.remaining_s": round(deadline - time.time(), 3),
+             "natsmw.delay.remaining_s": round(deadline - server_clock.now(real._client), 3),
              "natsmw.delay.handler_calls": calls},
         )  # fmt: skip
         try:
@@ -776,7 +792,10 @@ class DelayCap:
     ) -> Any:
         """The handler asked for ``nak(delay)`` with ``delay`` over the cap: park, or record
         the deadline and cap the nak."""
-        deadline = time.time() + delay
+        await self._measure_clock(
+            msg, parking=self.park_after is not None and delay > self.park_after
+        )
+        deadline = server_clock.now(msg.__wrapped__._client) + delay
         traceparent = _traceparent(msg)
         if self.park_after is not None and delay > self.park_after:
             await self._prepare_parking(msg, key)

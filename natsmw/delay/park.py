@@ -48,6 +48,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
 from natsmw.chain import Handler
+from natsmw.delay.clock import server_clock
 from natsmw.delay.deadline import format_deadline
 from natsmw.errors import ParkError
 from natsmw.headers import original_name, sendable_name
@@ -254,6 +255,18 @@ class ParkStream:
             return False
         return True
 
+    async def measure_clock(self) -> None:
+        """Measure this host's clock against the server's (see :mod:`natsmw.delay.clock`),
+        if it is due and the stream is ready."""
+        client = self._client()
+        if client is not None and self._ready and server_clock.stale(client):
+            await server_clock.measure(client, self._js(), PARK_STREAM, f"{_SCHEDULE}.clock")
+
+    @property
+    def ready(self) -> bool:
+        """Whether this process has made or found the stream, and checked it."""
+        return self._ready
+
     @property
     def refused(self) -> bool:
         """Whether the stream was found unusable less than a minute ago."""
@@ -290,6 +303,7 @@ class ParkStream:
                 raise
             self._ready = True
             self.created.set()
+        await self.measure_clock()
 
     async def _open(self) -> None:
         client = self._client()

@@ -24,6 +24,7 @@ from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
+from natsmw.delay.clock import server_clock
 from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlinesLostError, DeadlineStoreError
 
@@ -219,6 +220,7 @@ class KeyValueDeadlineStore:
 
     async def get(self, key: DeadlineKey) -> Deferral | None:
         kv = await self._bucket(create=False)
+        await self.measure_clock()
         try:
             entry = await asyncio.wait_for(kv.get(key.as_kv_key()), self._timeout)
         except KeyNotFoundError:
@@ -255,6 +257,21 @@ class KeyValueDeadlineStore:
                 f"the record of {key} was stored in JetStream domain {ack.domain!r}, not in "
                 f"{self._domain!r} where its consumer is: pass a store that writes there"
             )
+
+    async def measure_clock(self, *, create: bool = False) -> None:
+        """Measure this host's clock against the server's (see :mod:`natsmw.delay.clock`)
+        with a probe entry, if it is due. ``create``: make the bucket first if missing (a
+        write into it follows anyway); otherwise a missing bucket is not measured with.
+        Never raises."""
+        client = getattr(self._js, "_nc", None)
+        if client is None or not server_clock.stale(client):
+            return
+        try:
+            await self._bucket(create=create)
+        except DeadlineStoreError:
+            return
+        subject = f"$KV.{self.bucket}.natsmw-clock"
+        await server_clock.measure(client, self._js, f"KV_{self.bucket}", subject)
 
     @property
     def created_at(self) -> float | None:
