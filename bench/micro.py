@@ -17,6 +17,7 @@ import cProfile
 import pstats
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,6 +33,7 @@ from natsmw import MemoryDeadlineStore, with_delay_cap, with_tracing
 
 Handler = Callable[[Msg], Awaitable[None]]
 STORED = time.time_ns()
+CREATED = datetime.fromtimestamp(STORED / 1e9 - 60, timezone.utc)
 
 
 class Client:
@@ -45,7 +47,8 @@ class Client:
 
     async def consumer_info(self, *_: Any, **__: Any) -> Any:
         return SimpleNamespace(
-            config=SimpleNamespace(max_deliver=-1, durable_name="micro", ack_policy=None)
+            config=SimpleNamespace(max_deliver=-1, durable_name="micro", ack_policy=None),
+            created=CREATED,  # the consumer was made before its messages were stored
         )
 
 

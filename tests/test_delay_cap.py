@@ -376,13 +376,18 @@ async def test_holds_on_the_deferring_instance_cost_no_round_trip_per_message(
         await calls.wait_calls(20)
     await conn.nc.flush()
 
+    # The clock probe (a put and a read of its stamp, every few minutes) aside.
+    probe = "$KV.natsmw_deadlines.natsmw-clock"
+
     def made(*prefixes: str) -> int:
-        return sum(1 for m in requests.items if m.subject.startswith(prefixes))
+        return sum(
+            1 for m in requests.items if m.subject.startswith(prefixes) and m.subject != probe
+        )
 
     assert cap.stats.holds >= 80
     # No KV read: this instance saw every delivery, so nobody else moved a deadline. One KV
     # put per message at the deferral, one when its deadline has passed (for handler_calls).
-    assert made("$JS.API.DIRECT.GET.", "$JS.API.STREAM.MSG.GET.") == 0
+    assert made("$JS.API.DIRECT.GET.", "$JS.API.STREAM.MSG.GET.") <= 1  # the probe's stamp
     assert made("$KV.") == 2 * 10
     # nats-py's pull_subscribe asks for consumer info once; natsmw at most once per round of
     # holds (about one per half cap), whatever the number of messages held.

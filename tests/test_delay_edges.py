@@ -125,3 +125,23 @@ async def test_records_are_kept_in_the_messages_domain_or_refused() -> None:
                 await elsewhere.put(key, deferral)
         finally:
             await conn.nc.close()
+
+
+async def test_a_consumer_made_again_under_the_same_name_keeps_the_deadline(
+    alone: Connection,
+) -> None:
+    """Deleted and made again mid-deferral (to change a setting): delivery counts start at 1
+    again, and the deadline recorded under the earlier consumer must still hold."""
+    spy = await spy_acks(alone.nc, "EDGE")
+    handler = NaksEachOnce(delay=3.0)
+    cap = with_delay_cap(CAP, parking=False)
+    async with pulling(alone.js, "edge.x", "c", cap(handler)):
+        await alone.js.publish("edge.x", b"x")
+        await spy.wait_for(3)  # the handler's capped nak, then holds
+        await alone.js.delete_consumer("EDGE", "c")
+        await alone.js.add_consumer("EDGE", ConsumerConfig(durable_name="c", ack_wait=60))
+        calls = await handler.wait_calls(2)
+
+    assert calls[1].at >= calls[0].at + 3.0
+    assert calls[1].num_delivered >= 2  # held in the new consumer too
+    assert cap.stats.forced_runs == 0

@@ -84,7 +84,8 @@ async def test_cluster_forms_and_an_r3_stream_survives_a_stopped_node(
 ) -> None:
     conn = await connect(*cluster.urls)
     await conn.js.add_stream(StreamConfig(name="R3", subjects=["r3.>"], num_replicas=3))
-    first = await conn.js.publish("r3.a", b"one")
+    # A new R3 stream may not have elected its leader yet: retry as an application would.
+    first = await publish_until_stored(conn, "r3.a", b"one", msg_id="one")
 
     info = await conn.js.stream_info("R3")
     assert info.cluster is not None

@@ -122,6 +122,55 @@ class _Found:
     entry: Remembered | None = None  # what this instance remembered of it, if anything
 
 
+class _Generation:
+    """One consumer generation, as one delay cap saw it: when it was created, the highest
+    consumer sequence seen, and the sequences an earlier consumer of its name left records
+    for (listed once, when first needed)."""
+
+    __slots__ = ("_listing", "created", "high")
+
+    def __init__(self, created: float | None, high: int) -> None:
+        self.created = created
+        self.high = high
+        self._listing: asyncio.Future[set[int] | None] | None = None
+
+    def went_back(self, cseq: int) -> bool:
+        """Whether a first delivery's consumer sequence may mean the consumer was made again.
+
+        Sequences only grow within one consumer; concurrent handlers see them a little out
+        of order. Far back (under half the highest), or back at all while the consumer is
+        young, is read as a new consumer, and checked with the server.
+        """
+        return cseq * 2 < self.high or cseq <= self.high <= _YOUNG
+
+    async def listed(self, store: DeadlineStore, key: DeadlineKey) -> set[int] | None:
+        """The sequences with a record under this consumer's name; ``None`` when the store
+        cannot list (each message is then looked up)."""
+        if self._listing is None:
+            self._listing = asyncio.get_running_loop().create_future()
+            listing = self._listing
+            try:
+                found = await _list(store, key.stream, key.consumer)
+            except BaseException as error:
+                self._listing = None
+                listing.set_exception(error)
+                listing.exception()  # retrieved: callers that wait re-raise it
+                raise
+            listing.set_result(found)
+            return found
+        return await asyncio.shield(self._listing)
+
+
+async def _list(store: DeadlineStore, stream: str, consumer: str) -> set[int] | None:
+    sequences = getattr(store, "sequences", None)
+    if sequences is None:
+        return None
+    found: set[int] = await sequences(stream, consumer)
+    return found
+
+
+_YOUNG = 64
+
 _NOTHING = _Found(None, recorded=False)
 _UNKNOWN = _Found(None, recorded=False, known=False)
 _PARKED = _Found(None, recorded=False, parked=True)
@@ -205,6 +254,8 @@ class DelayCap:
         self._limits_age = self.cap * (1 - self.jitter) / 2
         self._unserved_warned: set[tuple[str, str]] = set()
         self._lost_said_until = 0.0
+        # By id(client), then (stream, consumer); read on every first delivery.
+        self._generations: dict[int, dict[tuple[str, str], _Generation]] = {}
 
     def __call__(self, handler: Handler) -> Handler:
         """Wrap ``handler``.
@@ -257,9 +308,24 @@ class DelayCap:
     ) -> _Found:
         """What is known of this delivery's deadline: from the header, this instance's memory,
         or the store."""
-        entry = self._memory.recall(key, msg.__wrapped__._client, delivery)
+        real = msg.__wrapped__
+        entry = self._memory.recall(key, real._client, delivery)
         if header is None and entry is None and delivery == 1:
-            return _NOTHING  # the hot path: nothing to look up for a first, plain delivery
+            # The hot path: a first, plain delivery, of a message stored under this very
+            # consumer (not one deleted and made again under the same name): nothing to look up.
+            numbers = _reply_numbers(real)
+            known = self._generations.get(id(real._client))
+            generation = None if known is None else known.get((key.stream, key.consumer))
+            if numbers is not None and generation is not None:
+                cseq, stored_at = numbers
+                high = generation.high
+                if cseq > high or (cseq * 2 >= high and high > _YOUNG):  # not went_back()
+                    generation.high = cseq
+                    if generation.created is None or stored_at >= generation.created:
+                        return _NOTHING
+            return await self._first_of_older(msg, key, numbers)
+        if delivery > 1:
+            self._saw(real, key)
         if (
             header is None
             and entry is not None
@@ -270,6 +336,81 @@ class DelayCap:
             # can move a deadline, and none ran since this instance last saw the message.
             return _Found(entry.deferral, recorded=True, entry=entry)
         return await self._find(msg, key, delivery, header, entry)
+
+    async def _first_of_older(
+        self, msg: MessageProxy, key: DeadlineKey, numbers: tuple[int, float] | None
+    ) -> _Found:
+        """A first delivery that the hot path could not clear. If the message was stored
+        before its consumer was created, an earlier consumer of the same name (deleted and
+        made again) may have deferred it: its record says until when."""
+        real = msg.__wrapped__
+        if numbers is None:  # a reply subject with a domain: read the metadata
+            numbers = (real.metadata.sequence.consumer, real.metadata.timestamp.timestamp())
+        cseq, stored_at = numbers
+        generation = await self._generation(msg, key, cseq)
+        if generation.created is None or stored_at >= generation.created:
+            return _NOTHING  # stored under this consumer (or its age is unknown)
+        try:
+            deferred = await generation.listed(self._store_for(msg), key)
+        except DeadlinesLostError:
+            return _NOTHING  # no bucket: nothing was ever recorded here
+        except DeadlineStoreError as error:
+            self.stats.store_errors += 1
+            log.warning("deadline store unreachable for %s: %s", key, error)
+            return _UNKNOWN
+        if deferred is not None and key.sequence not in deferred:
+            return _NOTHING
+        try:
+            stored = await self._store_for(msg).get(key)
+        except DeadlinesLostError:
+            return _NOTHING
+        except DeadlineStoreError as error:
+            self.stats.store_errors += 1
+            log.warning("deadline store unreachable for %s: %s", key, error)
+            return _UNKNOWN
+        if (
+            stored is None
+            # compared as the record was written: from the metadata (microseconds)
+            or stored.stored_at not in (None, real.metadata.timestamp.timestamp())
+            or stored.consumer_created == generation.created
+        ):
+            return _NOTHING
+        log.warning(
+            "%s was deferred under an earlier consumer of the same name (deleted and made "
+            "again): its deadline still stands",
+            key,
+        )
+        return _Found(stored.in_generation(generation.created), recorded=True)
+
+    def _saw(self, real: Msg, key: DeadlineKey) -> None:
+        """Note a redelivery's consumer sequence: a consumer made again starts from 1."""
+        known = self._generations.get(id(real._client))
+        generation = None if known is None else known.get((key.stream, key.consumer))
+        numbers = _reply_numbers(real)
+        if generation is not None and numbers is not None and numbers[0] > generation.high:
+            generation.high = numbers[0]
+
+    async def _generation(self, msg: MessageProxy, key: DeadlineKey, cseq: int) -> _Generation:
+        """The consumer generation a first delivery belongs to, read again from the server
+        at first sight, and when the consumer sequence went back (the consumer was made
+        again: its sequences start at 1)."""
+        client = msg.__wrapped__._client
+        known = self._generations.get(id(client))
+        if known is None:
+            known = self._generations[id(client)] = {}
+            weakref.finalize(client, self._generations.pop, id(client), None)
+        generation = known.get((key.stream, key.consumer))
+        if generation is not None and not generation.went_back(cseq):
+            generation.high = cseq
+            return generation
+        limits = await self._limits.read(
+            client, key.stream, key.consumer, msg.metadata.domain or None, max_age=0.0
+        )
+        if generation is None or generation.created != limits.created:
+            generation = known[(key.stream, key.consumer)] = _Generation(limits.created, cseq)
+        else:
+            generation.high = cseq  # the same consumer: count on from here
+        return generation
 
     async def _run(
         self,
@@ -428,6 +569,9 @@ class DelayCap:
                     key, delivery, "the deadline bucket was created after the message was "
                     "stored (deleted and made again?): a deadline recorded before is lost",
                 )  # fmt: skip
+        if stored is not None and stored.consumer_created is not None:
+            limits = await self._limits_of(msg, key)
+            stored = stored.in_generation(limits.created)
         if stored is not None and not stored.fits(delivery, stored_at):
             log.warning(
                 "ignoring a deadline record for %s left by an earlier stream or consumer", key
@@ -505,7 +649,9 @@ class DelayCap:
         store = stores.get(domain)
         if store is None:
             # In the message's JetStream domain, where its consumer is (as its limits are).
-            js = client.jetstream(domain=domain)
+            # Client.jetstream itself, not an install()'s wrapper: natsmw's own traffic never
+            # goes through a user's chain.
+            js = Client.jetstream(client, domain=domain)
             store = stores[domain] = KeyValueDeadlineStore(js, domain=domain)
         return store
 
@@ -837,6 +983,7 @@ class DelayCap:
             requested=delay,
             stored_at=msg.metadata.timestamp.timestamp(),
             traceparent=traceparent,
+            consumer_created=limits.created,
         )
         # Remembered even if the store refuses it: this instance then knows the deadline,
         # and that the whole delay went to the server, so it will not hold the redelivery blind.
@@ -961,6 +1108,16 @@ _PARK_OVERHEAD = 4096
 def _too_big_to_park(real: Msg) -> bool:
     limit = getattr(real._client, "max_payload", 0) or 0
     return bool(limit) and len(real.data) + _PARK_OVERHEAD > limit
+
+
+def _reply_numbers(real: Msg) -> tuple[int, float] | None:
+    """The consumer sequence and the stored time (Unix seconds) of ``real``, from its reply
+    subject: cheaper than parsing all of its metadata. ``None`` for another reply format."""
+    reply = real.reply
+    if reply.count(".") != 8:  # $JS.ACK.<stream>.<consumer>.<n>.<sseq>.<cseq>.<ns>.<pending>
+        return None
+    _, cseq, stored, _ = reply.rsplit(".", 3)
+    return int(cseq), int(stored) / 1e9
 
 
 def _iso(moment: float) -> str:

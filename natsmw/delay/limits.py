@@ -30,12 +30,15 @@ class Limits:
         ack_explicit: whether each message is acked on its own (not ack-all: there, the ack
             of a parked original would ack every earlier message too).
         known: ``False`` when the info could never be read: nothing is proven safe.
+        created: when the consumer was created (Unix time, the server's clock): a consumer
+            deleted and made again under the same name is another generation.
     """
 
     max_deliver: int | None
     durable: bool
     ack_explicit: bool = True
     known: bool = True
+    created: float | None = None
 
 
 UNKNOWN = Limits(max_deliver=None, durable=False, ack_explicit=False, known=False)
@@ -135,6 +138,7 @@ class ConsumerLimits:
             max_deliver=limit if limit is not None and limit > 0 else None,
             durable=bool(info.config.durable_name),
             ack_explicit=info.config.ack_policy in (None, AckPolicy.EXPLICIT),
+            created=info.created.timestamp() if info.created is not None else None,
         )
         now = time.monotonic()
         known[(stream, consumer)] = (value, now, now + _TTL)

@@ -77,6 +77,8 @@ class Deferral:
             one left by an earlier stream or consumer of the same name.
         traceparent: the W3C traceparent of the span that asked for the delay, so that the
             handler's run after the deadline can link back to it.
+        consumer_created: when the consumer that recorded it was created (Unix time): the
+            delivery counts above are that consumer generation's.
     """
 
     deadline: float
@@ -86,11 +88,29 @@ class Deferral:
     requested: float | None = None
     stored_at: float | None = None
     traceparent: str | None = None
+    consumer_created: float | None = None
 
     def skipped(self, delivery: int) -> int:
         """How many deliveries up to ``delivery`` natsmw held instead of calling the handler."""
         last_hold = (self.released_at if self.released_at is not None else delivery) - 1
         return self.skipped_before + max(last_hold - self.deferred_at, 0)
+
+    def in_generation(self, created: float | None) -> Deferral:
+        """This deferral as seen by the consumer generation created at ``created``.
+
+        Recorded by an earlier consumer of the same name (deleted and made again), its
+        deadline still stands, but its delivery counts are not this consumer's: like a
+        publisher's deadline, it holds from the first delivery.
+        """
+        if created is None or self.consumer_created in (None, created):
+            return self
+        return Deferral(
+            deadline=self.deadline,
+            requested=self.requested,
+            stored_at=self.stored_at,
+            traceparent=self.traceparent,
+            consumer_created=created,
+        )
 
     def fits(self, delivery: int, stored_at: float) -> bool:
         """Whether this record can be about the message at ``delivery``, stored at ``stored_at``."""
@@ -116,6 +136,7 @@ class Deferral:
                 requested=_optional(_number, fields.get("requested")),
                 stored_at=_optional(_number, fields.get("stored_at")),
                 traceparent=_optional(_text, fields.get("traceparent")),
+                consumer_created=_optional(_number, fields.get("consumer_created")),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise ValueError(f"not a natsmw deferral record: {data[:100]!r}") from error
@@ -257,6 +278,36 @@ class KeyValueDeadlineStore:
                 f"the record of {key} was stored in JetStream domain {ack.domain!r}, not in "
                 f"{self._domain!r} where its consumer is: pass a store that writes there"
             )
+
+    async def sequences(self, stream: str, consumer: str) -> set[int]:
+        """The stream sequences with a record for ``stream``/``consumer``: one pass over the
+        bucket's keys for that consumer (headers only), however many there are.
+
+        Raises:
+            DeadlinesLostError: the bucket does not exist.
+            DeadlineStoreError: it cannot be read.
+        """
+        kv = await self._bucket(create=False)
+        pattern = f"{_escape(stream)}.{_escape(consumer)}.*"
+        found: set[int] = set()
+
+        async def read() -> None:
+            watcher = await kv.watch(pattern, meta_only=True, ignore_deletes=True)
+            try:
+                async for entry in watcher:
+                    if entry is None:
+                        return  # caught up
+                    found.add(int(entry.key.rsplit(".", 1)[1]))
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+        try:
+            await asyncio.wait_for(read(), max(self._timeout, 30.0))
+        except (NatsError, asyncio.TimeoutError, OSError, ValueError) as error:
+            raise DeadlineStoreError(
+                f"cannot list the records of {stream}/{consumer} in {self.bucket!r}: {error!r}"
+            ) from error
+        return found
 
     async def measure_clock(self, *, create: bool = False) -> None:
         """Measure this host's clock against the server's (see :mod:`natsmw.delay.clock`)
