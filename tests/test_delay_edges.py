@@ -14,7 +14,7 @@ from natsmw import compose, install, uninstall, with_delay_cap, with_tracing
 from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore
 from natsmw.errors import DeadlineStoreError
 from natsmw.server import NatsServer
-from tests.conftest import Connection, Stream, connect, spy_acks
+from tests.conftest import Connection, Inbox, Stream, connect, spy_acks
 from tests.delay_support import CAP, CallLog, pulling
 
 
@@ -145,3 +145,32 @@ async def test_a_consumer_made_again_under_the_same_name_keeps_the_deadline(
     assert calls[1].at >= calls[0].at + 3.0
     assert calls[1].num_delivered >= 2  # held in the new consumer too
     assert cap.stats.forced_runs == 0
+
+
+async def test_a_new_consumer_over_a_long_stream_costs_no_round_trip_per_message(
+    alone: Connection,
+) -> None:
+    """Messages stored before their consumer was created are checked for records an earlier
+    consumer of the name left: once per consumer, not once per message."""
+    for _ in range(200):
+        await alone.js.publish("edge.x", b"x")
+    await alone.js.add_consumer(
+        "EDGE", ConsumerConfig(durable_name="late", ack_wait=30, max_ack_pending=500)
+    )
+    requests = Inbox()
+    await alone.nc.subscribe("$JS.API.>", cb=requests.put)
+    calls = CallLog()
+
+    async def acks(msg: Msg) -> None:
+        await calls.record(msg)
+        await msg.ack()
+
+    cap = with_delay_cap(CAP)
+    async with pulling(alone.js, "edge.x", "late", cap(acks), batch=50):
+        await calls.wait_calls(200)
+    await alone.nc.flush()
+
+    asked = [m.subject for m in requests.items if not m.subject.startswith("$JS.API.CONSUMER.MSG")]
+    # pull_subscribe's own consumer info, then natsmw: one consumer info (the consumer's
+    # creation time) and one look for the deadline bucket, which does not exist.
+    assert len(asked) <= 4, asked

@@ -127,12 +127,13 @@ class _Generation:
     consumer sequence seen, and the sequences an earlier consumer of its name left records
     for (listed once, when first needed)."""
 
-    __slots__ = ("_listing", "created", "high")
+    __slots__ = ("_listing", "_no_bucket_until", "created", "high")
 
     def __init__(self, created: float | None, high: int) -> None:
         self.created = created
         self.high = high
         self._listing: asyncio.Future[set[int] | None] | None = None
+        self._no_bucket_until = 0.0
 
     def went_back(self, cseq: int) -> bool:
         """Whether a first delivery's consumer sequence may mean the consumer was made again.
@@ -147,10 +148,26 @@ class _Generation:
         """The sequences with a record under this consumer's name; ``None`` when the store
         cannot list (each message is then looked up)."""
         if self._listing is None:
+            if time.monotonic() < self._no_bucket_until:
+                # No bucket a moment ago: a consumer made over a long stream would otherwise
+                # ask the server for every message it was never going to find.
+                raise DeadlinesLostError("no deadline bucket")
             self._listing = asyncio.get_running_loop().create_future()
             listing = self._listing
             try:
                 found = await _list(store, key.stream, key.consumer)
+            except DeadlineStoreError as error:
+                if isinstance(error, DeadlinesLostError):
+                    self._no_bucket_until = time.monotonic() + 5.0
+                    self._listing = None  # listed once there is a bucket
+                    listing.set_exception(error)
+                    listing.exception()  # retrieved: callers that wait re-raise it
+                    raise
+                # Not listed (no permission to watch the bucket, a timeout): every message
+                # of this generation stored before it is looked up instead.
+                log.warning("cannot list the deadline records of %s/%s: %s",
+                            key.stream, key.consumer, error)  # fmt: skip
+                found = None
             except BaseException as error:
                 self._listing = None
                 listing.set_exception(error)
@@ -319,10 +336,11 @@ class DelayCap:
             if numbers is not None and generation is not None:
                 cseq, stored_at = numbers
                 high = generation.high
-                if cseq > high or (cseq * 2 >= high and high > _YOUNG):  # not went_back()
+                if (cseq > high or (cseq * 2 >= high and high > _YOUNG)) and (  # not went_back()
+                    generation.created is None or stored_at >= generation.created
+                ):
                     generation.high = cseq
-                    if generation.created is None or stored_at >= generation.created:
-                        return _NOTHING
+                    return _NOTHING
             return await self._first_of_older(msg, key, numbers)
         if delivery > 1:
             self._saw(real, key)
@@ -354,10 +372,6 @@ class DelayCap:
             deferred = await generation.listed(self._store_for(msg), key)
         except DeadlinesLostError:
             return _NOTHING  # no bucket: nothing was ever recorded here
-        except DeadlineStoreError as error:
-            self.stats.store_errors += 1
-            log.warning("deadline store unreachable for %s: %s", key, error)
-            return _UNKNOWN
         if deferred is not None and key.sequence not in deferred:
             return _NOTHING
         try:
