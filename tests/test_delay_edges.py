@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DiscardPolicy, StreamConfig
+from nats.js.api import ConsumerConfig, DiscardPolicy, KeyValueConfig, StreamConfig
 
 from natsmw import compose, install, uninstall, with_delay_cap, with_tracing
 from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore
@@ -66,8 +66,9 @@ async def test_a_bucket_made_without_per_message_ttl_is_refused_once_with_the_fi
     assert all(c.handler_calls == 2 for c in calls[3:])
 
 
+@pytest.mark.parametrize("made_again", [False, True])
 async def test_a_deleted_bucket_is_an_error_and_a_count_not_a_silent_early_run(
-    alone: Connection, caplog: pytest.LogCaptureFixture
+    alone: Connection, caplog: pytest.LogCaptureFixture, made_again: bool
 ) -> None:
     spy = await spy_acks(alone.nc, "EDGE")
     handler = NaksEachOnce(delay=30.0)
@@ -76,6 +77,8 @@ async def test_a_deleted_bucket_is_an_error_and_a_count_not_a_silent_early_run(
         await alone.js.publish("edge.x", b"x")
         await spy.wait_for(1)  # the capped nak: sent once the deadline was recorded
     await alone.js.delete_key_value("natsmw_deadlines")
+    if made_again:  # as another instance's next deferral would
+        await alone.js.create_key_value(KeyValueConfig(bucket="natsmw_deadlines"))
 
     taking_over = with_delay_cap(CAP, parking=False)
     with caplog.at_level(logging.ERROR, logger="natsmw.delay"):
@@ -85,10 +88,13 @@ async def test_a_deleted_bucket_is_an_error_and_a_count_not_a_silent_early_run(
     assert calls[1].at < calls[0].at + 30  # early: the record is gone, nothing can know
     assert taking_over.stats.lost_deadlines == 1
     assert "its deadline cannot be known" in caplog.text
-    assert "does not exist" in caplog.text
-    # Reading never makes the bucket: only a deferral does.
-    with pytest.raises(Exception, match="not found"):
-        await alone.js.stream_info("KV_natsmw_deadlines")
+    if made_again:
+        assert "created after the message was stored" in caplog.text
+    else:
+        assert "does not exist" in caplog.text
+        # Reading never makes the bucket: only a deferral does.
+        with pytest.raises(Exception, match="not found"):
+            await alone.js.stream_info("KV_natsmw_deadlines")
 
 
 async def test_two_caps_in_one_chain_are_refused_when_the_chain_is_built(
