@@ -41,13 +41,23 @@ def compose(*middlewares: Middleware) -> Middleware:
     Raises:
         TypeError: one of ``middlewares`` is not callable (for example ``with_delay_cap``
             given without calling it).
+        ValueError: two middlewares of a kind a chain may have only one of (delay caps).
     """
+    once: dict[str, object] = {}
     for position, candidate in enumerate(middlewares):
         if not callable(candidate):
             raise TypeError(
                 f"compose() argument {position} must be a middleware (a callable that takes "
                 f"a handler), got {candidate!r}"
             )
+        kind = getattr(candidate, "one_per_chain", None)
+        if isinstance(kind, str):
+            if kind in once:
+                raise ValueError(
+                    f"compose() got two {kind}s, {once[kind]!r} and {candidate!r}: a chain "
+                    f"may have one"
+                )
+            once[kind] = candidate
 
     def decorate(handler: Handler) -> Handler:
         for applied in reversed(middlewares):

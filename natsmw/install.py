@@ -200,6 +200,12 @@ def _serving_subscribe(nc: Client) -> Any:
     async def subscribe(
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        installation = _installed.get(nc)
+        callback = kwargs.get("cb")
+        if installation is not None and installation.chain is not None and callback is not None:
+            # A chain that cannot wrap this callback (two delay caps) is refused before
+            # nats-py creates the consumer on the server, not after.
+            installation.chain(callback)
         sub = await wrapped(*args, **kwargs)
         if isinstance(sub, JetStreamContext.PushSubscription) and sub._cb is not None:
             # Due messages of this consumer go to the same (chained) callback. It is the one

@@ -4,13 +4,21 @@ JetStream domains, and chains with two caps. Real servers, compressed time."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DiscardPolicy, KeyValueConfig, StreamConfig
 
-from natsmw import compose, install, uninstall, with_delay_cap, with_tracing
+from natsmw import (
+    compose,
+    install,
+    publish_not_before,
+    uninstall,
+    with_delay_cap,
+    with_tracing,
+)
 from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore
 from natsmw.errors import DeadlineStoreError
 from natsmw.server import NatsServer
@@ -104,7 +112,9 @@ async def test_two_caps_in_one_chain_are_refused_when_the_chain_is_built(
         await msg.ack()
 
     with pytest.raises(ValueError, match="two delay caps"):
-        compose(with_delay_cap(1), with_tracing(), with_delay_cap(2))(handler)
+        compose(with_delay_cap(1), with_tracing(), with_delay_cap(2))
+    with pytest.raises(ValueError, match="two delay caps"):
+        compose(with_delay_cap(1), with_tracing())(with_delay_cap(2)(handler))
     with pytest.raises(ValueError, match="two delay caps"):
         with_delay_cap(1)(with_delay_cap(2)(handler))
 
@@ -116,6 +126,8 @@ async def test_two_caps_in_one_chain_are_refused_when_the_chain_is_built(
             )
     finally:
         uninstall(conn.nc)
+    consumers = await conn.js.consumers_info(stream.name)
+    assert consumers == []  # refused before nats-py made the consumer
 
 
 async def test_records_are_kept_in_the_messages_domain_or_refused() -> None:
@@ -150,6 +162,7 @@ async def test_a_consumer_made_again_under_the_same_name_keeps_the_deadline(
 
     assert calls[1].at >= calls[0].at + 3.0
     assert calls[1].num_delivered >= 2  # held in the new consumer too
+    assert calls[1].handler_calls == 2  # counted across the two consumers
     assert cap.stats.forced_runs == 0
 
 
@@ -180,3 +193,24 @@ async def test_a_new_consumer_over_a_long_stream_costs_no_round_trip_per_message
     # pull_subscribe's own consumer info, then natsmw: one consumer info (the consumer's
     # creation time) and one look for the deadline bucket, which does not exist.
     assert len(asked) <= 4, asked
+
+
+async def test_a_publishers_deadline_without_a_bucket_is_not_taken_for_a_lost_one(
+    alone: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = CallLog()
+
+    async def acks(msg: Msg) -> None:
+        await calls.record(msg)
+        await msg.ack()
+
+    cap = with_delay_cap(CAP, parking=False)
+    with caplog.at_level(logging.WARNING, logger="natsmw.delay"):
+        async with pulling(alone.js, "edge.x", "c", cap(acks)):
+            published = time.time()
+            await publish_not_before(alone.js, "edge.x", b"x", not_before=1.0)
+            (call,) = await calls.wait_calls(1)
+
+    assert call.at >= published + 1.0
+    assert cap.stats.lost_deadlines == 0
+    assert "cannot be known" not in caplog.text

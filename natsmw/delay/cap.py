@@ -274,6 +274,8 @@ class DelayCap:
         # By id(client), then (stream, consumer); read on every first delivery.
         self._generations: dict[int, dict[tuple[str, str], _Generation]] = {}
 
+    one_per_chain = "delay cap"  # compose() refuses a second one
+
     def __call__(self, handler: Handler) -> Handler:
         """Wrap ``handler``.
 
@@ -286,8 +288,8 @@ class DelayCap:
             raise ValueError(
                 f"{self!r} would wrap a handler that {inner!r} already caps: two delay caps "
                 f"in one chain keep each message's deadline under the same record and "
-                f"overwrite each other. Keep one (the cap of install(chain=...), or the "
-                f"handler's own)"
+                f"overwrite each other. Keep one delay cap per chain (under install(chain=...), "
+                f"the chain's or the handler's own)"
             )
         wrapped = middleware(self._step)(handler)
         # functools.wraps copies this onto every wrapper made around it later, so a cap
@@ -515,7 +517,7 @@ class DelayCap:
             limits=limits,
         )
         if isinstance(decision, Park) and deferral is not None:
-            calls_before = delivery - 1 - deferral.skipped(delivery)
+            calls_before = deferral.calls_before + delivery - 1 - deferral.skipped(delivery)
             real = msg.__wrapped__
             if real.__class__ is DueMsg:
                 calls_before += real.parked.calls  # a due copy that came far too early
@@ -567,10 +569,14 @@ class DelayCap:
             return _Found(header, recorded=False)  # records are written when a handler naks
         store = self._store_for(msg)
         stored_at = msg.metadata.timestamp.timestamp()
+        # A message with a deadline of its own (a publisher's, or a parked one) needs no
+        # record: a missing one is no sign of loss there.
+        own_deadline = header is not None or msg.__wrapped__.__class__ is DueMsg
         try:
             stored = await store.get(key)
         except DeadlinesLostError as error:
-            self._deadline_lost(key, delivery, str(error))
+            if not own_deadline:
+                self._deadline_lost(key, delivery, str(error))
             stored = None
         except DeadlineStoreError as error:
             self.stats.store_errors += 1
@@ -578,7 +584,7 @@ class DelayCap:
             return _UNKNOWN
         else:
             created = getattr(store, "created_at", None)
-            if stored is None and created is not None and created > stored_at:
+            if stored is None and not own_deadline and created is not None and created > stored_at:
                 self._deadline_lost(
                     key, delivery, "the deadline bucket was created after the message was "
                     "stored (deleted and made again?): a deadline recorded before is lost",
@@ -1065,7 +1071,8 @@ class DelayCap:
             except DeadlineStoreError as error:
                 self.stats.store_errors += 1
                 log.warning("could not record the release of %s: %s", key, error)
-        return delivery - deferral.skipped(delivery)
+        # Handler calls under an earlier consumer of the same name count too.
+        return deferral.calls_before + delivery - deferral.skipped(delivery)
 
 
 def handler_calls(msg: Msg) -> int:

@@ -79,6 +79,7 @@ class Deferral:
             handler's run after the deadline can link back to it.
         consumer_created: when the consumer that recorded it was created (Unix time): the
             delivery counts above are that consumer generation's.
+        calls_before: handler calls made under earlier consumers of the same name.
     """
 
     deadline: float
@@ -89,6 +90,7 @@ class Deferral:
     stored_at: float | None = None
     traceparent: str | None = None
     consumer_created: float | None = None
+    calls_before: int = 0
 
     def skipped(self, delivery: int) -> int:
         """How many deliveries up to ``delivery`` natsmw held instead of calling the handler."""
@@ -104,12 +106,15 @@ class Deferral:
         """
         if created is None or self.consumer_created in (None, created):
             return self
+        last_delivery = self.released_at if self.released_at is not None else self.deferred_at
         return Deferral(
             deadline=self.deadline,
             requested=self.requested,
             stored_at=self.stored_at,
             traceparent=self.traceparent,
             consumer_created=created,
+            # The calls that consumer made: its deliveries up to the last call, less holds.
+            calls_before=self.calls_before + last_delivery - self.skipped(last_delivery),
         )
 
     def fits(self, delivery: int, stored_at: float) -> bool:
@@ -137,6 +142,7 @@ class Deferral:
                 stored_at=_optional(_number, fields.get("stored_at")),
                 traceparent=_optional(_text, fields.get("traceparent")),
                 consumer_created=_optional(_number, fields.get("consumer_created")),
+                calls_before=_count(fields.get("calls_before", 0)),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise ValueError(f"not a natsmw deferral record: {data[:100]!r}") from error
