@@ -41,8 +41,14 @@ class DeadlinesLostError(DeadlineStoreError):
     a message came back to be checked. Whatever deadline the message had is unknown for good.
 
     The delay cap counts it (``stats.lost_deadlines``), logs an error and runs the handler:
-    holding blind would never end.
+    holding blind would never end. ``certain`` is ``False`` when the bucket is missing but
+    this process never saw it: it cannot tell a deleted bucket from one never made (the
+    cap then warns once, and counts nothing).
     """
+
+    def __init__(self, message: str, *, certain: bool = True) -> None:
+        super().__init__(message)
+        self.certain = certain
 
 
 class ParkError(NatsmwError):

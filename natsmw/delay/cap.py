@@ -127,11 +127,13 @@ class _Generation:
     consumer sequence seen, and the sequences an earlier consumer of its name left records
     for (listed once, when first needed)."""
 
-    __slots__ = ("_listing", "_no_bucket_until", "created", "high")
+    __slots__ = ("_listing", "_no_bucket_until", "created", "fresh_until", "high", "said")
 
     def __init__(self, created: float | None, high: int) -> None:
         self.created = created
         self.high = high
+        self.fresh_until = 0.0  # monotonic: read again from the server after this
+        self.said = False  # warned that records of an earlier consumer apply
         self._listing: asyncio.Future[set[int] | None] | None = None
         self._no_bucket_until = 0.0
 
@@ -187,6 +189,10 @@ async def _list(store: DeadlineStore, stream: str, consumer: str) -> set[int] | 
 
 
 _YOUNG = 64
+# How long a consumer's creation time is trusted before it is read again (at most one
+# consumer-info request per consumer this often, while first deliveries come in): a consumer
+# deleted and made again is noticed within this, or at once when its sequences go back.
+_RECHECK_GENERATION = 1.0
 
 _NOTHING = _Found(None, recorded=False)
 _UNKNOWN = _Found(None, recorded=False, known=False)
@@ -271,6 +277,7 @@ class DelayCap:
         self._limits_age = self.cap * (1 - self.jitter) / 2
         self._unserved_warned: set[tuple[str, str]] = set()
         self._lost_said_until = 0.0
+        self._no_bucket_warned = False
         # By id(client), then (stream, consumer); read on every first delivery.
         self._generations: dict[int, dict[tuple[str, str], _Generation]] = {}
 
@@ -338,8 +345,10 @@ class DelayCap:
             if numbers is not None and generation is not None:
                 cseq, stored_at = numbers
                 high = generation.high
-                if (cseq > high or (cseq * 2 >= high and high > _YOUNG)) and (  # not went_back()
-                    generation.created is None or stored_at >= generation.created
+                if (
+                    (cseq > high or (cseq * 2 >= high and high > _YOUNG))  # not went_back()
+                    and (generation.created is None or stored_at >= generation.created)
+                    and time.monotonic() < generation.fresh_until
                 ):
                     generation.high = cseq
                     return _NOTHING
@@ -391,11 +400,13 @@ class DelayCap:
             or stored.consumer_created == generation.created
         ):
             return _NOTHING
-        log.warning(
-            "%s was deferred under an earlier consumer of the same name (deleted and made "
-            "again): its deadline still stands",
-            key,
-        )
+        if not generation.said:
+            generation.said = True
+            log.warning(
+                "%s was deferred under an earlier consumer of the same name (deleted and "
+                "made again): its deadline still stands, as do those of the others",
+                key,
+            )  # fmt: skip
         return _Found(stored.in_generation(generation.created), recorded=True)
 
     def _saw(self, real: Msg, key: DeadlineKey) -> None:
@@ -416,17 +427,25 @@ class DelayCap:
             known = self._generations[id(client)] = {}
             weakref.finalize(client, self._generations.pop, id(client), None)
         generation = known.get((key.stream, key.consumer))
-        if generation is not None and not generation.went_back(cseq):
+        if (
+            generation is not None
+            and not generation.went_back(cseq)
+            and time.monotonic() < generation.fresh_until
+        ):
             generation.high = cseq
             return generation
+        if generation is not None:
+            generation.fresh_until = 0.0  # deliveries meanwhile wait for this read too
         limits = await self._limits.read(
             client, key.stream, key.consumer, msg.metadata.domain or None, max_age=0.0
         )
-        if generation is None or generation.created != limits.created:
-            generation = known[(key.stream, key.consumer)] = _Generation(limits.created, cseq)
+        current = known.get((key.stream, key.consumer))
+        if current is None or current.created != limits.created:
+            current = known[(key.stream, key.consumer)] = _Generation(limits.created, cseq)
         else:
-            generation.high = cseq  # the same consumer: count on from here
-        return generation
+            current.high = cseq  # the same consumer: count on from here
+        current.fresh_until = time.monotonic() + _RECHECK_GENERATION
+        return current
 
     async def _run(
         self,
@@ -555,7 +574,11 @@ class DelayCap:
         header: Deferral | None,
         entry: Remembered | None,
     ) -> _Found:
-        now = server_clock.now(msg.__wrapped__._client)
+        client = msg.__wrapped__._client
+        if header is not None and server_clock.stale(client):
+            # A publisher's deadline is compared with the server's time: measure it first.
+            await self._measure_clock(msg, parking=False)
+        now = server_clock.now(client)
         if header is not None and header.deadline > now:
             return _Found(header, recorded=False)
         if entry is not None and entry.deferral is not None and entry.deferral.deadline > now:
@@ -575,8 +598,13 @@ class DelayCap:
         try:
             stored = await store.get(key)
         except DeadlinesLostError as error:
-            if not own_deadline:
+            if own_deadline:
+                pass
+            elif error.certain:
                 self._deadline_lost(key, delivery, str(error))
+            elif not self._no_bucket_warned:
+                self._no_bucket_warned = True
+                log.warning("%s came back (delivery %d): %s", key, delivery, error)
             stored = None
         except DeadlineStoreError as error:
             self.stats.store_errors += 1

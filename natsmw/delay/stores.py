@@ -243,7 +243,9 @@ class KeyValueDeadlineStore:
         self._opening = asyncio.Lock()
         self._created: float | None = None
         self._vanished = False  # open once, then its stream was gone
-        self._refused: tuple[float, DeadlineStoreError] | None = None
+        self._refusal: DeadlineStoreError | None = None  # writes refused: no TTL allowed
+        self._recheck_at = 0.0
+        self._verified_at = 0.0
 
     async def get(self, key: DeadlineKey) -> Deferral | None:
         kv = await self._bucket(create=False)
@@ -251,6 +253,7 @@ class KeyValueDeadlineStore:
         try:
             entry = await asyncio.wait_for(kv.get(key.as_kv_key()), self._timeout)
         except KeyNotFoundError:
+            await self._same_bucket()
             return None
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             self._forget_if_gone(error)
@@ -267,6 +270,7 @@ class KeyValueDeadlineStore:
 
     async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
         await self._bucket(create=True)
+        await self._writable()
         ttl = max(deferral.deadline - time.time(), 0.0) + self._keep
         subject = f"$KV.{self.bucket}.{key.as_kv_key()}"
         try:
@@ -339,6 +343,52 @@ class KeyValueDeadlineStore:
         """
         return self._created
 
+    async def _same_bucket(self) -> None:
+        """After a miss: make sure the bucket is still the one opened (at most once a second).
+        One deleted and made again under us has lost every record it had.
+
+        Raises:
+            DeadlinesLostError: it was deleted, or deleted and made again.
+        """
+        now = time.monotonic()
+        if now - self._verified_at < 1.0:
+            return
+        self._verified_at = now
+        try:
+            info = await asyncio.wait_for(self._js.stream_info(f"KV_{self.bucket}"), self._timeout)
+        except NotFoundError:
+            self._kv = None
+            self._vanished = True
+            raise self._lost("was deleted") from None
+        except (NatsError, asyncio.TimeoutError, OSError):
+            return  # cannot tell now; the next miss asks again
+        created = info.created.timestamp() if info.created is not None else None
+        if self._created is not None and created is not None and created != self._created:
+            self._created = created
+            log.error(
+                "the deadline bucket %r was deleted and made again while in use: the "
+                "deadlines recorded in it are lost, and held messages may run early",
+                self.bucket,
+            )
+            raise self._lost("was deleted and made again")
+
+    async def _writable(self) -> None:
+        """Refuse a write into a bucket without per-message TTL (reads work there)."""
+        if self._refusal is None:
+            return
+        if time.monotonic() >= self._recheck_at:
+            # An operator may fix it without restarting anything: look again.
+            self._recheck_at = time.monotonic() + _RECHECK
+            try:
+                info = await asyncio.wait_for(
+                    self._js.stream_info(f"KV_{self.bucket}"), self._timeout
+                )
+            except (NatsError, asyncio.TimeoutError, OSError) as error:
+                raise DeadlineStoreError(f"cannot open {self.bucket!r}: {error!r}") from error
+            self._refusal = self._refusal_for(info.config)
+        if self._refusal is not None:
+            raise self._refusal
+
     def _forget_if_gone(self, error: BaseException) -> None:
         # The bucket's stream was deleted under us: open it again next time (and say so).
         if isinstance(error, (NotFoundError, NoRespondersError, ServiceUnavailableError)):
@@ -349,9 +399,6 @@ class KeyValueDeadlineStore:
     async def _bucket(self, *, create: bool) -> KeyValue:
         if self._kv is not None:
             return self._kv
-        refused = self._refused
-        if refused is not None and time.monotonic() < refused[0]:
-            raise refused[1]
         async with self._opening:
             if self._kv is None:
                 self._kv = await self._open(create=create)
@@ -371,7 +418,8 @@ class KeyValueDeadlineStore:
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             raise DeadlineStoreError(f"cannot open {self.bucket!r}: {error!r}") from error
         if info is not None:
-            self._check(info.config)
+            self._refusal = self._refusal_for(info.config)
+            self._recheck_at = time.monotonic() + _RECHECK
             kv = await self._key_value()
         elif not create:
             # Reading never creates the bucket: without it there is no record to find, and an
@@ -379,7 +427,11 @@ class KeyValueDeadlineStore:
             raise self._lost("does not exist")
         else:
             kv = await self._create()
-            info = await asyncio.wait_for(self._js.stream_info(stream), self._timeout)
+            try:
+                info = await asyncio.wait_for(self._js.stream_info(stream), self._timeout)
+            except (NatsError, asyncio.TimeoutError, OSError):
+                info = None  # made, but its creation time unknown for now
+        self._verified_at = 0.0  # the first miss checks the bucket is still this one
         if self._vanished:
             self._vanished = False
             log.error(
@@ -395,13 +447,14 @@ class KeyValueDeadlineStore:
         seen = self._vanished or self._created is not None
         return DeadlinesLostError(
             f"the deadline bucket {self.bucket!r} {how}"
-            + (" (it was deleted)" if seen else "")
-            + ": if natsmw deferred messages on this server, their deadlines are lost"
-        )
+            + (": the deadlines recorded in it are lost" if seen else
+               ": if natsmw deferred messages on this server, their deadlines are lost"),
+            certain=seen,
+        )  # fmt: skip
 
-    def _check(self, config: StreamConfig) -> None:
+    def _refusal_for(self, config: StreamConfig) -> DeadlineStoreError | None:
         if config.allow_msg_ttl:
-            return
+            return None
         error = DeadlineStoreError(
             f"the deadline bucket {self.bucket!r} exists without per-message TTL (its stream "
             f"KV_{self.bucket} has allow_msg_ttl off, as `nats kv add` makes it without "
@@ -409,11 +462,8 @@ class KeyValueDeadlineStore:
             f"Delete the bucket (natsmw makes it again), or recreate it with limit markers, "
             f"or pass another bucket name to KeyValueDeadlineStore"
         )
-        if self._refused is None or time.monotonic() >= self._refused[0]:
-            log.error("%s", error)
-        # Checked again after a while: an operator may fix it without restarting anything.
-        self._refused = (time.monotonic() + _RECHECK, error)
-        raise error
+        log.error("%s", error)
+        return error
 
     async def _key_value(self) -> KeyValue:
         try:
