@@ -432,15 +432,18 @@ class KeyValueDeadlineStore:
             except (NatsError, asyncio.TimeoutError, OSError):
                 info = None  # made, but its creation time unknown for now
         self._verified_at = 0.0  # the first miss checks the bucket is still this one
-        if self._vanished:
-            self._vanished = False
+        created_at = info.created if info is not None else None
+        created = created_at.timestamp() if created_at is not None else None
+        if self._vanished and (created is None or created != self._created):
+            # Gone while in use, and now another bucket (not the same one, back after an
+            # outage): what was recorded in the first is lost.
             log.error(
                 "the deadline bucket %r was deleted while in use and is open again: the "
                 "deadlines recorded in it are lost, and held messages may run early",
                 self.bucket,
             )
-        created = info.created if info is not None else None
-        self._created = created.timestamp() if created is not None else None
+        self._vanished = False
+        self._created = created
         return kv
 
     def _lost(self, how: str) -> DeadlinesLostError:
