@@ -89,8 +89,11 @@ async def pulling(
     durable: str,
     handler: Callable[[Msg], Awaitable[None]],
     batch: int = 1,
+    *,
+    together: bool = False,
 ) -> AsyncIterator[None]:
-    """Fetch from a pull consumer in the background and hand each message to ``handler``."""
+    """Fetch from a pull consumer in the background and hand each message to ``handler``
+    (``together``: a batch's messages concurrently)."""
     psub = await js.pull_subscribe(subject, durable=durable)
 
     async def loop() -> None:
@@ -101,6 +104,9 @@ async def pulling(
                 continue
             except nats.errors.Error:  # the server is restarting: as a real worker would
                 await asyncio.sleep(0.05)
+                continue
+            if together:
+                await asyncio.gather(*(handler(msg) for msg in msgs))
                 continue
             for msg in msgs:
                 await handler(msg)

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DiscardPolicy, KeyValueConfig, StreamConfig
 
 import natsmw.delay.clock
+import natsmw.delay.stores
 from natsmw import (
     compose,
     install,
@@ -56,9 +57,11 @@ async def alone(own_server: NatsServer) -> AsyncIterator[Connection]:
 
 
 async def test_a_bucket_made_without_per_message_ttl_is_refused_once_with_the_fix(
-    alone: Connection, caplog: pytest.LogCaptureFixture
+    alone: Connection, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`nats kv add natsmw_deadlines` makes a bucket whose stream refuses Nats-TTL."""
+    """`nats kv add natsmw_deadlines` makes a bucket whose stream refuses Nats-TTL. Once it
+    is deleted, as the error advises, natsmw makes it right and caps again."""
+    monkeypatch.setattr(natsmw.delay.stores, "_RECHECK", 0.5)
     await alone.js.add_stream(
         StreamConfig(
             name="KV_natsmw_deadlines", subjects=["$KV.natsmw_deadlines.>"],
@@ -79,6 +82,13 @@ async def test_a_bucket_made_without_per_message_ttl_is_refused_once_with_the_fi
     assert "Delete the bucket" in refusals[0].getMessage()
     assert cap.stats.uncapped == 3  # each long nak went to the server whole: none lost
     assert cap.stats.blind_holds == 0  # reading such a bucket works
+
+    await alone.js.delete_stream("KV_natsmw_deadlines")
+    await asyncio.sleep(0.6)  # past the recheck (compressed from 30 s)
+    async with pulling(alone.js, "edge.x", "c", cap(handler)):
+        await alone.js.publish("edge.x", b"x")
+        await handler.wait_calls(8)
+    assert cap.stats.capped == 1
     assert all(c.handler_calls == 2 for c in calls[3:])
 
 
@@ -283,10 +293,51 @@ async def test_a_publishers_deadline_on_a_host_whose_clock_runs_ahead_is_kept(
         await msg.ack()
 
     cap = with_delay_cap(CAP, parking=False)
-    async with pulling(alone.js, "edge.x", "c", cap(acks)):
-        published = real()
+    published = real()
+    for _ in range(3):
         await publish_not_before(alone.js, "edge.x", b"x", not_before=2.0)
-        (call,) = await calls.wait_calls(1)
+    # Handled together: the ones that come while the clock is measured wait for it.
+    async with pulling(alone.js, "edge.x", "c", cap(acks), batch=3, together=True):
+        ran = await calls.wait_calls(3)
 
-    assert call.at >= published + 2.0
+    assert all(call.at >= published + 2.0 for call in ran)
     assert abs(natsmw.delay.clock.server_clock.offset(alone.nc) - 10.0) < 0.5
+
+
+async def test_another_instance_notices_a_consumer_made_again_before_it_runs_anything(
+    alone: Connection,
+) -> None:
+    """Two instances on one durable. The consumer is made again; the instance holding a
+    message sees none of the new consumer's first sequences (the other one took them), so
+    its sequences never go back: the server's advisory must tell it."""
+    other = await connect(alone.nc.connected_url.geturl())  # type: ignore[union-attr]
+    config = ConsumerConfig(durable_name="two", ack_wait=60, max_ack_pending=1000)
+    await alone.js.add_consumer("EDGE", config)
+    for _ in range(100):
+        await alone.js.publish("edge.x", b"x")
+    runs: dict[int, list[float]] = {}
+
+    async def defers_80(msg: Msg) -> None:
+        runs.setdefault(msg.metadata.sequence.stream, []).append(time.time())
+        if msg.metadata.sequence.stream == 80 and len(runs[80]) == 1:
+            await msg.nak(delay=3.0)
+        else:
+            await msg.ack()
+
+    a, b = with_delay_cap(CAP, parking=False), with_delay_cap(CAP, parking=False)
+    first = await other.js.pull_subscribe_bind("two", "EDGE")
+    for msg in await first.fetch(100, timeout=5):
+        await b(defers_80)(msg)
+    await alone.js.delete_consumer("EDGE", "two")
+    await alone.js.add_consumer("EDGE", config)
+    taken = await alone.js.pull_subscribe_bind("two", "EDGE")
+    for msg in await taken.fetch(60, timeout=5):  # the new consumer's sequences 1 to 60
+        await a(defers_80)(msg)
+    second = await other.js.pull_subscribe_bind("two", "EDGE")
+    while len(runs[80]) < 2:
+        with contextlib.suppress(nats.errors.TimeoutError):
+            for msg in await second.fetch(60, timeout=0.5):
+                await b(defers_80)(msg)
+    await other.nc.close()
+
+    assert runs[80][1] >= runs[80][0] + 3.0

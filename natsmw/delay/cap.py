@@ -17,6 +17,7 @@ what is known of a delivery, asks :mod:`natsmw.delay.decision` what to do, and d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -280,6 +281,7 @@ class DelayCap:
         self._no_bucket_warned = False
         # By id(client), then (stream, consumer); read on every first delivery.
         self._generations: dict[int, dict[tuple[str, str], _Generation]] = {}
+        self._watching: set[tuple[int, str, str]] = set()  # durables whose creations we hear
 
     one_per_chain = "delay cap"  # compose() refuses a second one
 
@@ -440,12 +442,38 @@ class DelayCap:
             client, key.stream, key.consumer, msg.metadata.domain or None, max_age=0.0
         )
         current = known.get((key.stream, key.consumer))
+        watch = (id(client), key.stream, key.consumer)
+        if current is None and limits.durable and watch not in self._watching:
+            self._watching.add(watch)
+            await self._watch_creations(client, key.stream, key.consumer, known)
         if current is None or current.created != limits.created:
             current = known[(key.stream, key.consumer)] = _Generation(limits.created, cseq)
         else:
             current.high = cseq  # the same consumer: count on from here
         current.fresh_until = time.monotonic() + _RECHECK_GENERATION
         return current
+
+    async def _watch_creations(
+        self,
+        client: Client,
+        stream: str,
+        consumer: str,
+        known: dict[tuple[str, str], _Generation],
+    ) -> None:
+        """Hear from the server when this durable consumer is created again: its creation
+        time is then read again before the next first delivery is trusted. Where the account
+        may not subscribe to advisories, the once-a-second read is all there is."""
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.{stream}.{consumer}"
+
+        async def created(_: Msg) -> None:
+            generation = known.get((stream, consumer))
+            if generation is not None:
+                generation.fresh_until = 0.0
+
+        # Client.subscribe itself, not an install()'s wrapper: natsmw's own traffic never
+        # goes through a user's chain.
+        with contextlib.suppress(NatsError, ValueError):
+            await Client.subscribe(client, subject, cb=created)
 
     async def _run(
         self,
@@ -642,6 +670,10 @@ class DelayCap:
             await parks.measure_clock()
         elif isinstance(store := self._store_for(msg), KeyValueDeadlineStore):
             await store.measure_clock(create=True)
+        elif parks.ready:
+            await parks.measure_clock()
+        else:
+            server_clock.unmeasurable(client, "the deadline store is not natsmw's bucket")
 
     def _deadline_lost(self, key: DeadlineKey, delivery: int, why: str) -> None:
         """The record that may have held this delivery back is gone: say so, loudly."""

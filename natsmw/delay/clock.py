@@ -41,7 +41,8 @@ class ServerClock:
         # By id(client), read on every deadline comparison; the entry goes with its client.
         self._offsets: dict[int, float] = {}
         self._measured: dict[int, float] = {}  # monotonic time of the last measurement
-        self._measuring: set[int] = set()
+        self._measuring: dict[int, asyncio.Future[None]] = {}
+        self._unmeasurable: set[int] = set()
 
     def offset(self, client: Client) -> float:
         """This host's clock minus the server's; 0.0 until measured."""
@@ -59,23 +60,47 @@ class ServerClock:
         self, client: Client, js: JetStreamContext, stream: str, subject: str
     ) -> None:
         """Measure the offset with one probe message to ``subject`` in ``stream`` (which must
-        allow per-message TTL), unless it was measured a short while ago. Never raises: a
-        failed probe keeps the last offset and is tried again later."""
+        allow per-message TTL), unless it was measured a short while ago. Callers that come
+        while it is measured wait for it. Never raises: a failed probe keeps the last offset,
+        says so once, and is tried again later."""
         key = id(client)
-        if not self.stale(client) or key in self._measuring:
+        pending = self._measuring.get(key)
+        if pending is not None:
+            await asyncio.shield(pending)
             return
-        self._measuring.add(key)
+        if not self.stale(client):
+            return
+        pending = self._measuring[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self._probe(client, js, stream, subject)
+        finally:
+            del self._measuring[key]
+            pending.set_result(None)
+
+    def unmeasurable(self, client: Client, why: str) -> None:
+        """Say once per client that its offset cannot be measured (it stays as it is)."""
+        key = id(client)
+        if key in self._unmeasurable:
+            return
+        self._unmeasurable.add(key)
+        weakref.finalize(client, self._unmeasurable.discard, key)
+        log.warning(
+            "cannot measure this host's clock against the server's (%s): deadlines are "
+            "compared with this host's clock; keep the clocks synchronised (NTP)",
+            why,
+        )
+
+    async def _probe(self, client: Client, js: JetStreamContext, stream: str, subject: str) -> None:
+        key = id(client)
         try:
             before = time.time()
             ack = await js.publish(subject, b"", timeout=2.0, msg_ttl=_PROBE_TTL)
             after = time.time()
             stored = await js.get_msg(stream, ack.seq)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
-            log.debug("could not measure the server's clock on %s: %r", stream, error)
+            self.unmeasurable(client, f"a probe in {stream} failed: {error!r}")
             self._measured[key] = time.monotonic() - _REMEASURE + 30.0  # again in 30 s
             return
-        finally:
-            self._measuring.discard(key)
         if stored.time is None:
             return
         stamp = stored.time.timestamp()

@@ -245,7 +245,6 @@ class KeyValueDeadlineStore:
         self._vanished = False  # open once, then its stream was gone
         self._refusal: DeadlineStoreError | None = None  # writes refused: no TTL allowed
         self._recheck_at = 0.0
-        self._verified_at = 0.0
 
     async def get(self, key: DeadlineKey) -> Deferral | None:
         kv = await self._bucket(create=False)
@@ -344,16 +343,14 @@ class KeyValueDeadlineStore:
         return self._created
 
     async def _same_bucket(self) -> None:
-        """After a miss: make sure the bucket is still the one opened (at most once a second).
-        One deleted and made again under us has lost every record it had.
+        """After a miss: make sure the bucket is still the one opened. One deleted, or deleted
+        and made again under us, has lost every record it had.
 
         Raises:
             DeadlinesLostError: it was deleted, or deleted and made again.
         """
-        now = time.monotonic()
-        if now - self._verified_at < 1.0:
-            return
-        self._verified_at = now
+        # A get from a deleted bucket answers "no such key", as a plain miss does: every
+        # miss asks (a redelivery without a record costs one more request).
         try:
             info = await asyncio.wait_for(self._js.stream_info(f"KV_{self.bucket}"), self._timeout)
         except NotFoundError:
@@ -383,6 +380,12 @@ class KeyValueDeadlineStore:
                 info = await asyncio.wait_for(
                     self._js.stream_info(f"KV_{self.bucket}"), self._timeout
                 )
+            except NotFoundError:
+                # Deleted, as the refusal advised: make it again, right this time.
+                self._kv = None
+                self._refusal = None
+                await self._bucket(create=True)
+                return
             except (NatsError, asyncio.TimeoutError, OSError) as error:
                 raise DeadlineStoreError(f"cannot open {self.bucket!r}: {error!r}") from error
             self._refusal = self._refusal_for(info.config)
@@ -427,11 +430,11 @@ class KeyValueDeadlineStore:
             raise self._lost("does not exist")
         else:
             kv = await self._create()
+            self._refusal = None
             try:
                 info = await asyncio.wait_for(self._js.stream_info(stream), self._timeout)
             except (NatsError, asyncio.TimeoutError, OSError):
                 info = None  # made, but its creation time unknown for now
-        self._verified_at = 0.0  # the first miss checks the bucket is still this one
         created_at = info.created if info is not None else None
         created = created_at.timestamp() if created_at is not None else None
         if self._vanished and (created is None or created != self._created):
@@ -465,7 +468,8 @@ class KeyValueDeadlineStore:
             f"Delete the bucket (natsmw makes it again), or recreate it with limit markers, "
             f"or pass another bucket name to KeyValueDeadlineStore"
         )
-        log.error("%s", error)
+        if self._refusal is None:
+            log.error("%s", error)  # once, until it is fixed
         return error
 
     async def _key_value(self) -> KeyValue:
