@@ -55,8 +55,9 @@ class ConsumerLimits:
     def __init__(self) -> None:
         # By id(client), not a WeakKeyDictionary (its get is Python code, and this is read on
         # every hold); the entry goes when the client does. Each value: the limits, when they
-        # were last read or tried (monotonic), and until when they may be used at all.
-        self._known: dict[int, dict[tuple[str, str], tuple[Limits, float, float]]] = {}
+        # were last read or tried (monotonic), until when they may be used at all, and
+        # whether that try failed.
+        self._known: dict[int, dict[tuple[str, str], tuple[Limits, float, float, bool]]] = {}
         # One request per consumer at a time: concurrent handlers wait for the same answer.
         self._asking: dict[tuple[int, str, str], asyncio.Future[Limits]] = {}
 
@@ -73,7 +74,9 @@ class ConsumerLimits:
         if entry is None:
             return None
         now = time.monotonic()
-        if now < entry[2] and (max_age is None or now - entry[1] <= max_age):
+        # A read that failed a moment ago is not tried again, however fresh the caller
+        # wants it: every hold would wait for a server that cannot answer.
+        if now < entry[2] and (max_age is None or entry[3] or now - entry[1] <= max_age):
             return entry[0]
         return None
 
@@ -131,7 +134,7 @@ class ConsumerLimits:
             log.warning("cannot read consumer info of %s/%s: %s", stream, consumer, error)
             value = UNKNOWN if entry is None else entry[0]
             now = time.monotonic()
-            known[(stream, consumer)] = (value, now, now + _RETRY)
+            known[(stream, consumer)] = (value, now, now + _RETRY, True)
             return value
         limit = info.config.max_deliver
         value = Limits(
@@ -141,5 +144,5 @@ class ConsumerLimits:
             created=info.created.timestamp() if info.created is not None else None,
         )
         now = time.monotonic()
-        known[(stream, consumer)] = (value, now, now + _TTL)
+        known[(stream, consumer)] = (value, now, now + _TTL, False)
         return value
