@@ -13,7 +13,7 @@ from natsmw.delay import (
 )
 from natsmw.guards import SizeGuard, with_size_limit
 from natsmw.headers import peek_header
-from natsmw.install import install, installed, uninstall
+from natsmw.installation import install, installed, uninstall
 from natsmw.message import MessageProxy, Report, Settlement
 from natsmw.tracing import Tracing, publish, with_tracing
 

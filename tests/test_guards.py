@@ -12,7 +12,7 @@ from nats.protocol import command as prot_command
 import natsmw.guards
 from natsmw.guards import with_size_limit
 from natsmw.headers import Undecoded, original_name
-from natsmw.install import installed
+from natsmw.installation import installed
 from tests.conftest import AckSpy, Connection, Inbox, Stream, spy_acks
 
 

@@ -17,7 +17,7 @@ from wrapt import ObjectProxy
 
 from natsmw import MessageProxy
 from natsmw.headers import Undecoded, header_block_size, lazy_message_class, peek_header
-from natsmw.install import install, installed, uninstall
+from natsmw.installation import install, installed, uninstall
 from tests.conftest import Connection, Inbox, Stream, connect
 
 _CLIENT = Client()

@@ -8,6 +8,8 @@ import logging
 import pytest
 from nats.aio.msg import Msg
 
+import natsmw
+import natsmw.installation
 from natsmw import (
     Handler,
     MessageProxy,
@@ -17,7 +19,7 @@ from natsmw import (
     with_delay_cap,
     with_size_limit,
 )
-from natsmw.install import install, installed, uninstall
+from natsmw.installation import install, installed, uninstall
 from tests.conftest import Connection, Inbox, Stream, spy_acks
 from tests.delay_support import CAP, LegacyHandler, fetch_and_handle
 
@@ -156,3 +158,54 @@ async def test_a_context_uses_the_chain_installed_when_it_subscribes(
     assert seen == []
     await psub.unsubscribe()
     uninstall(conn.nc)
+
+
+async def test_fetched_messages_with_nothing_to_settle_are_not_kept(
+    conn: Connection, stream: Stream
+) -> None:
+    """ack_policy=none: the caller never settles, and natsmw keeps nothing once fetch returns
+    (it used to keep a task, the proxy and the body of each for 300 s)."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    await conn.js.add_consumer(
+        stream.name, ConsumerConfig(durable_name="none", ack_policy=AckPolicy.NONE)
+    )
+    for _ in range(200):
+        await conn.js.publish(stream.subject, b"x")
+    install(conn.nc, chain=with_delay_cap(CAP))
+    try:
+        psub = await conn.nc.jetstream().pull_subscribe_bind("none", stream.name)
+        fetched = await psub.fetch(200, timeout=5)
+        await asyncio.sleep(0)  # let the chains around them end
+        assert len(fetched) == 200
+        assert len(natsmw.installation._running) == 0
+        await psub.unsubscribe()
+    finally:
+        uninstall(conn.nc)
+
+
+async def test_the_wait_for_a_fetched_message_to_be_settled_is_an_install_argument(
+    conn: Connection, stream: Stream
+) -> None:
+    for _ in range(20):
+        await conn.js.publish(stream.subject, b"x")
+    install(conn.nc, chain=with_delay_cap(CAP), fetch_settle_timeout=0.2)
+    try:
+        psub = await conn.nc.jetstream().pull_subscribe(stream.subject, durable="kept")
+        fetched = await psub.fetch(20, timeout=5)
+        assert len(natsmw.installation._running) == 20  # waiting for the caller to settle
+        await asyncio.wait(set(natsmw.installation._running), timeout=5)
+        assert len(natsmw.installation._running) == 0  # given up after 0.2 s, not 300 s
+        for msg in fetched:
+            await msg.ack()
+        await psub.unsubscribe()
+    finally:
+        uninstall(conn.nc)
+    with pytest.raises(ValueError, match="fetch_settle_timeout"):
+        install(conn.nc, fetch_settle_timeout=-1)
+    assert conn.nc not in natsmw.installation._installed  # refused before anything changed
+
+
+def test_the_install_module_is_reachable_beside_the_install_function() -> None:
+    assert callable(natsmw.install)
+    assert natsmw.installation.FETCH_SETTLE_TIMEOUT == 300.0

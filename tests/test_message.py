@@ -266,3 +266,40 @@ async def test_bad_nak_delay_raises_before_anything_is_sent(
     assert isinstance(error, (TypeError, ValueError))
     assert repr(bad) in str(error)
     assert spy.settlements(ack.seq) == [b"+ACK"]  # the nak never left the client
+
+
+async def test_one_interceptor_registered_twice_leaves_the_outer_one_in_place(
+    conn: Connection, stream: Stream
+) -> None:
+    """Outer and inner blocks register the same interceptor, a middle one another. Once the
+    inner block ends, a settlement from the middle reaches the middle's, then the outer's."""
+    seen: list[str] = []
+    done = asyncio.Event()
+
+    async def same(settlement: Settlement, send: Settle) -> object:
+        seen.append("same")
+        return await send(settlement)
+
+    async def twice(msg: MessageProxy, call_next: Handler) -> None:
+        with msg.intercept(same):
+            await call_next(msg)
+
+    async def middle(msg: MessageProxy, call_next: Handler) -> None:
+        async def other(settlement: Settlement, send: Settle) -> object:
+            seen.append("middle")
+            return await send(settlement)
+
+        with msg.intercept(other):
+            await call_next(msg)
+            await msg.ack()  # after the inner block has ended
+        done.set()
+
+    @compose(middleware(twice), middleware(middle), middleware(twice))
+    async def handler(msg: Msg) -> None:
+        pass
+
+    await conn.js.subscribe(stream.subject, durable="twice", cb=handler, manual_ack=True)
+    await conn.js.publish(stream.subject, b"x")
+    await asyncio.wait_for(done.wait(), 5)
+
+    assert seen == ["middle", "same"]

@@ -397,7 +397,7 @@ async def test_baggage_from_the_publisher_reaches_the_handler(
 async def test_pull_worker_under_install_gets_one_span_per_delivery_and_the_link_back(
     conn: Connection, stream: Stream, telemetry: Telemetry
 ) -> None:
-    from natsmw.install import install, uninstall
+    from natsmw.installation import install, uninstall
 
     cap = with_delay_cap(CAP, parking=False)
     install(conn.nc, chain=compose(traced(telemetry), cap))
@@ -422,7 +422,7 @@ async def test_pull_worker_under_install_gets_one_span_per_delivery_and_the_link
 async def test_a_parked_message_runs_in_a_span_linked_to_the_one_that_parked_it(
     conn: Connection, stream: Stream, telemetry: Telemetry
 ) -> None:
-    from natsmw.install import install, uninstall
+    from natsmw.installation import install, uninstall
 
     cap = with_delay_cap(CAP)
     install(conn.nc, chain=compose(traced(telemetry), cap))

@@ -24,6 +24,7 @@ import wrapt
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy
 
 from natsmw.chain import Handler, Middleware
 from natsmw.delay.park import (
@@ -33,6 +34,7 @@ from natsmw.delay.park import (
     park_stream,
     stop_serving,
 )
+from natsmw.duration import Duration, to_seconds
 from natsmw.errors import NatsmwError
 from natsmw.headers import Undecoded, can_defer, lazy_message_class
 from natsmw.message import MessageProxy
@@ -40,7 +42,8 @@ from natsmw.message import MessageProxy
 __all__ = ["FETCH_SETTLE_TIMEOUT", "install", "installed", "uninstall"]
 
 FETCH_SETTLE_TIMEOUT = 300.0
-"""How long the chain around a fetched message waits for the caller to settle it."""
+"""By default, how long the chain around a fetched message waits for the caller to settle it
+(``install(..., fetch_settle_timeout=)``)."""
 
 # Callbacks nats-py installs for its own machinery: replies to requests, key-value and
 # object-store watchers. A user's chain has no business with them.
@@ -54,12 +57,19 @@ class _Installation:
     chain: Middleware | None
     had_msg_class: bool
     msg_class: Any
+    settle_timeout: float = FETCH_SETTLE_TIMEOUT
 
 
 _installed: weakref.WeakKeyDictionary[Client, _Installation] = weakref.WeakKeyDictionary()
 
 
-def install(nc: Client, *, lazy_headers: bool = True, chain: Middleware | None = None) -> None:
+def install(
+    nc: Client,
+    *,
+    lazy_headers: bool = True,
+    chain: Middleware | None = None,
+    fetch_settle_timeout: Duration = FETCH_SETTLE_TIMEOUT,
+) -> None:
     """Install natsmw on the client ``nc``.
 
     Args:
@@ -75,22 +85,29 @@ def install(nc: Client, *, lazy_headers: bool = True, chain: Middleware | None =
     A fetched message goes through the chain as if its handler were "the code that got it
     from ``fetch``": ``fetch`` returns the messages the chain lets through (a delay cap
     holds some, a size guard rejects some), as proxies, and the chain around each one ends
-    when the caller settles it (or after ``FETCH_SETTLE_TIMEOUT`` seconds), so settlement
-    interceptors such as the delay cap's see the caller's ``nak``.
+    when the caller settles it, or after ``fetch_settle_timeout`` (seconds or ``timedelta``;
+    300 s by default), so settlement interceptors such as the delay cap's see the caller's
+    ``nak``. Until then natsmw keeps the message (a task, its proxy, its body). On a consumer
+    with ``ack_policy=none`` there is nothing to settle, and nothing is kept: the chain ends
+    when ``fetch`` returns. ``fetch_settle_timeout=0`` does that everywhere (a delay cap then
+    does not see naks made after ``fetch`` returned).
 
     Raises:
         NatsmwError: natsmw is already installed on ``nc`` (``uninstall`` it first).
-        TypeError: ``chain`` is not callable.
+        TypeError: ``chain`` is not callable, or ``fetch_settle_timeout`` is not a duration.
+        ValueError: ``fetch_settle_timeout`` is negative, NaN or infinite.
     """
     if nc in _installed:
         raise NatsmwError(f"natsmw is already installed on {nc!r}; call uninstall(nc) first")
     if chain is not None and not callable(chain):
         raise TypeError(f"chain must be a middleware such as compose(...), got {chain!r}")
+    settle_timeout = to_seconds(fetch_settle_timeout, "fetch_settle_timeout")
     installation = _Installation(
         lazy_headers=lazy_headers,
         chain=chain,
         had_msg_class="msg_class" in vars(nc),
         msg_class=vars(nc).get("msg_class"),
+        settle_timeout=settle_timeout,
     )
     if lazy_headers:
         nc.msg_class = lazy_message_class(nc.msg_class)
@@ -237,7 +254,8 @@ def _chained_pull_subscribe(nc: Client) -> Any:
         if chain is not None and not isinstance(psub.fetch, wrapt.FunctionWrapper):
             dues = DueFetcher(nc, psub._stream, psub._consumer)
             weakref.finalize(psub, dues.close)
-            psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(chain, dues))
+            wait = await _settle_wait(nc, psub, installation)
+            psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(chain, dues, wait))
             psub.unsubscribe = wrapt.FunctionWrapper(psub.unsubscribe, _closing(dues))
         return psub
 
@@ -254,7 +272,20 @@ def _closing(dues: DueFetcher) -> Any:
     return unsubscribe
 
 
-def _chained_fetch(chain: Middleware, dues: DueFetcher) -> Any:
+async def _settle_wait(nc: Client, psub: Any, installation: _Installation | None) -> float:
+    """How long the chain around a fetched message waits for it to be settled: not at all
+    where there is nothing to settle (a consumer with ``ack_policy=none``)."""
+    wait = installation.settle_timeout if installation is not None else FETCH_SETTLE_TIMEOUT
+    if wait <= 0:
+        return 0.0
+    try:
+        info = await Client.jetstream(nc).consumer_info(psub._stream, psub._consumer, timeout=2.0)
+    except (nats.errors.Error, asyncio.TimeoutError, OSError):
+        return wait  # cannot tell: wait, as for a consumer that acks
+    return 0.0 if info.config.ack_policy == AckPolicy.NONE else wait
+
+
+def _chained_fetch(chain: Middleware, dues: DueFetcher, wait: float) -> Any:
     async def fetch(
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[MessageProxy]:
@@ -266,11 +297,12 @@ def _chained_fetch(chain: Middleware, dues: DueFetcher) -> Any:
         while True:
             due = await dues.take(batch)
             if due:
-                released = await _through_chain(chain, list(due))
+                released = await _through_chain(chain, list(due), wait)
                 if released:
                     return released
             left = None if deadline is None else max(deadline - loop.time(), 0.001)
-            released = await _through_chain(chain, await wrapped(batch, left, *rest, **kwargs))
+            fetched = await wrapped(batch, left, *rest, **kwargs)
+            released = await _through_chain(chain, fetched, wait)
             if released:
                 return released
             # Everything fetched was held or rejected: fetch again within the caller's
@@ -284,8 +316,9 @@ def _chained_fetch(chain: Middleware, dues: DueFetcher) -> Any:
 _running: set[asyncio.Task[None]] = set()
 
 
-async def _through_chain(chain: Middleware, msgs: list[Msg]) -> list[MessageProxy]:
-    """Run each fetched message through ``chain``; return those that reached its end.
+async def _through_chain(chain: Middleware, msgs: list[Msg], wait: float) -> list[MessageProxy]:
+    """Run each fetched message through ``chain``; return those that reached its end. The
+    chain around each waits up to ``wait`` seconds for the caller to settle it.
 
     A message whose chain fails before reaching its end is logged and not returned; being
     unsettled, it comes back after the consumer's ack_wait. The others are returned.
@@ -297,11 +330,11 @@ async def _through_chain(chain: Middleware, msgs: list[Msg]) -> list[MessageProx
         async def release(proxy: Msg) -> None:
             reached = released[index] = MessageProxy.of(proxy)
             decided[index].set()
-            if not await reached.wait_settled(FETCH_SETTLE_TIMEOUT):
+            if wait > 0 and not await reached.wait_settled(wait):
                 log.warning(
-                    "%s was not settled within %.0fs of fetch returning it: the natsmw chain "
+                    "%s was not settled within %.1fs of fetch returning it: the natsmw chain "
                     "around it ends now, and a later nak or ack reaches the server unchanged",
-                    reached.subject, FETCH_SETTLE_TIMEOUT,
+                    reached.subject, wait,
                 )  # fmt: skip
 
         try:
