@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
@@ -341,3 +343,33 @@ async def test_another_instance_notices_a_consumer_made_again_before_it_runs_any
     await other.nc.close()
 
     assert runs[80][1] >= runs[80][0] + 3.0
+
+
+async def test_a_closed_client_is_not_kept_alive_by_the_delay_cap(
+    own_server: NatsServer,
+) -> None:
+    """A service that reconnects: what the cap knew of the old client goes with it."""
+    cap = with_delay_cap(CAP, parking=False)
+    handler = NaksEachOnce(delay=30.0)
+
+    async def one_client() -> weakref.ref[object]:
+        conn = await connect(own_server.url)
+        with contextlib.suppress(Exception):
+            await conn.js.add_stream(name="EDGE", subjects=["edge.>"])
+        spy = await spy_acks(conn.nc, "EDGE")
+        async with pulling(conn.js, "edge.x", "gone", cap(handler)):
+            await conn.js.publish("edge.x", b"x")
+            await spy.wait_for(2)  # deferred, then held from the cap's memory
+        await conn.nc.close()
+        return weakref.ref(conn.nc)
+
+    first = await one_client()
+    second = await one_client()  # another client comes: the first one's store is dropped
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0.05)  # nats-py's own tasks end after close
+    assert first() is None
+    # What the cap remembers belongs to clients still alive (the first one's went with it).
+    alive = {id(client) for client in (second(),) if client is not None}
+    assert {entry.client for entry in cap._memory._entries.values()} <= alive
+    assert set(cap._stores) <= alive

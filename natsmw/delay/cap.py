@@ -267,9 +267,9 @@ class DelayCap:
         self.jitter = float(jitter)
         self.stats = DelayCapStats()
         self._store = store
-        self._stores: weakref.WeakKeyDictionary[Client, dict[str | None, DeadlineStore]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # By id(client): a store holds its client, so a weak key would never go. Stores of
+        # closed clients are dropped when another client comes (a service that reconnects).
+        self._stores: dict[int, dict[str | None, KeyValueDeadlineStore]] = {}
         self._memory = Deliveries()
         self._limits = ConsumerLimits()
         # max_deliver can be lowered while messages are held. Read at most half a hold ago,
@@ -281,7 +281,7 @@ class DelayCap:
         self._no_bucket_warned = False
         # By id(client), then (stream, consumer); read on every first delivery.
         self._generations: dict[int, dict[tuple[str, str], _Generation]] = {}
-        self._watching: set[tuple[int, str, str]] = set()  # durables whose creations we hear
+        self._watching: dict[int, set[tuple[str, str]]] = {}  # durables whose creations we hear
 
     one_per_chain = "delay cap"  # compose() refuses a second one
 
@@ -428,6 +428,7 @@ class DelayCap:
         if known is None:
             known = self._generations[id(client)] = {}
             weakref.finalize(client, self._generations.pop, id(client), None)
+            weakref.finalize(client, self._watching.pop, id(client), None)
         generation = known.get((key.stream, key.consumer))
         if (
             generation is not None
@@ -442,9 +443,9 @@ class DelayCap:
             client, key.stream, key.consumer, msg.metadata.domain or None, max_age=0.0
         )
         current = known.get((key.stream, key.consumer))
-        watch = (id(client), key.stream, key.consumer)
-        if current is None and limits.durable and watch not in self._watching:
-            self._watching.add(watch)
+        watched = self._watching.setdefault(id(client), set())
+        if current is None and limits.durable and (key.stream, key.consumer) not in watched:
+            watched.add((key.stream, key.consumer))
             await self._watch_creations(client, key.stream, key.consumer, known)
         if current is None or current.created != limits.created:
             current = known[(key.stream, key.consumer)] = _Generation(limits.created, cseq)
@@ -725,9 +726,11 @@ class DelayCap:
             return self._store
         client = msg.__wrapped__._client
         domain = msg.metadata.domain or None
-        stores = self._stores.get(client)
+        stores = self._stores.get(id(client))
         if stores is None:
-            stores = self._stores[client] = {}
+            for other in [key for key, kept in self._stores.items() if _closed(kept)]:
+                del self._stores[other]
+            stores = self._stores[id(client)] = {}
         store = stores.get(domain)
         if store is None:
             # In the message's JetStream domain, where its consumer is (as its limits are).
@@ -1191,6 +1194,10 @@ _PARK_OVERHEAD = 4096
 def _too_big_to_park(real: Msg) -> bool:
     limit = getattr(real._client, "max_payload", 0) or 0
     return bool(limit) and len(real.data) + _PARK_OVERHEAD > limit
+
+
+def _closed(stores: dict[str | None, KeyValueDeadlineStore]) -> bool:
+    return any(store.client_closed for store in stores.values())
 
 
 def _reply_numbers(real: Msg) -> tuple[int, float] | None:

@@ -17,6 +17,7 @@ __all__ = ["ConsumerLimits", "Limits"]
 log = logging.getLogger("natsmw.delay")
 
 _TTL = 60.0
+_PRUNE_ABOVE = 256
 _RETRY = 5.0
 
 
@@ -145,4 +146,9 @@ class ConsumerLimits:
         )
         now = time.monotonic()
         known[(stream, consumer)] = (value, now, now + _TTL, False)
+        if len(known) > _PRUNE_ABOVE:
+            # Ephemeral and ordered consumers come and go under new names: forget the
+            # entries nobody read again in time.
+            for stale in [name for name, entry in known.items() if entry[2] < now]:
+                del known[stale]
         return value

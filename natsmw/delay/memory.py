@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from itertools import islice
 
@@ -15,11 +16,12 @@ _LIMIT = 100_000
 @dataclass(slots=True)
 class Remembered:
     """What this instance knows of one message: its deferral, and the last delivery it saw,
-    on which client (the same stream and consumer names may exist on two servers)."""
+    on which client (``id()``: the same stream and consumer names may exist on two servers;
+    the entries of a client go when it does, so an id is never taken for a later client's)."""
 
     deferral: Deferral | None
     last_delivery: int
-    client: object
+    client: int
 
 
 class Deliveries:
@@ -32,6 +34,7 @@ class Deliveries:
     def __init__(self, limit: int = _LIMIT) -> None:
         self._entries: dict[DeadlineKey, Remembered] = {}
         self._limit = limit
+        self._clients: set[int] = set()  # clients with entries, each with a finalizer
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -45,7 +48,7 @@ class Deliveries:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry.client is not client or entry.last_delivery >= delivery:
+        if entry.client != id(client) or entry.last_delivery >= delivery:
             del self._entries[key]
             return None
         return entry
@@ -55,7 +58,13 @@ class Deliveries:
     ) -> None:
         """Delivery ``delivery`` of ``key`` was seen, with ``deferral`` (deferred, released or
         a first run that may come back)."""
-        self._entries[key] = Remembered(deferral, delivery, client)
+        held_by = id(client)
+        if held_by not in self._clients:
+            # Held by id, not by reference: a closed client is not kept alive by natsmw, and
+            # what was remembered of it goes with it.
+            self._clients.add(held_by)
+            weakref.finalize(client, self._forget_client, held_by)
+        self._entries[key] = Remembered(deferral, delivery, held_by)
         if len(self._entries) > self._limit:
             for old in list(islice(self._entries, self._limit // 10)):
                 del self._entries[old]
@@ -71,6 +80,11 @@ class Deliveries:
     def last_delivery(self, key: DeadlineKey) -> int | None:
         entry = self._entries.get(key)
         return None if entry is None else entry.last_delivery
+
+    def _forget_client(self, client: int) -> None:
+        self._clients.discard(client)
+        for key in [key for key, entry in self._entries.items() if entry.client == client]:
+            del self._entries[key]
 
     def gone(self, key: DeadlineKey) -> None:
         """``key`` will not come back to this consumer (acked, termed or parked)."""

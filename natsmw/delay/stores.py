@@ -187,17 +187,28 @@ class DeadlineStore(Protocol):
 class MemoryDeadlineStore:
     """A store in this process's memory: for tests and single-process consumers.
 
-    Deferrals are lost when the process exits, and other processes never see them.
+    Deferrals are lost when the process exits, and other processes never see them. Like the
+    key-value store's entries, each is forgotten ``keep_after_deadline`` after its deadline.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_after_deadline: Duration = 24 * 3600) -> None:
         self._deferrals: dict[DeadlineKey, Deferral] = {}
+        self._keep = to_positive_seconds(keep_after_deadline, "keep_after_deadline")
+        self._puts = 0
+
+    def __len__(self) -> int:
+        return len(self._deferrals)
 
     async def get(self, key: DeadlineKey) -> Deferral | None:
         return self._deferrals.get(key)
 
     async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
         self._deferrals[key] = deferral
+        self._puts += 1
+        if self._puts % 1024 == 0:  # now and then: O(1) per put on average
+            expired = time.time() - self._keep
+            for old in [k for k, d in self._deferrals.items() if d.deadline < expired]:
+                del self._deferrals[old]
 
 
 class KeyValueDeadlineStore:
@@ -332,6 +343,12 @@ class KeyValueDeadlineStore:
             return
         subject = f"$KV.{self.bucket}.natsmw-clock"
         await server_clock.measure(client, self._js, f"KV_{self.bucket}", subject)
+
+    @property
+    def client_closed(self) -> bool:
+        """Whether the client this store writes through is closed."""
+        client = getattr(self._js, "_nc", None)
+        return bool(getattr(client, "is_closed", False))
 
     @property
     def created_at(self) -> float | None:
