@@ -39,7 +39,10 @@ def _finite_seconds(value: object, what: str) -> float:
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            raise ValueError(f"{what} must be a finite number of seconds, got {value!r}") from None
     else:
         raise TypeError(
             f"{what} must be a number of seconds or a datetime.timedelta, "

@@ -143,10 +143,14 @@ def uninstall(nc: Client) -> None:
 
 @contextmanager
 def installed(
-    nc: Client, *, lazy_headers: bool = True, chain: Middleware | None = None
+    nc: Client,
+    *,
+    lazy_headers: bool = True,
+    chain: Middleware | None = None,
+    fetch_settle_timeout: Duration = FETCH_SETTLE_TIMEOUT,
 ) -> Iterator[Client]:
     """``with installed(nc, ...):`` installs natsmw on ``nc`` for the block, then uninstalls."""
-    install(nc, lazy_headers=lazy_headers, chain=chain)
+    install(nc, lazy_headers=lazy_headers, chain=chain, fetch_settle_timeout=fetch_settle_timeout)
     try:
         yield nc
     finally:
@@ -279,7 +283,8 @@ async def _settle_wait(nc: Client, psub: Any, installation: _Installation | None
     if wait <= 0:
         return 0.0
     try:
-        info = await Client.jetstream(nc).consumer_info(psub._stream, psub._consumer, timeout=2.0)
+        # Through the subscription's own context: its domain or API prefix.
+        info = await psub._js.consumer_info(psub._stream, psub._consumer, timeout=2.0)
     except (nats.errors.Error, asyncio.TimeoutError, OSError):
         return wait  # cannot tell: wait, as for a consumer that acks
     return 0.0 if info.config.ack_policy == AckPolicy.NONE else wait

@@ -15,11 +15,18 @@ from types import SimpleNamespace
 import nats.errors
 import pytest
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DiscardPolicy, KeyValueConfig, StreamConfig
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    StreamConfig,
+)
 
 import natsmw.delay.clock
 import natsmw.delay.stores
 from natsmw import (
+    Handler,
     compose,
     install,
     publish_not_before,
@@ -348,23 +355,32 @@ async def test_another_instance_notices_a_consumer_made_again_before_it_runs_any
 async def test_a_closed_client_is_not_kept_alive_by_the_delay_cap(
     own_server: NatsServer,
 ) -> None:
-    """A service that reconnects: what the cap knew of the old client goes with it."""
+    """A service that reconnects: what the cap knew of the old client goes with it, even when
+    the new client only ever sees first deliveries (no deadline store involved)."""
     cap = with_delay_cap(CAP, parking=False)
-    handler = NaksEachOnce(delay=30.0)
+    deferring = NaksEachOnce(delay=30.0)
+    acking = CallLog()
 
-    async def one_client() -> weakref.ref[object]:
+    async def acks(msg: Msg) -> None:
+        await acking.record(msg)
+        await msg.ack()
+
+    async def one_client(durable: str, handler: Handler, settled: int) -> weakref.ref[object]:
         conn = await connect(own_server.url)
         with contextlib.suppress(Exception):
             await conn.js.add_stream(name="EDGE", subjects=["edge.>"])
         spy = await spy_acks(conn.nc, "EDGE")
-        async with pulling(conn.js, "edge.x", "gone", cap(handler)):
+        await conn.js.add_consumer(
+            "EDGE", ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.NEW)
+        )
+        async with pulling(conn.js, "edge.x", durable, cap(handler)):
             await conn.js.publish("edge.x", b"x")
-            await spy.wait_for(2)  # deferred, then held from the cap's memory
+            await spy.wait_for(settled)
         await conn.nc.close()
         return weakref.ref(conn.nc)
 
-    first = await one_client()
-    second = await one_client()  # another client comes: the first one's store is dropped
+    first = await one_client("gone", deferring, 2)  # deferred, then held from memory
+    second = await one_client("next", acks, 1)  # a first delivery, acked
     for _ in range(3):
         gc.collect()
         await asyncio.sleep(0.05)  # nats-py's own tasks end after close
@@ -373,3 +389,18 @@ async def test_a_closed_client_is_not_kept_alive_by_the_delay_cap(
     alive = {id(client) for client in (second(),) if client is not None}
     assert {entry.client for entry in cap._memory._entries.values()} <= alive
     assert set(cap._stores) <= alive
+
+
+def test_a_dropped_delay_cap_is_freed_while_its_client_lives() -> None:
+    from natsmw.delay.memory import Deliveries
+
+    class Client:
+        pass
+
+    client = Client()
+    memory = Deliveries()
+    memory.seen(DeadlineKey("S", "c", 1), client, None, 1)
+    dropped = weakref.ref(memory)
+    del memory
+    gc.collect()
+    assert dropped() is None

@@ -209,3 +209,42 @@ async def test_the_wait_for_a_fetched_message_to_be_settled_is_an_install_argume
 def test_the_install_module_is_reachable_beside_the_install_function() -> None:
     assert callable(natsmw.install)
     assert natsmw.installation.FETCH_SETTLE_TIMEOUT == 300.0
+
+
+async def test_limits_kept_through_a_failed_read_survive_pruning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A consumer whose info cannot be read keeps its last known limits, however many other
+    consumers the client has (those not read for a while are pruned)."""
+    from types import SimpleNamespace
+
+    import nats.errors
+
+    import natsmw.delay.limits as limits_module
+    from natsmw.delay.limits import ConsumerLimits
+
+    monkeypatch.setattr(limits_module, "_TTL", 0.5)
+    monkeypatch.setattr(limits_module, "_RETRY", 0.01)
+    monkeypatch.setattr(limits_module, "_PRUNE_ABOVE", 3)
+    failing: set[str] = set()
+
+    class JetStream:
+        async def consumer_info(self, stream: str, consumer: str, timeout: float) -> object:
+            if consumer in failing:
+                raise nats.errors.TimeoutError
+            config = SimpleNamespace(max_deliver=5, durable_name=consumer, ack_policy=None)
+            return SimpleNamespace(config=config, created=None)
+
+    class Client:
+        def jetstream(self, **_: object) -> JetStream:
+            return JetStream()
+
+    client, limits = Client(), ConsumerLimits()
+    assert (await limits.read(client, "S", "x")).max_deliver == 5  # type: ignore[arg-type]
+    failing.add("x")
+    assert (await limits.read(client, "S", "x", max_age=0.0)).max_deliver == 5  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)  # x's retry time is past; it was tried a moment ago
+    for n in range(5):
+        await limits.read(client, "S", f"other{n}")  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert (await limits.read(client, "S", "x", max_age=0.0)).max_deliver == 5  # type: ignore[arg-type]

@@ -428,6 +428,7 @@ class DelayCap:
         if known is None:
             known = self._generations[id(client)] = {}
             weakref.finalize(client, self._generations.pop, id(client), None)
+            self._drop_closed_stores()  # a new client: a service that reconnects
             weakref.finalize(client, self._watching.pop, id(client), None)
         generation = known.get((key.stream, key.consumer))
         if (
@@ -728,8 +729,7 @@ class DelayCap:
         domain = msg.metadata.domain or None
         stores = self._stores.get(id(client))
         if stores is None:
-            for other in [key for key, kept in self._stores.items() if _closed(kept)]:
-                del self._stores[other]
+            self._drop_closed_stores()
             stores = self._stores[id(client)] = {}
         store = stores.get(domain)
         if store is None:
@@ -739,6 +739,11 @@ class DelayCap:
             js = Client.jetstream(client, domain=domain)
             store = stores[domain] = KeyValueDeadlineStore(js, domain=domain)
         return store
+
+    def _drop_closed_stores(self) -> None:
+        """Stores hold their client: those of closed clients go, so that the clients can."""
+        for other in [key for key, kept in self._stores.items() if _closed(kept)]:
+            del self._stores[other]
 
     async def _limits_of(self, msg: MessageProxy, key: DeadlineKey) -> Limits:
         client = msg.__wrapped__._client

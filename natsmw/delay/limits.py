@@ -149,6 +149,7 @@ class ConsumerLimits:
         if len(known) > _PRUNE_ABOVE:
             # Ephemeral and ordered consumers come and go under new names: forget the
             # entries nobody read again in time.
-            for stale in [name for name, entry in known.items() if entry[2] < now]:
+            # An entry kept through failed reads is tried again every few seconds: it stays.
+            for stale in [name for name, e in known.items() if e[2] < now and now - e[1] > _TTL]:
                 del known[stale]
         return value

@@ -63,7 +63,8 @@ class Deliveries:
             # Held by id, not by reference: a closed client is not kept alive by natsmw, and
             # what was remembered of it goes with it.
             self._clients.add(held_by)
-            weakref.finalize(client, self._forget_client, held_by)
+            # Through a weak reference: a delay cap dropped before its client is freed.
+            weakref.finalize(client, _forget_client, weakref.ref(self), held_by)
         self._entries[key] = Remembered(deferral, delivery, held_by)
         if len(self._entries) > self._limit:
             for old in list(islice(self._entries, self._limit // 10)):
@@ -89,3 +90,9 @@ class Deliveries:
     def gone(self, key: DeadlineKey) -> None:
         """``key`` will not come back to this consumer (acked, termed or parked)."""
         self._entries.pop(key, None)
+
+
+def _forget_client(memory: weakref.ref[Deliveries], client: int) -> None:
+    remembered = memory()
+    if remembered is not None:
+        remembered._forget_client(client)
