@@ -16,7 +16,7 @@ import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -58,6 +58,12 @@ class _Installation:
     had_msg_class: bool
     msg_class: Any
     settle_timeout: float = FETCH_SETTLE_TIMEOUT
+    # False once uninstalled: a wrapper of ours that another library wrapped in turn cannot be
+    # taken out from under it, so it stays, and passes every call straight through.
+    active: bool = True
+    # What install put on the client: name -> (our wrapper, whether the client had its own
+    # attribute of that name before, which our wrapper wraps).
+    wrappers: dict[str, tuple[Any, bool]] = field(default_factory=dict)
 
 
 _installed: weakref.WeakKeyDictionary[Client, _Installation] = weakref.WeakKeyDictionary()
@@ -111,12 +117,30 @@ def install(
     )
     if lazy_headers:
         nc.msg_class = lazy_message_class(nc.msg_class)
-        nc._process_headers = wrapt.FunctionWrapper(nc._process_headers, _defer_decoding)  # type: ignore[method-assign]
+        _wrap(nc, installation, "_process_headers", _deferring(installation))
     if chain is not None:
-        nc.subscribe = wrapt.FunctionWrapper(nc.subscribe, _chained_subscribe(chain))  # type: ignore[method-assign]
-        nc.drain = wrapt.FunctionWrapper(nc.drain, _draining)  # type: ignore[method-assign]
-        nc.jetstream = wrapt.FunctionWrapper(nc.jetstream, _chained_jetstream())  # type: ignore[method-assign]
+        _wrap(nc, installation, "subscribe", _while(installation, _chained_subscribe(chain)))
+        _wrap(nc, installation, "drain", _while(installation, _draining))
+        _wrap(nc, installation, "jetstream", _while(installation, _chained_jetstream()))
     _installed[nc] = installation
+
+
+def _wrap(nc: Client, installation: _Installation, name: str, wrapper: Any) -> None:
+    had_own = name in vars(nc)
+    ours = wrapt.FunctionWrapper(getattr(nc, name), wrapper)
+    setattr(nc, name, ours)
+    installation.wrappers[name] = (ours, had_own)
+
+
+def _while(installation: _Installation, wrapper: Any) -> Any:
+    """``wrapper`` while ``installation`` is active; a plain pass-through after."""
+
+    def guarded(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not installation.active:
+            return wrapped(*args, **kwargs)
+        return wrapper(wrapped, instance, args, kwargs)
+
+    return guarded
 
 
 def uninstall(nc: Client) -> None:
@@ -130,9 +154,15 @@ def uninstall(nc: Client) -> None:
     installation = _installed.pop(nc, None)
     if installation is None:
         return
+    installation.active = False
     instance = vars(nc)
-    for name in ("_process_headers", "subscribe", "jetstream", "drain"):
-        if isinstance(instance.get(name), wrapt.FunctionWrapper):
+    for name, (ours, had_own) in installation.wrappers.items():
+        before = ours.__wrapped__  # what was there before install
+        if instance.get(name) is not ours:
+            continue  # wrapped again by someone else since: ours stays, passing through
+        if had_own:
+            instance[name] = before
+        else:
             del instance[name]
     if installation.lazy_headers:
         if installation.had_msg_class:
@@ -157,15 +187,18 @@ def installed(
         uninstall(nc)
 
 
-async def _defer_decoding(
-    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    raw = args[0] if args else kwargs.get("headers")
-    if not raw:
-        return None  # what nats-py returns for a message without headers, without the call
-    if can_defer(raw):
-        return Undecoded(wrapped.__self__, raw)
-    return await wrapped(*args, **kwargs)
+def _deferring(installation: _Installation) -> Any:
+    async def defer_decoding(
+        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        raw = args[0] if args else kwargs.get("headers")
+        if not raw:
+            return None  # what nats-py returns for a message without headers, without the call
+        if installation.active and can_defer(raw):
+            return Undecoded(wrapped.__self__, raw)
+        return await wrapped(*args, **kwargs)
+
+    return defer_decoding
 
 
 def _chained_subscribe(chain: Middleware) -> Any:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
+import wrapt
 from nats.aio.msg import Msg
 
 import natsmw
@@ -248,3 +250,37 @@ async def test_limits_kept_through_a_failed_read_survive_pruning(
         await limits.read(client, "S", f"other{n}")  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
     assert (await limits.read(client, "S", "x", max_age=0.0)).max_deliver == 5  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("other", ["wrapt", "plain"])
+async def test_uninstall_takes_out_only_its_own_wrappers(conn: Connection, other: str) -> None:
+    """Another library patches subscribe after install (with wrapt, or a plain function):
+    uninstall must leave its patch in place, and natsmw's chain must be gone all the same."""
+    seen: list[str] = []
+    patched: list[str] = []
+    received = Inbox()
+    install(conn.nc, chain=tagging(seen))
+    below = conn.nc.subscribe
+    if other == "wrapt":
+
+        def theirs(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            patched.append(args[0])
+            return wrapped(*args, **kwargs)
+
+        conn.nc.subscribe = wrapt.FunctionWrapper(below, theirs)  # type: ignore[method-assign]
+    else:
+
+        async def plain(subject: str, **kwargs: Any) -> Any:
+            patched.append(subject)
+            return await below(subject, **kwargs)
+
+        conn.nc.subscribe = plain  # type: ignore[method-assign]
+    uninstall(conn.nc)
+    await conn.nc.subscribe("after", cb=received.put)
+    await conn.nc.publish("after", b"x")
+    (msg,) = await received.wait_for(1)
+
+    assert patched == ["after"]  # the other library's patch is still in place
+    assert seen == []  # natsmw's chain is not
+    assert not isinstance(msg, MessageProxy)
+    del conn.nc.subscribe
