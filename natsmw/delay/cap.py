@@ -158,19 +158,17 @@ class _Generation:
             self._listing = asyncio.get_running_loop().create_future()
             listing = self._listing
             try:
-                found = await _list(store, key.stream, key.consumer)
-            except DeadlineStoreError as error:
-                if isinstance(error, DeadlinesLostError):
-                    self._no_bucket_until = time.monotonic() + 5.0
-                    self._listing = None  # listed once there is a bucket
-                    listing.set_exception(error)
-                    listing.exception()  # retrieved: callers that wait re-raise it
+                try:
+                    found = await _list(store, key.stream, key.consumer)
+                except DeadlinesLostError:
+                    self._no_bucket_until = time.monotonic() + 5.0  # listed once there is one
                     raise
-                # Not listed (no permission to watch the bucket, a timeout): every message
-                # of this generation stored before it is looked up instead.
-                log.warning("cannot list the deadline records of %s/%s: %s",
-                            key.stream, key.consumer, error)  # fmt: skip
-                found = None
+                except DeadlineStoreError as error:
+                    # Not listed (no permission to watch the bucket, a timeout): every message
+                    # of this generation stored before it is looked up instead.
+                    log.warning("cannot list the deadline records of %s/%s: %s",
+                                key.stream, key.consumer, error)  # fmt: skip
+                    found = None
             except BaseException as error:
                 self._listing = None
                 listing.set_exception(error)
@@ -392,9 +390,7 @@ class DelayCap:
         except DeadlinesLostError:
             return _NOTHING
         except DeadlineStoreError as error:
-            self.stats.store_errors += 1
-            log.warning("deadline store unreachable for %s: %s", key, error)
-            return _UNKNOWN
+            return self._unreachable(key, error)
         if (
             stored is None
             # compared as the record was written: from the metadata (microseconds)
@@ -639,9 +635,7 @@ class DelayCap:
                 log.warning("%s came back (delivery %d): %s", key, delivery, error)
             stored = None
         except DeadlineStoreError as error:
-            self.stats.store_errors += 1
-            log.warning("deadline store unreachable for %s: %s", key, error)
-            return _UNKNOWN
+            return self._unreachable(key, error)
         else:
             created = getattr(store, "created_at", None)
             if stored is None and not own_deadline and created is not None and created > stored_at:
@@ -678,6 +672,12 @@ class DelayCap:
             await parks.measure_clock()
         else:
             server_clock.unmeasurable(client, "the deadline store is not natsmw's bucket")
+
+    def _unreachable(self, key: DeadlineKey, error: DeadlineStoreError) -> _Found:
+        """The store could not be asked: nothing is known (the delivery is held blind)."""
+        self.stats.store_errors += 1
+        log.warning("deadline store unreachable for %s: %s", key, error)
+        return _UNKNOWN
 
     def _deadline_lost(self, key: DeadlineKey, delivery: int, why: str) -> None:
         """The record that may have held this delivery back is gone: say so, loudly."""
