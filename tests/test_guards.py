@@ -10,7 +10,7 @@ from nats.js.api import ConsumerConfig
 from nats.protocol import command as prot_command
 
 import natsmw.guards
-from natsmw.guards import with_size_limit
+from natsmw.guards import SizeGuard, with_size_limit
 from natsmw.headers import Undecoded, original_name
 from natsmw.installation import installed
 from tests.conftest import AckSpy, Connection, Inbox, Stream, spy_acks
@@ -205,6 +205,21 @@ async def test_server_headers_of_the_original_travel_renamed_so_the_copy_is_stor
     await conn.js.delete_stream("TTLS")
 
 
+async def subscribe_refusing(
+    conn: Connection, stream: Stream, guard: SizeGuard, *, durable: str, max_deliver: int
+) -> None:
+    """A push consumer with ``max_deliver`` whose handler must never see a message."""
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        raise AssertionError("an oversized message reached the handler")
+
+    await conn.js.subscribe(
+        stream.subject, durable=durable, cb=handler, manual_ack=True,
+        config=ConsumerConfig(ack_wait=30, max_deliver=max_deliver),
+    )  # fmt: skip
+
+
 async def test_no_nak_spends_the_last_delivery_and_the_message_waits_for_the_fix(
     conn: Connection, stream: Stream, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -215,15 +230,7 @@ async def test_no_nak_spends_the_last_delivery_and_the_message_waits_for_the_fix
     monkeypatch.setattr(natsmw.guards, "LAST_CHANCE_DELAY", 1.0)  # an hour, compressed
     spy = await spy_acks(conn.nc, stream.name)
     guard = with_size_limit(max_body=1, dead_letter_subject="later.{stream}", nak_delay=0.1)
-
-    @guard
-    async def handler(msg: Msg) -> None:
-        raise AssertionError("an oversized message reached the handler")
-
-    await conn.js.subscribe(
-        stream.subject, durable="md3", cb=handler, manual_ack=True,
-        config=ConsumerConfig(ack_wait=30, max_deliver=3),
-    )  # fmt: skip
+    await subscribe_refusing(conn, stream, guard, durable="md3", max_deliver=3)
     with caplog.at_level(logging.ERROR, logger="natsmw.guards"):
         big = await conn.js.publish(stream.subject, b"too big")
         await spy.wait_for(2)
@@ -246,15 +253,7 @@ async def test_a_message_on_its_last_delivery_is_stranded_loudly_never_termed(
 ) -> None:
     spy = await spy_acks(conn.nc, stream.name)
     guard = with_size_limit(max_body=1, dead_letter_subject="nowhere.{stream}")
-
-    @guard
-    async def handler(msg: Msg) -> None:
-        raise AssertionError("an oversized message reached the handler")
-
-    await conn.js.subscribe(
-        stream.subject, durable="md1", cb=handler, manual_ack=True,
-        config=ConsumerConfig(ack_wait=30, max_deliver=1),
-    )  # fmt: skip
+    await subscribe_refusing(conn, stream, guard, durable="md1", max_deliver=1)
     with caplog.at_level(logging.ERROR, logger="natsmw.guards"):
         big = await conn.js.publish(stream.subject, b"too big")
         await spy.wait_for(1)
@@ -322,4 +321,28 @@ async def test_header_names_nats_py_cannot_send_are_copied_percent_encoded(
         "X-Path%2FSub": "a", "X%281%29": "b", "Plain": "c",
     }  # fmt: skip
     assert {original_name(k) for k in copy.headers} >= {"X-Path/Sub", "X(1)"}
+    assert guard.stats.dead_lettered == 1
+
+
+async def test_a_copy_stored_before_whose_term_was_lost_is_not_stored_again(
+    conn: Connection, stream: Stream, dead_letters: Inbox
+) -> None:
+    """The copy's id is unique per consumer and stream generation: a duplicate answer means
+    this very copy is stored (the term after it was lost), so the original is terminated."""
+    spy = await spy_acks(conn.nc, stream.name)
+    big = await conn.js.publish(stream.subject, b"too big")
+    peek = await conn.js.pull_subscribe(stream.subject, durable="peek")
+    (seen,) = await peek.fetch(1, timeout=5)  # the stored time exactly as a delivery has it
+    stored = round(seen.metadata.timestamp.timestamp() * 1e6)
+    copy_id = f"natsmw-dead-letter:{stream.name}:dup:{big.seq}:{stored}"
+    await conn.js.publish(
+        f"natsmw.dead_letter.{stream.name}", b"too big", headers={"Nats-Msg-Id": copy_id}
+    )
+    guard = with_size_limit(max_body=1)
+    await subscribe_refusing(conn, stream, guard, durable="dup", max_deliver=-1)
+    await spy.wait_for(1)
+    await spy.catch_up(conn.nc)
+
+    assert spy.settlements(big.seq) == [b"+TERM"]
+    assert (await conn.js.stream_info("DEAD")).state.messages == 1  # not stored twice
     assert guard.stats.dead_lettered == 1

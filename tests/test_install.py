@@ -178,7 +178,9 @@ async def test_fetched_messages_with_nothing_to_settle_are_not_kept(
     try:
         psub = await conn.nc.jetstream().pull_subscribe_bind("none", stream.name)
         fetched = await psub.fetch(200, timeout=5)
-        await asyncio.sleep(0)  # let the chains around them end
+        running = set(natsmw.installation._running)
+        if running:  # the chains around them end at once (they used to wait 300 s)
+            await asyncio.wait(running, timeout=5)
         assert len(fetched) == 200
         assert len(natsmw.installation._running) == 0
         await psub.unsubscribe()
@@ -225,6 +227,8 @@ async def test_limits_kept_through_a_failed_read_survive_pruning(
     import natsmw.delay.limits as limits_module
     from natsmw.delay.limits import ConsumerLimits
 
+    clock = [1000.0]  # monotonic seconds, moved by the test
+    monkeypatch.setattr(limits_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(limits_module, "_TTL", 0.5)
     monkeypatch.setattr(limits_module, "_RETRY", 0.01)
     monkeypatch.setattr(limits_module, "_PRUNE_ABOVE", 3)
@@ -244,11 +248,12 @@ async def test_limits_kept_through_a_failed_read_survive_pruning(
     client, limits = Client(), ConsumerLimits()
     assert (await limits.read(client, "S", "x")).max_deliver == 5  # type: ignore[arg-type]
     failing.add("x")
+    clock[0] += 0.01  # asked again: the read fails, the value is kept
     assert (await limits.read(client, "S", "x", max_age=0.0)).max_deliver == 5  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)  # x's retry time is past; it was tried a moment ago
+    clock[0] += 0.05  # x's retry time is past; it was tried a moment ago
     for n in range(5):
         await limits.read(client, "S", f"other{n}")  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)
+    clock[0] += 0.05
     assert (await limits.read(client, "S", "x", max_age=0.0)).max_deliver == 5  # type: ignore[arg-type]
 
 
