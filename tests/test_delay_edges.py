@@ -439,3 +439,24 @@ async def test_a_memory_store_forgets_a_deferral_after_its_deadline() -> None:
     assert len(store) == 0  # forgotten on the way (every 1024 puts), not kept forever
     await store.put(DeadlineKey("S", "c", 1), Deferral(deadline=time.time() + 60))
     assert len(store) == 1
+
+
+async def test_a_clock_reading_goes_with_its_client_even_after_a_failed_probe() -> None:
+    """Ids of collected clients are reused: a reading left behind (a failed probe's retry
+    time) would pass for a new client's, and that client would never be measured."""
+    from natsmw.delay.clock import ServerClock
+
+    class Client:
+        pass
+
+    class FailingJetStream:
+        async def publish(self, *args: object, **kwargs: object) -> None:
+            raise nats.errors.TimeoutError
+
+    clock = ServerClock()
+    client = Client()
+    await clock.measure(client, FailingJetStream(), "S", "s.clock")  # type: ignore[arg-type]
+    assert not clock.stale(client)  # tried a moment ago: tried again later, not on every call
+    del client
+    gc.collect()
+    assert clock._readings == {}

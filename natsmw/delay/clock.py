@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 import weakref
+from dataclasses import dataclass
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
@@ -34,26 +35,44 @@ _REMEASURE = 300.0
 _PROBE_TTL = 60  # seconds the probe message stays in the stream
 
 
+@dataclass
+class _Reading:
+    offset: float = 0.0
+    measured: float | None = None  # monotonic time of the last measurement (or failed try)
+    measuring: asyncio.Future[None] | None = None
+    unmeasurable_said: bool = False
+
+
 class ServerClock:
     """Per client: how far this host's wall clock is ahead of the server's (seconds)."""
 
     def __init__(self) -> None:
-        # By id(client), read on every deadline comparison; the entry goes with its client.
-        self._offsets: dict[int, float] = {}
-        self._measured: dict[int, float] = {}  # monotonic time of the last measurement
-        self._measuring: dict[int, asyncio.Future[None]] = {}
-        self._unmeasurable: set[int] = set()
+        # By id(client), read on every deadline comparison. Every entry goes with its client
+        # (one finalizer, made with the entry): ids are reused, a stale entry would pass for
+        # a new client's.
+        self._readings: dict[int, _Reading] = {}
+
+    def _reading(self, client: Client) -> _Reading:
+        key = id(client)
+        reading = self._readings.get(key)
+        if reading is None:
+            reading = self._readings[key] = _Reading()
+            weakref.finalize(client, self._readings.pop, key, None)
+        return reading
 
     def offset(self, client: Client) -> float:
         """This host's clock minus the server's; 0.0 until measured."""
-        return self._offsets.get(id(client), 0.0)
+        reading = self._readings.get(id(client))
+        return 0.0 if reading is None else reading.offset
 
     def now(self, client: Client) -> float:
         """The server's current time (Unix seconds), as far as this host can tell."""
-        return time.time() - self._offsets.get(id(client), 0.0)
+        reading = self._readings.get(id(client))
+        return time.time() if reading is None else time.time() - reading.offset
 
     def stale(self, client: Client) -> bool:
-        measured = self._measured.get(id(client))
+        reading = self._readings.get(id(client))
+        measured = None if reading is None else reading.measured
         return measured is None or time.monotonic() - measured > _REMEASURE
 
     async def measure(
@@ -63,35 +82,35 @@ class ServerClock:
         allow per-message TTL), unless it was measured a short while ago. Callers that come
         while it is measured wait for it. Never raises: a failed probe keeps the last offset,
         says so once, and is tried again later."""
-        key = id(client)
-        pending = self._measuring.get(key)
+        reading = self._reading(client)
+        pending = reading.measuring
         if pending is not None:
             await asyncio.shield(pending)
             return
         if not self.stale(client):
             return
-        pending = self._measuring[key] = asyncio.get_running_loop().create_future()
+        pending = reading.measuring = asyncio.get_running_loop().create_future()
         try:
-            await self._probe(client, js, stream, subject)
+            await self._probe(client, reading, js, stream, subject)
         finally:
-            del self._measuring[key]
+            reading.measuring = None
             pending.set_result(None)
 
     def unmeasurable(self, client: Client, why: str) -> None:
         """Say once per client that its offset cannot be measured (it stays as it is)."""
-        key = id(client)
-        if key in self._unmeasurable:
+        reading = self._reading(client)
+        if reading.unmeasurable_said:
             return
-        self._unmeasurable.add(key)
-        weakref.finalize(client, self._unmeasurable.discard, key)
+        reading.unmeasurable_said = True
         log.warning(
             "cannot measure this host's clock against the server's (%s): deadlines are "
             "compared with this host's clock; keep the clocks synchronised (NTP)",
             why,
         )
 
-    async def _probe(self, client: Client, js: JetStreamContext, stream: str, subject: str) -> None:
-        key = id(client)
+    async def _probe(
+        self, client: Client, reading: _Reading, js: JetStreamContext, stream: str, subject: str
+    ) -> None:
         try:
             before = time.time()
             ack = await js.publish(subject, b"", timeout=2.0, msg_ttl=_PROBE_TTL)
@@ -99,16 +118,14 @@ class ServerClock:
             stored = await js.get_msg(stream, ack.seq)
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             self.unmeasurable(client, f"a probe in {stream} failed: {error!r}")
-            self._measured[key] = time.monotonic() - _REMEASURE + 30.0  # again in 30 s
+            reading.measured = time.monotonic() - _REMEASURE + 30.0  # again in 30 s
             return
         if stored.time is None:
             return
         stamp = stored.time.timestamp()
         offset = ((before - stamp) + (after - stamp)) / 2
-        if key not in self._measured:
-            weakref.finalize(client, self._forget, key)
-        self._offsets[key] = offset
-        self._measured[key] = time.monotonic()
+        reading.offset = offset
+        reading.measured = time.monotonic()
         if abs(offset) > LARGE_OFFSET:
             log.warning(
                 "this host's clock is %.3fs %s the server's (measured to within %.3fs): "
@@ -116,10 +133,6 @@ class ServerClock:
                 "(NTP): publishers' deadlines are written in their own",
                 abs(offset), "ahead of" if offset > 0 else "behind", (after - before) / 2,
             )  # fmt: skip
-
-    def _forget(self, key: int) -> None:
-        self._offsets.pop(key, None)
-        self._measured.pop(key, None)
 
 
 server_clock = ServerClock()
