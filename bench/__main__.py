@@ -19,6 +19,7 @@ FULL = {
     "holds": [],
     "soak": ["--cap", "30"],
     "park": [],
+    "churn": [],
 }
 QUICK = {
     "micro": ["--messages", "200", "--rounds", "1"],
@@ -27,6 +28,7 @@ QUICK = {
     "holds": ["--messages", "200", "--seconds", "1"],
     "soak": ["--messages", "1000", "--cycles", "2", "--cap", "1"],
     "park": ["--messages", "200", "--delay", "3", "--cap", "1"],
+    "churn": ["--clients", "10", "--consumers", "2"],
 }
 
 

@@ -7,8 +7,9 @@ with (``nak(delay=CAP)``), so that both go through the server's redelivery timer
 same consumer wrapped in with_delay_cap, every message deferred by an hour, held with a cap
 short enough that the rate is the client's, not the cap's. Measured on the instance that
 deferred the messages and on another instance (another connection, nothing cached), with
-every JetStream API and KV request that natsmw makes counted on the wire. Results go to
-bench/results/holds.json.
+every JetStream API and KV request that natsmw makes counted on the wire. Then again with
+the cap's memory limited to a half and a tenth of the messages held (2x and 10x past its
+limit): reads per hold and holds per second there. Results go to bench/results/holds.json.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from nats.js.api import ConsumerConfig
 from bench.common import write_report
 from natsmw import with_delay_cap
 from natsmw.delay import DelayCap
+from natsmw.delay.memory import Deliveries
 from natsmw.server import NatsServer
 
 CAP = 0.001  # a redelivery delay short enough that the client, not the delay, sets the rate
@@ -71,7 +73,7 @@ async def run(messages: int, seconds: float) -> dict[str, object]:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
         await js.add_stream(name="HOLDS", subjects=["holds.>"])
-        for consumer in ("raw", "held"):
+        for consumer in ("raw", "held", "held2x", "held10x"):
             await js.add_consumer("HOLDS", ConsumerConfig(
                 durable_name=consumer, deliver_subject=f"deliver.{consumer}", ack_wait=60,
                 max_ack_pending=-1))  # fmt: skip
@@ -107,6 +109,22 @@ async def run(messages: int, seconds: float) -> dict[str, object]:
             held_cpu = CPU["held"]  # the CPU of the window whose rate is reported
         per_hold_deferring = (len(requests) - before) / max(deferring.stats.holds - holds_before, 1)
 
+        past_limit: dict[str, float] = {}
+        for times in (2, 10):
+            limited: DelayCap = with_delay_cap(CAP)
+            limited._memory = Deliveries(limit=messages // times)
+            await rate(nc, f"held{times}x", limited(defer), seconds,
+                       ready=lambda cap=limited: cap.stats.capped >= messages)  # fmt: skip
+            before, holds_before = len(requests), limited.stats.holds
+            past_limit[f"held, {times}x past the memory limit"] = await rate(
+                nc, f"held{times}x", limited(defer), seconds
+            )
+            reads = sum(1 for subject in requests[before:] if not subject.startswith(
+                "$JS.API.CONSUMER.INFO."))  # fmt: skip
+            past_limit[f"store reads per hold, {times}x past the memory limit"] = reads / max(
+                limited.stats.holds - holds_before, 1
+            )
+
         other_nc = await nats.connect(server.url)
         other: DelayCap = with_delay_cap(CAP)
         before = len(requests)
@@ -123,10 +141,11 @@ async def run(messages: int, seconds: float) -> dict[str, object]:
         "client CPU us per hold, deferring instance": held_cpu * 1e6,
         "requests per hold, deferring instance": per_hold_deferring,
         "requests per hold, another instance": per_hold_other,
+        **past_limit,
     }
     print(f"\nhold path: {messages} messages, {seconds:.0f} s windows")
     for name, value in results.items():
-        if name.startswith("requests"):
+        if name.startswith(("requests", "store reads")):
             print(f"  {name:44s} {value:8.4f}")
         elif name.startswith("client CPU"):
             print(f"  {name:44s} {value:8.1f}")

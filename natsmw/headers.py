@@ -12,9 +12,19 @@ block without decoding the rest.
 
 from __future__ import annotations
 
+import inspect
 import re
 import urllib.parse
-from typing import Any
+from collections.abc import (
+    Awaitable,
+    Callable,
+    ItemsView,
+    Iterator,
+    KeysView,
+    Mapping,
+    ValuesView,
+)
+from typing import Any, NoReturn, TypeAlias
 
 from nats.aio import client as nats_client
 from nats.aio.client import Client
@@ -30,44 +40,176 @@ __all__ = [
     "sendable_name",
 ]
 
-_HDR_LINE = bytes(nats_client.NATS_HDR_LINE)
+# The protocol's header line; natsmw.install checks that nats-py's NATS_HDR_LINE is the same.
+_HDR_LINE = b"NATS/1.0"
 _HDR_LINE_SIZE = len(_HDR_LINE)
 _CRLF = b"\r\n"
 _SPACE = 32
 # With fast_mail_parser installed nats-py parses through it, and may suspend to report an
 # error; natsmw then leaves decoding to nats-py, so that results stay exactly the same.
 _NATS_USES_MAIL_PARSER = getattr(nats_client, "parse_email", None) is not None
+_POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_Parser: TypeAlias = Callable[[bytes], Awaitable[dict[str, str] | None]]
 
 
-class Undecoded:
+class Undecoded(Mapping[str, str]):
     """A header block nats-py has not parsed yet; stands where nats-py puts its ``dict``.
 
-    nats-py's read loop only looks into a message's headers to spot JetStream control
-    messages, which have an empty body; for those ``get`` decodes, as nats-py would have.
+    A read-only mapping of the headers the block holds: anything that reads it (``h[name]``,
+    ``get``, ``in``, iteration, ``len``, ``keys``/``items``/``values``, ``==`` with a dict)
+    parses the block once, with nats-py's own parser, and answers from that ``dict``. Where
+    nats-py would have given ``None`` (no header line it can read), it is an empty mapping.
+    ``bool`` answers from the raw block when its first line is an ordinary header (nats-py
+    asks it of every JetStream message), and parses otherwise.
+
+    nats-py's read loop is the one to see it: it asks JetStream messages with an empty body
+    whether they are control messages. ``msg.headers`` is a plain ``dict`` as ever.
+
+        >>> h = Undecoded(Client()._process_headers, b"NATS/1.0\\r\\nA: 1\\r\\n\\r\\n")
+        >>> h["A"], dict(h), h == {"A": "1"}
+        ('1', {'A': '1'}, True)
+
+    Raises:
+        TypeError: on any write (``h[k] = v``, ``del``, ``update``, ``pop`` ...): the block is
+            what the server sent; change ``msg.headers``, a ``dict``, instead.
     """
 
-    __slots__ = ("_client", "raw")
+    __slots__ = ("_decoded", "_parse", "raw")
 
-    def __init__(self, client: Client, raw: bytes) -> None:
-        self._client = client
+    def __init__(self, parse: _Parser, raw: bytes) -> None:
+        """``parse`` is nats-py's ``_process_headers`` of the client that received ``raw``."""
+        self._parse = parse
         self.raw = raw
+        self._decoded: dict[str, str] | _NotYet | None = _NOT_YET
 
     def decode(self) -> dict[str, str] | None:
-        """Parse with nats-py's own ``Client._process_headers``, run to completion now."""
-        coroutine = Client._process_headers(self._client, self.raw)
-        try:
-            coroutine.send(None)
-        except StopIteration as finished:
-            decoded: dict[str, str] | None = finished.value
-            return decoded
-        # nats-py only suspends to report a parse error to the error callback, and only
-        # with fast_mail_parser, under which natsmw never defers decoding (see is_lazy).
-        coroutine.close()
-        raise RuntimeError("nats-py's header parser suspended; lazy decoding cannot run it")
+        """What nats-py's parser gives for the block (parsed on the first call only).
 
-    def get(self, key: str, default: Any = None) -> Any:
-        decoded = self.decode()
-        return decoded.get(key, default) if decoded is not None else default
+        Raises:
+            RuntimeError: nats-py's parser suspended or is not a coroutine function: a
+                nats-py that :func:`natsmw.install` would have refused (it checks this).
+        """
+        decoded = self._decoded
+        if isinstance(decoded, _NotYet):
+            decoded = self._decoded = finish_now(self._parse(self.raw))
+        return decoded
+
+    def _headers(self) -> dict[str, str]:
+        return self.decode() or _EMPTY
+
+    def __getitem__(self, name: str) -> str:
+        return self._headers()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers())
+
+    def __len__(self) -> int:
+        return len(self._headers())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._headers()
+
+    def __bool__(self) -> bool:
+        if self._decoded is _NOT_YET and _FIRST_LINE_IS_A_HEADER(self.raw, _FIRST_HEADER_AT):
+            # nats-py asks ``if hdr:`` of every JetStream message: a first line that nats-py's
+            # parser turns into a header answers it without parsing the block.
+            return True
+        return bool(self._headers())
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._headers().get(name, default)
+
+    def keys(self) -> KeysView[str]:
+        return self._headers().keys()
+
+    def items(self) -> ItemsView[str, str]:
+        return self._headers().items()
+
+    def values(self) -> ValuesView[str]:
+        return self._headers().values()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Undecoded):
+            other = other._headers()
+        if isinstance(other, dict):
+            return self._headers() == other
+        if isinstance(other, Mapping):
+            return self._headers() == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to a dict, so unhashable like one
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.decode()!r})"
+
+    def _refuse(self, *_: object, **__: object) -> NoReturn:
+        raise TypeError(
+            f"{type(self).__name__} headers are read-only (the raw block {self.raw!r} as the "
+            "server sent it); change msg.headers, a dict, instead"
+        )
+
+    __setitem__ = __delitem__ = _refuse
+    update = pop = popitem = setdefault = clear = _refuse
+
+
+class _NotYet:
+    """The type of ``_NOT_YET``: an ``Undecoded`` not parsed yet (``None`` is a result)."""
+
+
+_NOT_YET = _NotYet()
+_EMPTY: dict[str, str] = {}
+_FIRST_HEADER_AT = _HDR_LINE_SIZE + len(_CRLF)
+# A first line nats-py's parser makes a header of: a name of printable ASCII but ":" (it
+# strips the name, decodes it as ASCII, and drops names with whitespace inside), then ":".
+_FIRST_LINE_IS_A_HEADER = re.compile(rb"[!-9;-~]+[ \t]*:").match
+
+
+def finish_now(coroutine: Any) -> dict[str, str] | None:
+    """Run nats-py's header parser (or natsmw's hook in front of it) to completion now: a
+    coroutine that returns without suspending.
+
+    Raises:
+        RuntimeError: ``coroutine`` is not one, or it suspended.
+    """
+    if not inspect.iscoroutine(coroutine):
+        raise RuntimeError(
+            f"nats-py's header parser returned {coroutine!r}, not a coroutine: this nats-py "
+            "cannot decode lazily (install() checks this, and leaves decoding eager)"
+        )
+    try:
+        coroutine.send(None)
+    except StopIteration as finished:
+        decoded: dict[str, str] | None = finished.value
+        return decoded
+    # nats-py only suspends to report a parse error to the error callback, and only with
+    # fast_mail_parser, under which natsmw never defers decoding (see can_defer).
+    coroutine.close()
+    raise RuntimeError("nats-py's header parser suspended; lazy decoding cannot run it")
+
+
+def unusable_parser(client: Client) -> str | None:
+    """Why lazy decoding cannot stand in front of ``client``'s header parser, or ``None``.
+
+    natsmw relies on nats-py's read loop awaiting ``client._process_headers(raw)``, a
+    coroutine function taking the raw block, and on the block starting with the protocol's
+    ``NATS/1.0`` (nats-py's ``NATS_HDR_LINE``). A nats-py refactor of either would make
+    lazy decoding lose messages, so :func:`natsmw.install` asks this first.
+    """
+    line = getattr(nats_client, "NATS_HDR_LINE", None)
+    if line is None or bytes(line) != _HDR_LINE:
+        return f"nats.aio.client.NATS_HDR_LINE is {line!r}, not {_HDR_LINE!r}"
+    parse = getattr(client, "_process_headers", None)
+    if not inspect.iscoroutinefunction(parse):
+        return f"Client._process_headers is {parse!r}, not a coroutine function"
+    try:
+        signature = inspect.signature(parse)
+    except (TypeError, ValueError) as error:
+        return f"the signature of Client._process_headers cannot be read ({error})"
+    parameters = list(signature.parameters.values())
+    if [(p.name, p.kind) for p in parameters] != [("headers", _POSITIONAL_OR_KEYWORD)]:
+        names = ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in parameters)
+        return f"Client._process_headers takes ({names}), not (headers)"
+    return None
 
 
 def can_defer(raw: bytes) -> bool:
@@ -91,9 +233,11 @@ class LazyHeadersMixin:
     @property
     def headers(self) -> dict[str, str] | None:
         value = self._natsmw_headers
-        if isinstance(value, Undecoded):
+        # type(), not isinstance(): Undecoded is a Mapping, and an ABC's isinstance check
+        # costs two calls on every read of a decoded message's headers.
+        if type(value) is Undecoded:
             value = self._natsmw_headers = value.decode()
-        return value
+        return value  # type: ignore[return-value]  # never an Undecoded here
 
     @headers.setter
     def headers(self, value: dict[str, str] | Undecoded | None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import weakref
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from natsmw.delay.park import (
 )
 from natsmw.duration import Duration, to_seconds
 from natsmw.errors import NatsmwError
-from natsmw.headers import Undecoded, can_defer, lazy_message_class
+from natsmw.headers import Undecoded, can_defer, finish_now, lazy_message_class, unusable_parser
 from natsmw.message import MessageProxy
 
 __all__ = ["FETCH_SETTLE_TIMEOUT", "install", "installed", "uninstall"]
@@ -49,6 +50,18 @@ FETCH_SETTLE_TIMEOUT = 300.0
 # object-store watchers. A user's chain has no business with them.
 _INTERNAL_MODULES = ("nats.js.kv", "nats.js.object_store")
 log = logging.getLogger("natsmw.install")
+
+SUPPORTED_NATS_PY = ">=2.15,<3"
+"""The nats-py versions natsmw supports (its dependency in pyproject.toml): 2.15 brought the
+byte-level header parser whose rules ``peek_header`` follows; 3 may change the internals
+natsmw wraps."""
+
+# What install pushes through the installed header hook, as nats-py's read loop would, before
+# it trusts the hook with real messages: an ordinary block, and a status line. The UTF-8 value
+# is decoded by the byte-level parser peek_header follows; nats-py's parser before 2.15 lost it.
+_PROBE_BLOCK = b"NATS/1.0\r\nA: 1\r\nB: \xc3\xa9\r\n\r\n"
+_PROBE_HEADERS = {"A": "1", "B": "\u00e9"}
+_PROBE_STATUS_BLOCK = b"NATS/1.0 404 No Messages\r\n\r\n"
 
 
 @dataclass
@@ -98,6 +111,13 @@ def install(
     when ``fetch`` returns. ``fetch_settle_timeout=0`` does that everywhere (a delay cap then
     does not see naks made after ``fetch`` returned).
 
+    Before deferring decoding, ``install`` checks that this nats-py's internals are what lazy
+    decoding relies on, and pushes a test header block through the installed hook as
+    nats-py's read loop would. If either fails (a nats-py outside :data:`SUPPORTED_NATS_PY`
+    that changed them), it takes the hook out again, leaves nats-py's own eager decoding as
+    it is, and logs one warning (``natsmw.install``) naming the nats-py version and what
+    failed; the chain, if any, is installed all the same.
+
     Raises:
         NatsmwError: natsmw is already installed on ``nc`` (``uninstall`` it first).
         TypeError: ``chain`` is not callable, or ``fetch_settle_timeout`` is not a duration.
@@ -116,13 +136,62 @@ def install(
         settle_timeout=settle_timeout,
     )
     if lazy_headers:
-        nc.msg_class = lazy_message_class(nc.msg_class)
-        _wrap(nc, installation, "_process_headers", _deferring(installation))
+        _install_lazy_headers(nc, installation)
     if chain is not None:
         _wrap(nc, installation, "subscribe", _while(installation, _chained_subscribe(chain)))
         _wrap(nc, installation, "drain", _while(installation, _draining))
         _wrap(nc, installation, "jetstream", _while(installation, _chained_jetstream()))
     _installed[nc] = installation
+
+
+def _install_lazy_headers(nc: Client, installation: _Installation) -> None:
+    """Defer header decoding on ``nc`` where this nats-py lets natsmw do it without losing a
+    message; else leave nats-py's eager decoding untouched, and warn once."""
+    failure = unusable_parser(nc)
+    if failure is None:
+        nc.msg_class = lazy_message_class(nc.msg_class)
+        _wrap(nc, installation, "_process_headers", _deferring(installation))
+        failure = _probe_lazy_headers(nc)
+        if failure is not None:
+            _unwrap(nc, "_process_headers", *installation.wrappers.pop("_process_headers"))
+            _restore_message_class(nc, installation)
+    if failure is None:
+        return
+    installation.lazy_headers = False
+    log.warning(
+        "lazy headers are off on %r: with nats-py %s, %s. nats-py decodes headers itself, as "
+        "without natsmw; natsmw supports nats-py%s",
+        nc,
+        _nats_py_version(),
+        failure,
+        SUPPORTED_NATS_PY,
+    )
+
+
+def _probe_lazy_headers(nc: Client) -> str | None:
+    """What goes wrong when nats-py's read loop (``Client._process_msg``) meets the installed
+    hook, or ``None``: await the hook on a raw block, build the message from its result, ask
+    whether it is a control message, then read ``msg.headers`` as a handler would."""
+    try:
+        hdr = finish_now(nc._process_headers(_PROBE_BLOCK))
+        msg = nc._build_message(0, b"natsmw.probe", b"", b"", hdr)
+        if not hdr or nc._is_control_message(b"", hdr) is not None:
+            return f"the installed header hook made {hdr!r} of {_PROBE_BLOCK!r}"
+        if type(msg.headers) is not dict or msg.headers != _PROBE_HEADERS:
+            return f"a message with headers {_PROBE_BLOCK!r} read as {msg.headers!r}"
+        status = finish_now(nc._process_headers(_PROBE_STATUS_BLOCK))
+        if type(status) is not dict or status.get("Status") != "404":
+            return f"the installed header hook made {status!r} of {_PROBE_STATUS_BLOCK!r}"
+    except Exception as error:  # whatever fails here would fail on every message
+        return f"a test header block failed through the installed hook: {error!r}"
+    return None
+
+
+def _nats_py_version() -> str:
+    try:
+        return importlib.metadata.version("nats-py")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
 
 
 def _wrap(nc: Client, installation: _Installation, name: str, wrapper: Any) -> None:
@@ -155,20 +224,30 @@ def uninstall(nc: Client) -> None:
     if installation is None:
         return
     installation.active = False
-    instance = vars(nc)
     for name, (ours, had_own) in installation.wrappers.items():
-        before = ours.__wrapped__  # what was there before install
-        if instance.get(name) is not ours:
-            continue  # wrapped again by someone else since: ours stays, passing through
-        if had_own:
-            instance[name] = before
-        else:
-            del instance[name]
+        _unwrap(nc, name, ours, had_own)
     if installation.lazy_headers:
-        if installation.had_msg_class:
-            nc.msg_class = installation.msg_class
-        else:
-            instance.pop("msg_class", None)
+        _restore_message_class(nc, installation)
+
+
+def _unwrap(nc: Client, name: str, ours: Any, had_own: bool) -> None:
+    """Take our wrapper ``ours`` of ``nc.<name>`` out, unless someone wrapped it since (then
+    it stays, and passes calls straight through once the installation is inactive)."""
+    before = ours.__wrapped__  # what was there before install
+    instance = vars(nc)
+    if instance.get(name) is not ours:
+        return
+    if had_own:
+        instance[name] = before
+    else:
+        del instance[name]
+
+
+def _restore_message_class(nc: Client, installation: _Installation) -> None:
+    if installation.had_msg_class:
+        nc.msg_class = installation.msg_class
+    else:
+        vars(nc).pop("msg_class", None)
 
 
 @contextmanager
@@ -195,7 +274,7 @@ def _deferring(installation: _Installation) -> Any:
         if not raw:
             return None  # what nats-py returns for a message without headers, without the call
         if installation.active and can_defer(raw):
-            return Undecoded(wrapped.__self__, raw)
+            return Undecoded(wrapped, raw)  # wrapped: nats-py's parser, bound to the client
         return await wrapped(*args, **kwargs)
 
     return defer_decoding

@@ -466,3 +466,33 @@ async def test_max_deliver_lowered_during_a_hold_is_seen_before_the_last_deliver
     assert calls[1].num_delivered <= 9
     assert spy.settlements(ack.seq)[-1] == b"+ACK"
     assert cap.stats.forced_runs == 0
+
+
+async def test_a_batch_held_at_once_asks_for_consumer_info_once(
+    conn: Connection, stream: Stream
+) -> None:
+    """40 held messages fetched in one batch and handled concurrently: one consumer info
+    request in flight for all of them, not one each."""
+    requests = Inbox()
+    await conn.nc.subscribe("$JS.API.CONSUMER.INFO.>", cb=requests.put)
+    calls = CallLog()
+
+    async def each_naks_once(msg: Msg) -> None:
+        await calls.record(msg)
+        await (msg.nak(delay=DELAY) if msg.metadata.num_delivered == 1 else msg.ack())
+
+    cap = with_delay_cap(CAP, parking=False)
+    await conn.js.add_consumer(
+        stream.name, ConsumerConfig(durable_name="batch", ack_wait=30, max_ack_pending=100)
+    )
+    for _ in range(40):
+        await conn.js.publish(stream.subject, b"x")
+    async with pulling(
+        conn.js, stream.subject, "batch", cap(each_naks_once), batch=40, together=True
+    ):
+        await calls.wait_calls(80)
+    await conn.nc.flush()
+
+    assert cap.stats.holds >= 40
+    rounds = cap.stats.holds / 40  # each round of holds may read the limits once
+    assert len(requests.items) <= 1 + 2 * rounds + 2, len(requests.items)

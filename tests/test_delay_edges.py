@@ -23,7 +23,9 @@ from nats.js.api import (
     StreamConfig,
 )
 
+import natsmw.delay.cap
 import natsmw.delay.clock
+import natsmw.delay.limits
 import natsmw.delay.stores
 from natsmw import (
     Handler,
@@ -390,7 +392,7 @@ async def test_a_closed_client_is_not_kept_alive_by_the_delay_cap(
     await asyncio.wait_for(collected(first), 5)
     # What the cap remembers belongs to clients still alive (the first one's went with it).
     alive = {id(client) for client in (second(),) if client is not None}
-    assert {entry.client for entry in cap._memory._entries.values()} <= alive
+    assert {client for client, _, _ in cap._memory._groups} <= alive
     assert set(cap._stores) <= alive
 
 
@@ -460,3 +462,32 @@ async def test_a_clock_reading_goes_with_its_client_even_after_a_failed_probe() 
     del client
     gc.collect()
     assert clock._readings == {}
+
+
+async def test_consumers_that_come_and_go_leave_nothing_behind_for_long(
+    conn: Connection, stream: Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-lived client making ephemeral consumers by the hundred: what the cap keeps per
+    consumer (its creation time, its limits) is forgotten once unused, not kept forever."""
+    monkeypatch.setattr(natsmw.delay.cap, "_GENERATION_IDLE", 0.0)  # unused at once
+    monkeypatch.setattr(natsmw.delay.limits, "_TTL", 0.0)
+    cap = with_delay_cap(CAP, parking=False, store=MemoryDeadlineStore())
+    calls = CallLog()
+
+    async def acks(msg: Msg) -> None:
+        await calls.record(msg)
+        await msg.ack()
+
+    handler = cap(acks)
+    await conn.js.publish(stream.subject, b"x")
+    consumers = 300
+    for _ in range(consumers):
+        psub = await conn.js.pull_subscribe(
+            stream.subject, config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST)
+        )
+        (msg,) = await psub.fetch(1, timeout=5)
+        await handler(msg)
+        await psub.unsubscribe()
+    await calls.wait_calls(consumers)
+    assert len(cap._generations[id(conn.nc)]) < consumers - 30
+    assert len(cap._limits._known[id(conn.nc)]) < consumers - 30

@@ -6,6 +6,7 @@ import asyncio
 import copy
 import json
 import pickle
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import pytest
@@ -16,7 +17,13 @@ from nats.aio.msg import Msg
 from wrapt import ObjectProxy
 
 from natsmw import MessageProxy
-from natsmw.headers import Undecoded, header_block_size, lazy_message_class, peek_header
+from natsmw.headers import (
+    _NOT_YET,
+    Undecoded,
+    header_block_size,
+    lazy_message_class,
+    peek_header,
+)
 from natsmw.installation import install, installed, uninstall
 from tests.conftest import Connection, Inbox, Stream, connect
 
@@ -108,6 +115,13 @@ def test_lazy_headers_equal_nats_py_for_any_header_block(raw: bytes, probe: byte
     decoded = lazy_parse(raw).headers
     assert type(decoded) is type(headers)
     assert [type(v) for v in (decoded or {}).values()] == [str] * len(headers or {})
+    # What the hook hands nats-py's read loop reads as the headers nats-py would have given.
+    handed = run_now(_INSTALLED._process_headers(raw))
+    if isinstance(handed, Undecoded):
+        assert bool(handed) is bool(headers)
+        assert (dict(handed), len(handed), handed == (headers or {})) == (
+            headers or {}, len(headers or {}), True,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -143,9 +157,24 @@ def dict_behaviours(h: dict[str, str]) -> list[object]:
     ]  # fmt: skip
 
 
+async def _must_not_parse(raw: bytes) -> dict[str, str] | None:
+    raise AssertionError(f"{raw!r} was parsed")
+
+
+class CountingParser:
+    """nats-py's parser, counting how often it runs."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, raw: bytes) -> dict[str, str] | None:
+        self.calls += 1
+        return await _CLIENT._process_headers(raw)
+
+
 def test_peek_header_sees_through_proxies_without_decoding() -> None:  # pure
     msg = lazy_message_class(Msg)(_client=None, subject="s")  # type: ignore[arg-type]
-    msg.headers = Undecoded(None, b"NATS/1.0\r\nA: 1\r\nB:  two \r\n\r\n")  # type: ignore[arg-type,assignment]
+    msg.headers = Undecoded(_must_not_parse, b"NATS/1.0\r\nA: 1\r\nB:  two \r\n\r\n")  # type: ignore[assignment]
     proxied = ObjectProxy(MessageProxy.of(msg))  # another library's proxy around natsmw's
 
     assert peek_header(proxied, "B") == "two"
@@ -293,3 +322,141 @@ async def test_raw_non_utf8_headers_from_the_wire_decode_as_nats_py_does(
     assert lazy.data == eager.data == body
     uninstall(conn.nc)
     await plain.nc.close()
+
+
+def mapping_behaviours(h: Mapping[str, str], present: str | None) -> list[object]:
+    """Everything a reader may ask of a read-only mapping of headers."""
+
+    def missing() -> object:
+        try:
+            return h["Absent-Name"]
+        except KeyError as error:
+            return ("KeyError", error.args)
+
+    return [
+        isinstance(h, Mapping), bool(h), len(h), list(h), list(h.keys()), list(h.items()),
+        list(h.values()), h.get(present or "x"), h.get("Absent-Name"), h.get("Absent-Name", "d"),
+        (present or "x") in h, "Absent-Name" in h, 7 in h, missing(),
+        h[present] if present else None, dict(h), h == dict(h), h != {"Other": "1"}, h == 7,
+        dict(h) == h, {**h},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"NATS/1.0\r\nA: 1\r\nB: 2\r\n\r\n",
+        b"NATS/1.0\r\nA: 1\r\nA: 2\r\n\r\n",
+        b"NATS/1.0\r\n Spaced : v \r\nIn side: v\r\n\r\n",  # first line not a plain header
+        b"NATS/1.0\r\nNo colon here\r\n\r\n",  # nats-py gives None: an empty mapping
+        b"NATS/1.0\r\n\xff\xfe: v\r\nK: \xff\xfe\r\n\r\n",
+    ],
+)
+def test_undecoded_is_a_read_only_mapping_of_what_nats_py_parses(raw: bytes) -> None:  # pure
+    parsed = nats_py_parse(raw)
+    eager = parsed or {}
+    parser = CountingParser()
+    lazy = Undecoded(parser, raw)
+    present = next(iter(eager), None)
+
+    assert mapping_behaviours(lazy, present) == mapping_behaviours(eager, present)
+    assert not isinstance(lazy, MutableMapping)
+    assert lazy.decode() == parsed
+    assert repr(lazy) == f"Undecoded({parsed!r})"
+    assert parser.calls == 1  # parsed on first need, once
+
+
+def test_undecoded_bool_answers_from_a_plain_first_header_line_without_parsing() -> None:  # pure
+    """nats-py asks ``if hdr:`` of every JetStream message: that must not parse the block."""
+    assert Undecoded(_must_not_parse, b"NATS/1.0\r\nNats-Msg-Id: 1\r\n\r\n")
+    assert Undecoded(_must_not_parse, b"NATS/1.0\r\nX\t:1\r\n\r\n")
+    assert not Undecoded(CountingParser(), b"NATS/1.0\r\nIn side: v\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda h: h.__setitem__("A", "2"),
+        lambda h: h.__delitem__("A"),
+        lambda h: h.update({"B": "2"}),
+        lambda h: h.pop("A"),
+        lambda h: h.popitem(),
+        lambda h: h.setdefault("B", "2"),
+        lambda h: h.clear(),
+    ],
+    ids=["setitem", "delitem", "update", "pop", "popitem", "setdefault", "clear"],
+)
+def test_undecoded_refuses_writes_with_a_type_error_naming_it(write: Any) -> None:  # pure
+    lazy = Undecoded(CountingParser(), b"NATS/1.0\r\nA: 1\r\n\r\n")
+    with pytest.raises(TypeError, match=r"Undecoded headers are read-only .*msg\.headers"):
+        write(lazy)
+    assert dict(lazy) == {"A": "1"}
+
+
+async def test_undecoded_headers_of_real_messages_read_as_nats_py_dicts(
+    conn: Connection, nats_server: Any
+) -> None:
+    """What the installed hook hands nats-py's read loop, next to what nats-py decodes."""
+    plain = await connect(nats_server.url)
+    lazy_seen, plain_seen = Inbox(), Inbox()
+    install(conn.nc)
+    await conn.nc.subscribe("mapping.check", cb=lazy_seen.put)
+    await plain.nc.subscribe("mapping.check", cb=plain_seen.put)
+    await plain.nc.flush()
+    sent = [{"A": "1", "B": "2"}, {"Nats-Msg-Id": "x", "K": "\u00e9", "Z": ""}]
+    for headers in sent:
+        await conn.nc.publish("mapping.check", b"body", headers=headers)
+    lazies = await lazy_seen.wait_for(2)
+    eagers = await plain_seen.wait_for(2)
+
+    for lazy, eager in zip(lazies, eagers, strict=True):
+        undecoded = vars(lazy)["_natsmw_headers"]
+        assert type(undecoded) is Undecoded
+        for name in [*(eager.headers or {}), None]:
+            assert mapping_behaviours(undecoded, name) == mapping_behaviours(eager.headers, name)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="read-only"):
+            undecoded["A"] = "changed"
+        assert lazy.headers == eager.headers
+        assert type(lazy.headers) is dict
+        lazy.headers["A"] = "changed"  # msg.headers stays the dict nats-py gives: writable
+    uninstall(conn.nc)
+    await plain.nc.close()
+
+
+async def test_push_consumer_messages_stay_undecoded_through_nats_py_checks(
+    conn: Connection, stream: Stream
+) -> None:
+    """nats-py's read loop asks ``if hdr:`` of every JetStream message, and looks into the
+    headers of empty ones for control messages: neither may cost the lazy saving of the
+    others, nor a message."""
+    install(conn.nc)
+    received = Inbox()
+    await conn.js.subscribe(stream.subject, durable="undecoded", cb=received.put, manual_ack=True)
+    await conn.js.publish(stream.subject, b"body", headers={"A": "1"})
+    await conn.js.publish(stream.subject, b"", headers={"A": "2"})  # looked into by nats-py
+    with_body, empty = await received.wait_for(2)
+
+    assert vars(with_body)["_natsmw_headers"]._decoded is _NOT_YET  # `if hdr:` parsed nothing
+    assert vars(empty)["_natsmw_headers"]._decoded == {"A": "2"}  # parsed once, for nats-py
+    assert (with_body.headers, empty.headers) == ({"A": "1"}, {"A": "2"})
+    for msg in (with_body, empty):
+        await msg.ack()
+    uninstall(conn.nc)
+
+
+async def test_pull_fetch_decodes_every_message_as_the_readme_says(
+    conn: Connection, stream: Stream
+) -> None:
+    """nats-py's fetch reads ``msg.headers`` of each message to find status lines
+    (``JetStreamContext.is_status_msg``), so lazy headers save nothing on pull consumers.
+    The README says so; this fails, and the README should change, when nats-py stops."""
+    install(conn.nc)
+    psub = await conn.js.pull_subscribe(stream.subject, durable="fetched")
+    await conn.js.publish(stream.subject, b"body", headers={"A": "1"})
+    (msg,) = await psub.fetch(1, timeout=5)
+
+    assert type(vars(msg)["_natsmw_headers"]) is dict  # decoded by nats-py, inside fetch
+    assert msg.headers == {"A": "1"}
+    await msg.ack()
+    await psub.unsubscribe()
+    uninstall(conn.nc)

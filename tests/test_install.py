@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import inspect
 import logging
+import re
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
 import wrapt
+from nats.aio import client as nats_client
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 import natsmw
@@ -21,6 +28,7 @@ from natsmw import (
     with_delay_cap,
     with_size_limit,
 )
+from natsmw.headers import Undecoded, finish_now
 from natsmw.installation import install, installed, uninstall
 from tests.conftest import Connection, Inbox, Stream, spy_acks
 from tests.delay_support import CAP, LegacyHandler, fetch_and_handle
@@ -289,3 +297,126 @@ async def test_uninstall_takes_out_only_its_own_wrappers(conn: Connection, other
     assert seen == []  # natsmw's chain is not
     assert not isinstance(msg, MessageProxy)
     del conn.nc.subscribe
+
+
+def refactored_process_msg(old: str, new: str) -> Any:
+    """nats-py's own ``Client._process_msg`` with one call rewritten, as a nats-py refactor
+    would rewrite it: everything else in the read loop stays exactly nats-py's."""
+    source = textwrap.dedent(inspect.getsource(Client._process_msg))
+    assert source.count(old) == 1, f"nats-py's _process_msg no longer has {old!r}"
+    defined: dict[str, Any] = {}
+    exec(
+        compile(source.replace(old, new), nats_client.__file__, "exec"), vars(nats_client), defined
+    )
+    return defined["_process_msg"]
+
+
+_parse_headers = Client._process_headers
+
+
+def synchronous_process_headers(self: Client, headers: bytes) -> dict[str, str] | None:
+    return finish_now(_parse_headers(self, headers))  # the same parse, no longer a coroutine
+
+
+async def renamed_process_headers(self: Client, raw: bytes) -> dict[str, str] | None:
+    return await _parse_headers(self, raw)
+
+
+REFACTORS = {
+    # _process_headers made synchronous, and called without await.
+    "synchronous": (
+        synchronous_process_headers,
+        "await self._process_headers(headers)",
+        "self._process_headers(headers)",
+        "not a coroutine function",
+    ),
+    # _process_headers' parameter renamed, and passed by keyword.
+    "renamed": (
+        renamed_process_headers,
+        "await self._process_headers(headers)",
+        "await self._process_headers(raw=headers)",
+        "takes (raw), not (headers)",
+    ),
+}
+
+
+@pytest.mark.parametrize("refactor", sorted(REFACTORS))
+async def test_install_decodes_eagerly_with_one_warning_on_a_refactored_nats_py(
+    conn: Connection,
+    stream: Stream,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    refactor: str,
+) -> None:
+    """A nats-py whose header parser changed shape: install must not defer decoding (that
+    lost every JetStream message with headers, and gave core ones garbage headers), and must
+    say so once; messages keep their headers, and the chain is installed all the same."""
+    parser, old, new, failure = REFACTORS[refactor]
+    monkeypatch.setattr(Client, "_process_headers", parser)
+    monkeypatch.setattr(Client, "_process_msg", refactored_process_msg(old, new))
+    seen: list[str] = []
+    core, pushed = Inbox(), Inbox()
+    with caplog.at_level(logging.WARNING, logger="natsmw.install"):
+        install(conn.nc, chain=tagging(seen))
+    await conn.nc.subscribe("refactored", cb=core.put)
+    await conn.js.subscribe(stream.subject, durable="refactored", cb=pushed.put, manual_ack=True)
+    await conn.nc.publish("refactored", b"x", headers={"A": "1", "B": "2"})
+    await conn.js.publish(stream.subject, b"y", headers={"A": "3"})
+    (core_msg,) = await core.wait_for(1)
+    (pushed_msg,) = await pushed.wait_for(1)
+
+    assert (core_msg.headers, pushed_msg.headers) == ({"A": "1", "B": "2"}, {"A": "3"})
+    assert type(core_msg.message) is Msg  # nats-py's own class: decoding left to nats-py
+    assert seen == ["refactored", stream.subject]
+    (warning,) = [r for r in caplog.records if r.name == "natsmw.install"]
+    assert warning.levelno == logging.WARNING
+    text = warning.getMessage()
+    assert f"nats-py {importlib.metadata.version('nats-py')}" in text
+    assert "_process_headers" in text
+    assert failure in text
+    assert "_process_headers" not in vars(conn.nc)
+    assert "msg_class" not in vars(conn.nc)
+    await pushed_msg.ack()
+    uninstall(conn.nc)
+    assert "subscribe" not in vars(conn.nc)
+
+
+def test_install_takes_the_hook_out_again_when_a_test_block_fails_through_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:  # pure
+    """The parser has the expected shape, but nats-py builds messages another way (here:
+    without ``msg_class``), so a deferred block would reach handlers undecoded."""
+
+    def build_without_msg_class(self: Client, sid: int, subject: bytes, reply: bytes,
+                                data: bytes, headers: Any) -> Msg:  # fmt: skip
+        return Msg(_client=self, subject=subject.decode(), reply=reply.decode(), data=data,
+                   headers=headers, _sid=sid)  # fmt: skip
+
+    monkeypatch.setattr(Client, "_build_message", build_without_msg_class)
+    nc = Client()
+    with caplog.at_level(logging.WARNING, logger="natsmw.install"):
+        install(nc)
+
+    (warning,) = caplog.records
+    assert "read as Undecoded({'A': '1', 'B': 'é'})" in warning.getMessage()
+    assert vars(nc).keys().isdisjoint({"_process_headers", "msg_class"})
+    hdr = finish_now(nc._process_headers(b"NATS/1.0\r\nA: 1\r\n\r\n"))
+    assert type(hdr) is dict  # nats-py's own, eager decoding
+    uninstall(nc)
+
+
+def test_the_supported_nats_py_range_is_the_declared_dependency() -> None:  # pure
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    (declared,) = re.findall(r'"nats-py([^"]*)"', pyproject)
+    assert declared == natsmw.installation.SUPPORTED_NATS_PY
+
+
+def test_install_on_a_supported_nats_py_defers_decoding_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # pure
+    nc = Client()
+    with caplog.at_level(logging.WARNING, logger="natsmw.install"):
+        install(nc)
+    assert caplog.records == []
+    assert type(finish_now(nc._process_headers(b"NATS/1.0\r\nA: 1\r\n\r\n"))) is Undecoded
+    uninstall(nc)

@@ -10,7 +10,9 @@ import pytest
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError, NotJSMessageError
 
-from natsmw import Handler, MessageProxy, Middleware, Settlement, compose, middleware
+from natsmw import Handler, MessageProxy, Middleware, Settlement, compose, middleware, peek_header
+from natsmw.headers import Undecoded
+from natsmw.installation import installed
 from natsmw.message import Position, Settle, SettlementKind
 from tests.conftest import Connection, Inbox, Stream, spy_acks
 
@@ -239,6 +241,35 @@ async def test_core_messages_pass_through_untouched(conn: Connection) -> None:
     assert len(errors) == 1
     assert isinstance(errors[0], NotJSMessageError)
     assert seen == []
+
+
+async def test_the_proxy_of_a_lazy_message_decodes_headers_on_first_read_as_nats_py_does(
+    conn: Connection,
+) -> None:
+    """Under install, a handler's proxy passes ``headers`` through to the lazy message: not
+    decoded by wrapping or peeking, a plain dict once read, and what nats-py's ``respond``
+    sends (it reads ``msg.headers`` itself)."""
+    before_read: list[object] = []
+
+    async def step(msg: MessageProxy, call_next: Handler) -> None:
+        before_read.append(type(vars(msg.message)["_natsmw_headers"]))
+        before_read.append(peek_header(msg, "K"))
+        before_read.append(type(vars(msg.message)["_natsmw_headers"]))
+        await call_next(msg)
+
+    async def echo(msg: Msg) -> None:
+        assert isinstance(msg, MessageProxy)
+        assert type(msg.headers) is dict
+        msg.headers["Added"] = "1"  # the decoded dict is the message's own, as in nats-py
+        await msg.respond(b"pong")
+
+    with installed(conn.nc, chain=middleware(step)):
+        await conn.nc.subscribe("lazy.echo", cb=echo)
+        reply = await conn.nc.request("lazy.echo", b"ping", headers={"K": "v"}, timeout=5)
+
+    assert before_read == [Undecoded, "v", Undecoded]
+    assert reply.data == b"pong"
+    assert reply.headers == {"K": "v", "Added": "1"}
 
 
 @pytest.mark.parametrize("bad", [-1, -0.5, float("nan"), float("inf"), "10", True])

@@ -123,6 +123,18 @@ class _Found:
     entry: Remembered | None = None  # what this instance remembered of it, if anything
 
 
+_GENERATIONS_KEPT = 256  # consumers per client; past it, those unused for a minute go
+_GENERATION_IDLE = 60.0
+
+
+def _forget_idle(known: dict[tuple[str, str], _Generation]) -> None:
+    """Forget the consumers no first delivery came through for a while (ephemeral and
+    ordered consumers come and go by the thousand): each costs one read if it comes back."""
+    idle = time.monotonic() - _GENERATION_IDLE
+    for name in [name for name, generation in known.items() if generation.fresh_until < idle]:
+        del known[name]
+
+
 class _Generation:
     """One consumer generation, as one delay cap saw it: when it was created, the highest
     consumer sequence seen, and the sequences an earlier consumer of its name left records
@@ -268,7 +280,8 @@ class DelayCap:
         # By id(client): a store holds its client, so a weak key would never go. Stores of
         # closed clients are dropped when another client comes (a service that reconnects).
         self._stores: dict[int, dict[str | None, KeyValueDeadlineStore]] = {}
-        self._memory = Deliveries()
+        # A held message comes back within a cap: unused for two caps, it is not coming.
+        self._memory = Deliveries(idle=max(60.0, 2 * self.cap))
         self._limits = ConsumerLimits()
         # max_deliver can be lowered while messages are held. Read at most half a hold ago,
         # a consumer's limits are read again between any two holds of one message, so a
@@ -279,7 +292,7 @@ class DelayCap:
         self._no_bucket_warned = False
         # By id(client), then (stream, consumer); read on every first delivery.
         self._generations: dict[int, dict[tuple[str, str], _Generation]] = {}
-        self._watching: dict[int, set[tuple[str, str]]] = {}  # durables whose creations we hear
+        self._writing: dict[tuple[int, DeadlineKey], asyncio.Task[None]] = {}  # releases
 
     one_per_chain = "delay cap"  # compose() refuses a second one
 
@@ -425,7 +438,7 @@ class DelayCap:
             known = self._generations[id(client)] = {}
             weakref.finalize(client, self._generations.pop, id(client), None)
             self._drop_closed_stores()  # a new client: a service that reconnects
-            weakref.finalize(client, self._watching.pop, id(client), None)
+            await self._watch_creations(client, known)
         generation = known.get((key.stream, key.consumer))
         if (
             generation is not None
@@ -440,11 +453,9 @@ class DelayCap:
             client, key.stream, key.consumer, msg.metadata.domain or None, max_age=0.0
         )
         current = known.get((key.stream, key.consumer))
-        watched = self._watching.setdefault(id(client), set())
-        if current is None and limits.durable and (key.stream, key.consumer) not in watched:
-            watched.add((key.stream, key.consumer))
-            await self._watch_creations(client, key.stream, key.consumer, known)
         if current is None or current.created != limits.created:
+            if current is None and len(known) >= _GENERATIONS_KEPT:
+                _forget_idle(known)
             current = known[(key.stream, key.consumer)] = _Generation(limits.created, cseq)
         else:
             current.high = cseq  # the same consumer: count on from here
@@ -452,18 +463,15 @@ class DelayCap:
         return current
 
     async def _watch_creations(
-        self,
-        client: Client,
-        stream: str,
-        consumer: str,
-        known: dict[tuple[str, str], _Generation],
+        self, client: Client, known: dict[tuple[str, str], _Generation]
     ) -> None:
-        """Hear from the server when this durable consumer is created again: its creation
-        time is then read again before the next first delivery is trusted. Where the account
-        may not subscribe to advisories, the once-a-second read is all there is."""
-        subject = f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.{stream}.{consumer}"
+        """Hear from the server when a consumer is created again: its creation time is then
+        read again before the next first delivery is trusted. One subscription per client,
+        for every consumer. Where the account may not subscribe to advisories, the
+        once-a-second read is all there is."""
 
-        async def created(_: Msg) -> None:
+        async def created(advisory: Msg) -> None:
+            _, stream, consumer = advisory.subject.rsplit(".", 2)
             generation = known.get((stream, consumer))
             if generation is not None:
                 generation.fresh_until = 0.0
@@ -473,7 +481,7 @@ class DelayCap:
         # Client.subscribe itself, not an install()'s wrapper: natsmw's own traffic never
         # goes through a user's chain.
         with contextlib.suppress(NatsError, ValueError):
-            await Client.subscribe(client, subject, cb=created)
+            await Client.subscribe(client, "$JS.EVENT.ADVISORY.CONSUMER.CREATED.*.*", cb=created)
 
     async def _run(
         self,
@@ -527,7 +535,7 @@ class DelayCap:
                 "acking it without calling the handler; the parked copy runs at the deadline",
                 msg.subject, key.sequence,
             )  # fmt: skip
-            self._memory.gone(key)
+            self._memory.gone(key, msg.__wrapped__._client)
             await msg.ack()
             return True
         deferral = found.deferral
@@ -589,7 +597,7 @@ class DelayCap:
             return True
         await self._hold(msg, decision, delivery, remaining or 0.0, limits)
         if found.recorded:
-            self._memory.held(key, found.entry, msg.__wrapped__._client, deferral, delivery)
+            self._memory.held(found.entry, key, msg.__wrapped__._client, deferral, delivery)
         return True
 
     # -- finding the deadline ---------------------------------------------------------------
@@ -813,14 +821,14 @@ class DelayCap:
     ) -> None:
         settlement = msg.settlement
         if settlement is not None and settlement.kind != "nak":
-            self._memory.gone(key)  # acked, termed or parked: it will not come back
+            self._memory.gone(key, msg.__wrapped__._client)  # acked, termed or parked
             return
         if settlement is None and deferral is None:
             # Unsettled here: nats-py's auto-ack will settle it, or, rarely, ack_wait will
             # bring it back (a store read then). Remembering every such message would fill
             # the memory of auto-ack consumers for nothing.
             return
-        if self._memory.last_delivery(key) == delivery:
+        if self._memory.last_delivery(key, msg.__wrapped__._client) == delivery:
             return  # the handler deferred it: _defer remembered the new deadline
         self._memory.seen(key, msg.__wrapped__._client, deferral, delivery)
 
@@ -997,7 +1005,7 @@ class DelayCap:
             )  # fmt: skip
             return False
         self.stats.parked += 1
-        self._memory.gone(key)
+        self._memory.gone(key, msg.__wrapped__._client)
         msg.report(
             "natsmw.delay.parked",
             {"natsmw.delay.deadline": _iso(deadline),
@@ -1092,9 +1100,12 @@ class DelayCap:
             return await self._uncapped(msg, delivery, delay, send, "max_deliver leaves no "
                                         "delivery to hold with, or cannot be read")  # fmt: skip
         try:
+            await self._written(msg, key)
             await self._store_for(msg).put(key, deferral)
         except DeadlineStoreError as error:
             self.stats.store_errors += 1
+            # Only this instance knows now: remembered past the memory's limit too.
+            self._memory.seen(key, msg.__wrapped__._client, deferral, delivery, force=True)
             return await self._uncapped(
                 msg, delivery, delay, send, f"the deadline could not be recorded: {error}"
             )
@@ -1136,13 +1147,35 @@ class DelayCap:
                  "messaging.nats.message.delivery_count": delivery},
                 link=deferral.traceparent,
             )  # fmt: skip
+            self._record_release(msg, key, deferral)
+        # Handler calls under an earlier consumer of the same name count too.
+        return deferral.calls_before + delivery - deferral.skipped(delivery)
+
+    def _record_release(self, msg: MessageProxy, key: DeadlineKey, deferral: Deferral) -> None:
+        """Write the release in the background: the handler does not wait for bookkeeping
+        (a slow store would make every due message wait in turn). A later write of the same
+        record (the handler defers it again) waits for this one, so it is never overwritten
+        by it."""
+        store = self._store_for(msg)
+        name = (id(msg.__wrapped__._client), key)
+
+        async def write() -> None:
             try:
-                await self._store_for(msg).put(key, deferral)
+                await store.put(key, deferral)
             except DeadlineStoreError as error:
                 self.stats.store_errors += 1
                 log.warning("could not record the release of %s: %s", key, error)
-        # Handler calls under an earlier consumer of the same name count too.
-        return deferral.calls_before + delivery - deferral.skipped(delivery)
+            finally:
+                if self._writing.get(name) is task:
+                    del self._writing[name]
+
+        task = self._writing[name] = asyncio.get_running_loop().create_task(write())
+
+    async def _written(self, msg: MessageProxy, key: DeadlineKey) -> None:
+        """Wait for a release of ``key`` still being written."""
+        task = self._writing.get((id(msg.__wrapped__._client), key))
+        if task is not None:
+            await asyncio.shield(task)
 
 
 def handler_calls(msg: Msg) -> int:

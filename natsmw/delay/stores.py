@@ -220,6 +220,9 @@ class KeyValueDeadlineStore:
         replicas: the bucket's replicas when natsmw creates it; by default 3 on a cluster
             and 1 on a single server.
         timeout: how long one read or write may take before the store counts as unreachable.
+        retry_after: once unreachable, how long reads and writes fail at once, without
+            asking the server (a circuit breaker): an outage costs one ``timeout``, not one
+            per message.
         keep_after_deadline: how long an entry outlives its deadline before it expires on
             its own (the handler's call count, see ``handler_calls``, is read from it).
         domain: the JetStream domain ``js`` was made for, if any: a write the server stores
@@ -241,6 +244,7 @@ class KeyValueDeadlineStore:
         bucket: str = "natsmw_deadlines",
         replicas: int | None = None,
         timeout: Duration = 2.0,
+        retry_after: Duration = 5.0,
         keep_after_deadline: Duration = 24 * 3600,
         domain: str | None = None,
     ) -> None:
@@ -249,6 +253,9 @@ class KeyValueDeadlineStore:
         self.bucket = bucket
         self._replicas = replicas
         self._timeout = to_positive_seconds(timeout, "timeout")
+        self._retry_after = to_positive_seconds(retry_after, "retry_after")
+        self._broken_until = 0.0  # monotonic
+        self._broken: DeadlineStoreError | None = None
         self._keep = to_positive_seconds(keep_after_deadline, "keep_after_deadline")
         self._kv: KeyValue | None = None
         self._opening = asyncio.Lock()
@@ -258,6 +265,7 @@ class KeyValueDeadlineStore:
         self._recheck_at = 0.0
 
     async def get(self, key: DeadlineKey) -> Deferral | None:
+        self._fail_fast()
         kv = await self._bucket(create=False)
         await self.measure_clock()
         try:
@@ -267,9 +275,7 @@ class KeyValueDeadlineStore:
             return None
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             self._forget_if_gone(error)
-            raise DeadlineStoreError(
-                f"cannot read {key} from {self.bucket!r}: {error!r}"
-            ) from error
+            raise self._failed(f"cannot read {key} from {self.bucket!r}", error) from error
         if not entry.value:
             return None
         try:
@@ -279,6 +285,7 @@ class KeyValueDeadlineStore:
             return None
 
     async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
+        self._fail_fast()
         await self._bucket(create=True)
         await self._writable()
         ttl = max(deferral.deadline - time.time(), 0.0) + self._keep
@@ -291,7 +298,7 @@ class KeyValueDeadlineStore:
             )
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             self._forget_if_gone(error)
-            raise DeadlineStoreError(f"cannot write {key} to {self.bucket!r}: {error!r}") from error
+            raise self._failed(f"cannot write {key} to {self.bucket!r}", error) from error
         if self._domain is not None and ack.domain != self._domain:
             # Key-value writes go to $KV.<bucket>, which the client's own domain answers.
             raise DeadlineStoreError(
@@ -300,34 +307,46 @@ class KeyValueDeadlineStore:
             )
 
     async def sequences(self, stream: str, consumer: str) -> set[int]:
-        """The stream sequences with a record for ``stream``/``consumer``: one pass over the
-        bucket's keys for that consumer (headers only), however many there are.
+        """The stream sequences with a record for ``stream``/``consumer``: the bucket's
+        subjects for that consumer, from stream info (no consumer is made: a watch would leave
+        one behind for a while per listing, and a busy service would hit the stream's
+        consumer limit), however many there are.
 
         Raises:
             DeadlinesLostError: the bucket does not exist.
             DeadlineStoreError: it cannot be read.
         """
-        kv = await self._bucket(create=False)
-        pattern = f"{_escape(stream)}.{_escape(consumer)}.*"
+        await self._bucket(create=False)
+        prefix = f"$KV.{self.bucket}.{_escape(stream)}.{_escape(consumer)}."
         found: set[int] = set()
-
-        async def read() -> None:
-            watcher = await kv.watch(pattern, meta_only=True, ignore_deletes=True)
+        offset = 0
+        while True:
+            request = {"subjects_filter": f"{prefix}*", "offset": offset}
             try:
-                async for entry in watcher:
-                    if entry is None:
-                        return  # caught up
-                    found.add(int(entry.key.rsplit(".", 1)[1]))
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
-
-        try:
-            await asyncio.wait_for(read(), max(self._timeout, 30.0))
-        except (NatsError, asyncio.TimeoutError, OSError, ValueError) as error:
-            raise DeadlineStoreError(
-                f"cannot list the records of {stream}/{consumer} in {self.bucket!r}: {error!r}"
-            ) from error
-        return found
+                reply = await self._js._nc.request(
+                    f"{self._js._prefix}.STREAM.INFO.KV_{self.bucket}",
+                    json.dumps(request).encode(),
+                    timeout=max(self._timeout, 30.0),
+                )
+                answer = json.loads(reply.data)
+            except (NatsError, asyncio.TimeoutError, OSError, ValueError) as error:
+                raise DeadlineStoreError(
+                    f"cannot list the records of {stream}/{consumer} in {self.bucket!r}: {error!r}"
+                ) from error
+            if "error" in answer:
+                if answer["error"].get("code") == 404:
+                    self._kv = None
+                    raise self._lost("does not exist")
+                raise DeadlineStoreError(
+                    f"cannot list the records of {stream}/{consumer} in {self.bucket!r}: "
+                    f"{answer['error'].get('description')}"
+                )
+            subjects = (answer.get("state") or {}).get("subjects") or {}
+            for subject in subjects:
+                found.add(int(subject[len(prefix) :]))
+            offset += len(subjects)
+            if not subjects or offset >= answer.get("total", 0):
+                return found
 
     async def measure_clock(self, *, create: bool = False) -> None:
         """Measure this host's clock against the server's (see :mod:`natsmw.delay.clock`)
@@ -419,10 +438,39 @@ class KeyValueDeadlineStore:
     async def _bucket(self, *, create: bool) -> KeyValue:
         if self._kv is not None:
             return self._kv
+        self._fail_fast()
         async with self._opening:
+            # Those who waited here while it failed fail at once, not one timeout each.
+            self._fail_fast()
             if self._kv is None:
-                self._kv = await self._open(create=create)
+                try:
+                    self._kv = await self._open(create=create)
+                except DeadlinesLostError:
+                    raise
+                except DeadlineStoreError as error:
+                    self._break(error)
+                    raise
             return self._kv
+
+    def _fail_fast(self) -> None:
+        """Raise the last error while the store counts as unreachable."""
+        if self._broken is not None and time.monotonic() < self._broken_until:
+            raise DeadlineStoreError(
+                f"{self._broken} (a moment ago; not asked again for "
+                f"{self._broken_until - time.monotonic():.1f}s)"
+            )
+
+    def _break(self, error: DeadlineStoreError) -> None:
+        self._broken = error
+        self._broken_until = time.monotonic() + self._retry_after
+
+    def _failed(self, what: str, error: BaseException) -> DeadlineStoreError:
+        """The error for a failed read or write; one that says the server could not be
+        reached opens the breaker."""
+        failure = DeadlineStoreError(f"{what}: {error!r}")
+        if not isinstance(error, NotFoundError):  # deleted: known, not unreachable
+            self._break(failure)
+        return failure
 
     def _default_replicas(self) -> list[int]:
         # A server that is not part of a cluster cannot have 3 replicas: don't ask.

@@ -1,0 +1,82 @@
+"""A deadline store that cannot be reached costs one timeout, not one per message, and the
+handler never waits for natsmw's bookkeeping (real servers)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from nats.aio.msg import Msg
+
+from natsmw import publish_not_before, with_delay_cap
+from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore
+from natsmw.errors import DeadlineStoreError
+from tests.conftest import Connection, Inbox, Stream
+from tests.delay_support import CAP, CallLog
+
+
+async def test_an_unreachable_bucket_is_asked_once_not_once_per_waiting_read(
+    conn: Connection,
+) -> None:
+    """Eight reads at once while the JetStream API does not answer: the first waits its
+    timeout, the others fail with it (they queued behind one opening of the bucket), and
+    reads fail at once until ``retry_after`` has passed."""
+    swallowed = Inbox()
+    await conn.nc.subscribe("$SINK.API.>", cb=swallowed.put)  # a responder that never answers
+    store = KeyValueDeadlineStore(
+        conn.nc.jetstream(prefix="$SINK.API"), timeout=0.3, retry_after=0.8
+    )
+    key = DeadlineKey("S", "c", 1)
+
+    results = await asyncio.gather(*(store.get(key) for _ in range(8)), return_exceptions=True)
+    assert all(isinstance(result, DeadlineStoreError) for result in results), results
+    await conn.nc.flush()
+    assert len(swallowed.items) == 1
+    with pytest.raises(DeadlineStoreError, match="not asked again"):
+        await store.put(key, Deferral(deadline=0.0))
+    await conn.nc.flush()
+    assert len(swallowed.items) == 1
+
+    await asyncio.sleep(1.0)  # past retry_after: a moment that surely passed, not a race
+    with pytest.raises(DeadlineStoreError, match="cannot open"):
+        await store.get(key)
+    await conn.nc.flush()
+    assert len(swallowed.items) == 2  # asked again once the pause is over
+
+
+class HangingStore:
+    """A deadline store whose writes hang until released (a store in trouble)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.puts = 0
+
+    async def get(self, key: DeadlineKey) -> Deferral | None:
+        return None
+
+    async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
+        self.puts += 1
+        await self.release.wait()
+
+
+async def test_due_messages_do_not_wait_for_their_release_to_be_recorded(
+    conn: Connection, stream: Stream
+) -> None:
+    """A push subscription runs callbacks one at a time: were the release written before
+    the handler ran, each due message would wait for the one before's write."""
+    store = HangingStore()
+    calls = CallLog()
+
+    async def acks(msg: Msg) -> None:
+        await calls.record(msg)
+        await msg.ack()
+
+    cap = with_delay_cap(CAP, parking=False, store=store)
+    for _ in range(5):
+        await publish_not_before(conn.js, stream.subject, b"x", not_before=0.3)
+    await conn.js.subscribe(stream.subject, durable="due", cb=cap(acks), manual_ack=True)
+    try:
+        await calls.wait_calls(5)
+        assert store.puts == 5  # each release is written, in the background
+    finally:
+        store.release.set()
