@@ -159,6 +159,9 @@ class SizeGuard:
         """The first limit ``msg`` breaks, measured without decoding its headers; or ``None``."""
         if isinstance(msg, MessageProxy):
             msg = msg.message  # read the message itself: 3x faster than through the proxy
+        return self._check(msg)
+
+    def _check(self, msg: Msg) -> Rejection | None:
         body = len(msg.data)
         if self.max_body is not None and body > self.max_body:
             return Rejection("body", body, self.max_body)
@@ -175,7 +178,7 @@ class SizeGuard:
         return None
 
     async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
-        rejection = self.check(msg.__wrapped__)
+        rejection = self._check(msg.__wrapped__)
         if rejection is None:
             await call_next(msg)
             return

@@ -343,7 +343,20 @@ class MessageProxy(_Proxy):
 
     async def ack(self) -> None:
         """Acknowledge the message (``+ACK``), through the interceptors."""
-        await self._settle(_ACK)
+        interceptors = self._self_interceptors
+        if interceptors:
+            for _, kinds in interceptors:
+                if kinds is None or "ack" in kinds:
+                    await self._settle(_ACK)
+                    return
+        # Nobody intercepts acks (the usual case, on every message): straight to nats-py.
+        msg: Msg = self.__wrapped__
+        if msg._ackd:
+            raise MsgAlreadyAckdError(msg)
+        await msg.ack()
+        self._self_settlement = _ACK
+        if self._self_settled is not None:
+            self._self_settled.set()
 
     async def ack_sync(self, timeout: float = 1.0) -> Msg:
         """Acknowledge and wait for the server's confirmation, through the interceptors."""

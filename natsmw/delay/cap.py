@@ -52,7 +52,14 @@ from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDe
 from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlinesLostError, DeadlineStoreError, ParkError
 from natsmw.headers import peek_header
-from natsmw.message import SPAN_KEY, MessageProxy, Settle, Settlement, SettlementKind
+from natsmw.message import (
+    _JS_ACK_PREFIX,
+    SPAN_KEY,
+    MessageProxy,
+    Settle,
+    Settlement,
+    SettlementKind,
+)
 
 __all__ = ["DelayCap", "DelayCapStats", "handler_calls", "with_delay_cap"]
 
@@ -325,22 +332,60 @@ class DelayCap:
     # -- one delivery: gather, decide, act ----------------------------------------------------
 
     async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
-        if not msg.is_jetstream:
-            await call_next(msg)
-            return
         real = msg.__wrapped__
+        reply = real.reply
+        if not reply or not reply.startswith(_JS_ACK_PREFIX):
+            await call_next(msg)  # core NATS: nothing to defer
+            return
         if real.__class__ is DueMsg:
             await self._due(msg, real, call_next)
             return
-        stream, consumer, sequence, delivery = msg.position
+        # Every message comes here: its reply subject is read once, in place (no metadata).
+        tokens = reply.split(".")  # $JS.ACK.<stream>.<consumer>.<n>.<sseq>.<cseq>.<ns>.<pending>
+        plain = len(tokens) == 9
+        if plain:
+            stream, consumer, sequence, delivery = (
+                tokens[2], tokens[3], int(tokens[5]), int(tokens[4])
+            )  # fmt: skip
+        else:  # with a domain and an account hash
+            stream, consumer, sequence, delivery = msg.position
         key = _new_key((stream, consumer, sequence))
-        header = self._header_deferral(msg)
-        found = await self._gather(msg, key, delivery, header)
-        if found is not _NOTHING and await self._kept_back(msg, key, found, delivery):
-            return
+        value = peek_header(real, DEADLINE_HEADER)
+        header = None if value is None else self._header_deferral(msg, value)
+        if (
+            header is None
+            and delivery == 1
+            and plain
+            and not self._memory._count  # nothing remembered could be about this message
+            and self._first_of_own(real, stream, consumer, int(tokens[6]), int(tokens[7]) / 1e9)
+        ):
+            found = _NOTHING
+        else:
+            found = await self._gather(msg, key, delivery, header)
+            if found is not _NOTHING and await self._kept_back(msg, key, found, delivery):
+                return
         await self._run(
             msg, key, delivery, found.deferral, call_next, calls_before=0, shown=delivery
         )
+
+    def _first_of_own(
+        self, real: Msg, stream: str, consumer: str, cseq: int, stored_at: float
+    ) -> bool:
+        """Whether a first, plain delivery was stored under this very consumer (not one
+        deleted and made again under the same name), as far as known without asking."""
+        known = self._generations.get(id(real._client))
+        generation = None if known is None else known.get((stream, consumer))
+        if generation is None:
+            return False
+        high = generation.high
+        if (
+            (cseq > high or (cseq * 2 >= high and high > _YOUNG))  # not went_back()
+            and (generation.created is None or stored_at >= generation.created)
+            and time.monotonic() < generation.fresh_until
+        ):
+            generation.high = cseq
+            return True
+        return False
 
     async def _gather(
         self, msg: MessageProxy, key: DeadlineKey, delivery: int, header: Deferral | None
@@ -350,21 +395,13 @@ class DelayCap:
         real = msg.__wrapped__
         entry = self._memory.recall(key, real._client, delivery)
         if header is None and entry is None and delivery == 1:
-            # The hot path: a first, plain delivery, of a message stored under this very
-            # consumer (not one deleted and made again under the same name): nothing to look up.
+            # A first, plain delivery: nothing to look up if it was stored under this very
+            # consumer (not one deleted and made again under the same name).
             numbers = _reply_numbers(real)
-            known = self._generations.get(id(real._client))
-            generation = None if known is None else known.get((key.stream, key.consumer))
-            if numbers is not None and generation is not None:
-                cseq, stored_at = numbers
-                high = generation.high
-                if (
-                    (cseq > high or (cseq * 2 >= high and high > _YOUNG))  # not went_back()
-                    and (generation.created is None or stored_at >= generation.created)
-                    and time.monotonic() < generation.fresh_until
-                ):
-                    generation.high = cseq
-                    return _NOTHING
+            if numbers is not None and self._first_of_own(
+                real, key.stream, key.consumer, numbers[0], numbers[1]
+            ):
+                return _NOTHING
             return await self._first_of_older(msg, key, numbers)
         if delivery > 1:
             self._saw(real, key)
@@ -511,11 +548,22 @@ class DelayCap:
                 msg, key, delivery, delivery - own, calls, settlement.delay, send
             )
 
+        # What msg.intercept() does, without its with block's calls (on every message).
+        interception = (on_settle, _NAK_ONLY)
+        interceptors = msg._self_interceptors
+        if interceptors is None:
+            interceptors = msg._self_interceptors = []
+        interceptors.append(interception)
         try:
-            with msg.intercept(on_settle, kinds=_NAK_ONLY):
-                await call_next(msg)
+            await call_next(msg)
         finally:
-            self._after_call(msg, key, delivery, deferral)
+            if interceptors and interceptors[-1] is interception:
+                interceptors.pop()
+            else:
+                _remove(interceptors, interception)
+            settlement = msg._self_settlement
+            if settlement is None or settlement.kind == "nak" or self._memory._count:
+                self._after_call(msg, key, delivery, deferral)
 
     async def _kept_back(
         self,
@@ -715,10 +763,8 @@ class DelayCap:
             log.warning("cannot tell whether %s is parked (%s): handling it", key, error)
             return False
 
-    def _header_deferral(self, msg: MessageProxy) -> Deferral | None:
-        value = peek_header(msg.__wrapped__, DEADLINE_HEADER)  # not through the proxy: faster
-        if value is None:
-            return None
+    def _header_deferral(self, msg: MessageProxy, value: str) -> Deferral | None:
+        """The deferral a ``Natsmw-Deadline`` header (``value``) asks for, if still ahead."""
         stored_at = msg.metadata.timestamp.timestamp()
         try:
             deadline = parse_deadline(value).timestamp()
@@ -1176,6 +1222,14 @@ class DelayCap:
         task = self._writing.get((id(msg.__wrapped__._client), key))
         if task is not None:
             await asyncio.shield(task)
+
+
+def _remove(items: list[Any], item: object) -> None:
+    """Remove ``item`` by identity, the last one first (an interceptor registered twice)."""
+    for index in range(len(items) - 1, -1, -1):
+        if items[index] is item:
+            del items[index]
+            return
 
 
 def handler_calls(msg: Msg) -> int:
