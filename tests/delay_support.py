@@ -15,7 +15,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from natsmw.delay import handler_calls
+from natsmw.delay import DelayCap, handler_calls
 
 CAP = 0.2
 DELAY = 2.0
@@ -173,3 +173,13 @@ async def fetch_and_handle(
 
     await asyncio.wait_for(work(), timeout)
     return batches
+
+
+async def releases_recorded(cap: DelayCap, timeout: float = 5.0) -> None:
+    """Wait until the release records a cap writes in the background are written."""
+
+    async def written() -> None:
+        while cap._writing:
+            await asyncio.gather(*cap._writing, return_exceptions=True)
+
+    await asyncio.wait_for(written(), timeout)

@@ -470,6 +470,7 @@ async def test_consumers_that_come_and_go_leave_nothing_behind_for_long(
     """A long-lived client making ephemeral consumers by the hundred: what the cap keeps per
     consumer (its creation time, its limits) is forgotten once unused, not kept forever."""
     monkeypatch.setattr(natsmw.delay.cap, "_GENERATION_IDLE", 0.0)  # unused at once
+    monkeypatch.setattr(natsmw.delay.cap, "_RECHECK_GENERATION", 0.0)
     monkeypatch.setattr(natsmw.delay.limits, "_TTL", 0.0)
     cap = with_delay_cap(CAP, parking=False, store=MemoryDeadlineStore())
     calls = CallLog()
@@ -491,3 +492,20 @@ async def test_consumers_that_come_and_go_leave_nothing_behind_for_long(
     await calls.wait_calls(consumers)
     assert len(cap._generations[id(conn.nc)]) < consumers - 30
     assert len(cap._limits._known[id(conn.nc)]) < consumers - 30
+
+
+def test_an_outage_is_told_once_every_few_seconds_not_once_per_message(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(natsmw.delay.cap.time, "monotonic", lambda: now[0])
+    cap = with_delay_cap(CAP)
+    with caplog.at_level(logging.WARNING, logger="natsmw.delay"):
+        for sequence in range(5):
+            cap._unreachable(DeadlineKey("S", "c", sequence), DeadlineStoreError("down"))
+        now[0] += 11.0
+        cap._unreachable(DeadlineKey("S", "c", 9), DeadlineStoreError("down"))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert "and 4 more like it" in said[1]
+    assert cap.stats.store_errors == 6

@@ -4,12 +4,15 @@ handler never waits for natsmw's bookkeeping (real servers)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
+from dataclasses import replace
 
 import pytest
 from nats.aio.msg import Msg
 
 from natsmw import publish_not_before, with_delay_cap
-from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore
+from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore, MemoryDeadlineStore
 from natsmw.errors import DeadlineStoreError
 from tests.conftest import Connection, Inbox, Stream
 from tests.delay_support import CAP, CallLog
@@ -42,6 +45,9 @@ async def test_an_unreachable_bucket_is_asked_once_not_once_per_waiting_read(
         await store.get(key)
     await conn.nc.flush()
     assert len(swallowed.items) == 2  # asked again once the pause is over
+
+
+_sequences = itertools.count(1)
 
 
 class HangingStore:
@@ -80,3 +86,26 @@ async def test_due_messages_do_not_wait_for_their_release_to_be_recorded(
         assert store.puts == 5  # each release is written, in the background
     finally:
         store.release.set()
+
+
+@pytest.mark.parametrize("kind", ["kv", "memory"])
+async def test_a_late_release_never_replaces_a_later_deferral(conn: Connection, kind: str) -> None:
+    """A release is written in the background and can land after the handler (here or on
+    another instance) deferred the message again: the later deadline must stand, or the
+    next delivery would run before it."""
+    store = KeyValueDeadlineStore(conn.js) if kind == "kv" else MemoryDeadlineStore()
+    key = DeadlineKey("LATE", "c", next(_sequences))
+    now = time.time()
+    first = Deferral(deadline=now + 1, deferred_at=1)
+    await store.put(key, first)
+    release = replace(first, released_at=5)
+    later = Deferral(deadline=now + 3, deferred_at=6)
+    await store.put(key, later)  # another instance deferred it again meanwhile
+
+    await store.put(key, release)  # the release lands late
+    assert await store.get(key) == later
+
+    other = DeadlineKey("LATE", "c", next(_sequences))
+    await store.put(other, first)
+    await store.put(other, release)  # in time: it replaces the deferral it releases
+    assert await store.get(other) == release

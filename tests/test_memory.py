@@ -90,3 +90,24 @@ def test_an_entry_costs_no_copy_of_the_names() -> None:
     finally:
         tracemalloc.stop()
     assert per_entry < 200  # was ~360 B with the names and the key kept in every entry
+
+
+def test_a_deferral_only_memory_knows_is_kept_until_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its store write failed, so its nak went uncapped and nothing uses the entry until
+    then; swept, a redelivery that comes early (after a server restart) would run early."""
+    now = [1000.0]
+    monkeypatch.setattr(natsmw.delay.memory.time, "monotonic", lambda: now[0])
+    memory = Deliveries(limit=1000, idle=60.0)
+    client = Client()
+    unrecorded = DeadlineKey("S", "c", 1)
+    memory.seen(unrecorded, client, Deferral(deadline=time.time() + 600), 1, force=True)
+    for minute in range(1, 12):  # ten minutes of other traffic, a sweep each minute
+        now[0] += 60.0
+        memory.seen(DeadlineKey("S", "c", 100 + minute), client, None, 1)
+        assert memory.last_delivery(unrecorded, client) == 1, minute
+    for minute in range(12, 16):
+        now[0] += 60.0
+        memory.seen(DeadlineKey("S", "c", 100 + minute), client, None, 1)
+    assert memory.last_delivery(unrecorded, client) is None  # past its deadline: it goes

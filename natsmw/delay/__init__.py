@@ -22,6 +22,7 @@ from natsmw.delay.stores import (
     Deferral,
     KeyValueDeadlineStore,
     MemoryDeadlineStore,
+    replaces,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "handler_calls",
     "parse_deadline",
     "publish_not_before",
+    "replaces",
     "serve_parked",
     "with_delay_cap",
 ]

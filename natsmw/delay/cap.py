@@ -130,6 +130,7 @@ class _Found:
     entry: Remembered | None = None  # what this instance remembered of it, if anything
 
 
+_WARN_EVERY = 10.0  # seconds between two warnings of a kind an outage repeats per message
 _GENERATIONS_KEPT = 256  # consumers per client; past it, those unused for a minute go
 _GENERATION_IDLE = 60.0
 
@@ -296,10 +297,11 @@ class DelayCap:
         self._limits_age = self.cap * (1 - self.jitter) / 2
         self._unserved_warned: set[tuple[str, str]] = set()
         self._lost_said_until = 0.0
+        self._warned: dict[str, tuple[float, int]] = {}  # kind: (quiet until, held back)
         self._no_bucket_warned = False
         # By id(client), then (stream, consumer); read on every first delivery.
         self._generations: dict[int, dict[tuple[str, str], _Generation]] = {}
-        self._writing: dict[tuple[int, DeadlineKey], asyncio.Task[None]] = {}  # releases
+        self._writing: set[asyncio.Task[None]] = set()  # releases being recorded
 
     one_per_chain = "delay cap"  # compose() refuses a second one
 
@@ -732,8 +734,22 @@ class DelayCap:
     def _unreachable(self, key: DeadlineKey, error: DeadlineStoreError) -> _Found:
         """The store could not be asked: nothing is known (the delivery is held blind)."""
         self.stats.store_errors += 1
-        log.warning("deadline store unreachable for %s: %s", key, error)
+        self._warn("unreachable", "deadline store unreachable for %s: %s", key, error)
         return _UNKNOWN
+
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        """Log a warning of this kind at most once every few seconds: an outage touches every
+        message, and one line each would drown the log (``stats`` count them all)."""
+        now = time.monotonic()
+        until, held = self._warned.get(kind, (0.0, 0))
+        if now < until:
+            self._warned[kind] = (until, held + 1)
+            return
+        self._warned[kind] = (now + _WARN_EVERY, 0)
+        if held:
+            message += " (and %d more like it in the last %.0fs)"
+            args = (*args, held, _WARN_EVERY)
+        log.warning(message, *args)
 
     def _deadline_lost(self, key: DeadlineKey, delivery: int, why: str) -> None:
         """The record that may have held this delivery back is gone: say so, loudly."""
@@ -972,7 +988,8 @@ class DelayCap:
             "natsmw.delay.blind_hold",
             {"natsmw.delay.nak_s": hold.nak, "messaging.nats.message.delivery_count": delivery},
         )
-        log.warning(
+        self._warn(
+            "blind",
             "holding %s seq %s for %.3fs: the deadline store is unreachable, so whether it "
             "has a deadline is unknown",
             msg.subject, _seq(msg), hold.nak,
@@ -1146,7 +1163,6 @@ class DelayCap:
             return await self._uncapped(msg, delivery, delay, send, "max_deliver leaves no "
                                         "delivery to hold with, or cannot be read")  # fmt: skip
         try:
-            await self._written(msg, key)
             await self._store_for(msg).put(key, deferral)
         except DeadlineStoreError as error:
             self.stats.store_errors += 1
@@ -1172,7 +1188,8 @@ class DelayCap:
     ) -> Any:
         self.stats.uncapped += 1
         _survival(msg, "uncapped", delivery, delay)
-        log.warning(
+        self._warn(
+            "uncapped",
             "%s seq %s: %s; its %.3fs nak goes as the handler asked",
             msg.subject, _seq(msg), why, delay,
         )  # fmt: skip
@@ -1199,29 +1216,21 @@ class DelayCap:
 
     def _record_release(self, msg: MessageProxy, key: DeadlineKey, deferral: Deferral) -> None:
         """Write the release in the background: the handler does not wait for bookkeeping
-        (a slow store would make every due message wait in turn). A later write of the same
-        record (the handler defers it again) waits for this one, so it is never overwritten
-        by it."""
+        (a slow store would make every due message wait in turn). It may land after a later
+        deferral of the message (by this instance or another): stores write a release only
+        over the record of the deferral it releases (:func:`~natsmw.delay.stores.replaces`)."""
         store = self._store_for(msg)
-        name = (id(msg.__wrapped__._client), key)
 
         async def write() -> None:
             try:
                 await store.put(key, deferral)
             except DeadlineStoreError as error:
                 self.stats.store_errors += 1
-                log.warning("could not record the release of %s: %s", key, error)
-            finally:
-                if self._writing.get(name) is task:
-                    del self._writing[name]
+                self._warn("release", "could not record the release of %s: %s", key, error)
 
-        task = self._writing[name] = asyncio.get_running_loop().create_task(write())
-
-    async def _written(self, msg: MessageProxy, key: DeadlineKey) -> None:
-        """Wait for a release of ``key`` still being written."""
-        task = self._writing.get((id(msg.__wrapped__._client), key))
-        if task is not None:
-            await asyncio.shield(task)
+        task = asyncio.get_running_loop().create_task(write())
+        self._writing.add(task)  # asyncio keeps only a weak reference to a running task
+        task.add_done_callback(self._writing.discard)
 
 
 def _remove(items: list[Any], item: object) -> None:

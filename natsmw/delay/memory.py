@@ -71,7 +71,8 @@ class Deliveries:
         if entry.last_delivery >= delivery:
             self._drop(group, (id(client), key.stream, key.consumer), key.sequence)
             return None
-        entry.used = self._sweep
+        if entry.used < self._sweep:  # never earlier than it was kept until
+            entry.used = self._sweep
         return entry
 
     def seen(
@@ -84,8 +85,13 @@ class Deliveries:
         force: bool = False,
     ) -> None:
         """Delivery ``delivery`` of ``key`` was seen, with ``deferral`` (deferred, released or
-        a first run that may come back). ``force``: remember it even past the limit (what
-        the store could not keep)."""
+        a first run that may come back). ``force``: what the store could not keep: remembered
+        past the limit, and until its deadline however long it goes unused (it is the only
+        record of that deadline: a redelivery that comes early, after a server restart, must
+        still be held)."""
+        ahead = 0  # sweeps to keep it through however unused
+        if force and deferral is not None:
+            ahead = int(max(deferral.deadline - time.time(), 0.0) / self._idle) + 2
         name = (id(client), key.stream, key.consumer)
         group = self._groups.get(name)
         if group is not None:
@@ -93,7 +99,7 @@ class Deliveries:
             if entry is not None:
                 entry.deferral = deferral
                 entry.last_delivery = delivery
-                entry.used = self._sweep
+                entry.used = self._sweep + ahead
                 return
         if time.monotonic() >= self._next_sweep:
             self._forget_unused()
@@ -108,7 +114,7 @@ class Deliveries:
                 self._clients.add(name[0])
                 weakref.finalize(client, _forget_client, weakref.ref(self), name[0])
             group = self._groups[name] = {}
-        group[key.sequence] = Remembered(deferral, delivery, self._sweep)
+        group[key.sequence] = Remembered(deferral, delivery, self._sweep + ahead)
         self._count += 1
 
     def held(self, entry: Remembered | None, key: DeadlineKey, client: object,
@@ -116,7 +122,8 @@ class Deliveries:
         """Delivery ``delivery`` was held under ``deferral``."""
         if entry is not None and entry.deferral is deferral:
             entry.last_delivery = delivery  # the usual hold: same deadline, one delivery later
-            entry.used = self._sweep
+            if entry.used < self._sweep:
+                entry.used = self._sweep
         else:  # unknown before
             self.seen(key, client, deferral, delivery)
 

@@ -21,7 +21,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StreamConfig
-from nats.js.errors import KeyNotFoundError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, KeyNotFoundError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from natsmw.delay.clock import server_clock
@@ -34,11 +34,13 @@ __all__ = [
     "Deferral",
     "KeyValueDeadlineStore",
     "MemoryDeadlineStore",
+    "replaces",
 ]
 
 log = logging.getLogger("natsmw.delay")
 _T = TypeVar("_T")
 _RECHECK = 30.0
+_WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed expected-last-sequence
 
 
 class DeadlineKey(NamedTuple):
@@ -180,8 +182,22 @@ class DeadlineStore(Protocol):
         ...
 
     async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
-        """Record ``deferral`` for ``key``, replacing any earlier one."""
+        """Record ``deferral`` for ``key``, replacing any earlier one.
+
+        A *release* (``released_at`` set) is written in the background and may land late:
+        it must replace only the record of the same deferral (same ``deadline`` and
+        ``deferred_at``), never a later deferral another instance recorded meanwhile, or that
+        deferral's deadline is lost. See :func:`replaces`.
+        """
         ...
+
+
+def replaces(release: Deferral, current: Deferral | None) -> bool:
+    """Whether ``release`` (a record with ``released_at``) may replace ``current``: only the
+    record of the deferral it releases, or no record at all."""
+    return current is None or (
+        current.deadline == release.deadline and current.deferred_at == release.deferred_at
+    )
 
 
 class MemoryDeadlineStore:
@@ -203,6 +219,8 @@ class MemoryDeadlineStore:
         return self._deferrals.get(key)
 
     async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
+        if deferral.released_at is not None and not replaces(deferral, self._deferrals.get(key)):
+            return  # a later deferral is recorded: the release of an earlier one came late
         self._deferrals[key] = deferral
         self._puts += 1
         if self._puts % 1024 == 0:  # now and then: O(1) per put on average
@@ -286,16 +304,27 @@ class KeyValueDeadlineStore:
 
     async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
         self._fail_fast()
-        await self._bucket(create=True)
+        kv = await self._bucket(create=True)
         await self._writable()
         ttl = max(deferral.deadline - time.time(), 0.0) + self._keep
         subject = f"$KV.{self.bucket}.{key.as_kv_key()}"
+        headers = None
+        if deferral.released_at is not None:
+            # Compare and set: a late release never replaces a later deferral.
+            revision = await self._revision_to_release(kv, key, deferral)
+            if revision is None:
+                return
+            headers = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
         try:
             # A put with a per-message TTL: the entry disappears on its own, so records of
             # messages that were handled, deleted or moved never pile up.
             ack = await self._js.publish(
-                subject, deferral.to_bytes(), timeout=self._timeout, msg_ttl=ttl
+                subject, deferral.to_bytes(), timeout=self._timeout, msg_ttl=ttl, headers=headers
             )
+        except APIError as error:
+            if headers is not None and error.err_code == _WRONG_LAST_SEQUENCE:
+                return  # another record was written meanwhile: it stands
+            raise self._failed(f"cannot write {key} to {self.bucket!r}", error) from error
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             self._forget_if_gone(error)
             raise self._failed(f"cannot write {key} to {self.bucket!r}", error) from error
@@ -305,6 +334,25 @@ class KeyValueDeadlineStore:
                 f"the record of {key} was stored in JetStream domain {ack.domain!r}, not in "
                 f"{self._domain!r} where its consumer is: pass a store that writes there"
             )
+
+    async def _revision_to_release(
+        self, kv: KeyValue, key: DeadlineKey, release: Deferral
+    ) -> int | None:
+        """The revision a release may replace (0: no record), or ``None``: leave it be."""
+        try:
+            entry = await asyncio.wait_for(kv.get(key.as_kv_key()), self._timeout)
+        except KeyNotFoundError:
+            return 0
+        except (NatsError, asyncio.TimeoutError, OSError) as error:
+            self._forget_if_gone(error)
+            raise self._failed(f"cannot read {key} from {self.bucket!r}", error) from error
+        try:
+            current = Deferral.from_bytes(entry.value) if entry.value else None
+        except ValueError:
+            return None
+        if current is None or not replaces(release, current) or entry.revision is None:
+            return None
+        return entry.revision
 
     async def sequences(self, stream: str, consumer: str) -> set[int]:
         """The stream sequences with a record for ``stream``/``consumer``: the bucket's
@@ -448,7 +496,8 @@ class KeyValueDeadlineStore:
                 except DeadlinesLostError:
                     raise
                 except DeadlineStoreError as error:
-                    self._break(error)
+                    if isinstance(error.__cause__, asyncio.TimeoutError):
+                        self._break(error)  # see _failed
                     raise
             return self._kv
 
@@ -456,8 +505,8 @@ class KeyValueDeadlineStore:
         """Raise the last error while the store counts as unreachable."""
         if self._broken is not None and time.monotonic() < self._broken_until:
             raise DeadlineStoreError(
-                f"{self._broken} (a moment ago; not asked again for "
-                f"{self._broken_until - time.monotonic():.1f}s)"
+                f"{self.bucket!r} did not answer a moment ago, and is not asked again for "
+                f"{self._broken_until - time.monotonic():.1f}s (then: {self._broken})"
             )
 
     def _break(self, error: DeadlineStoreError) -> None:
@@ -468,7 +517,10 @@ class KeyValueDeadlineStore:
         """The error for a failed read or write; one that says the server could not be
         reached opens the breaker."""
         failure = DeadlineStoreError(f"{what}: {error!r}")
-        if not isinstance(error, NotFoundError):  # deleted: known, not unreachable
+        # Only a timeout opens it: that is what would make every message wait. Errors that
+        # come back at once (a bucket still being created on a cluster, no responders for a
+        # moment) cost nothing to try again.
+        if isinstance(error, asyncio.TimeoutError):
             self._break(failure)
         return failure
 
