@@ -84,8 +84,11 @@ def middleware(step: Step) -> Middleware:
 
         @functools.wraps(handler)
         async def handle(msg: Msg) -> None:
-            # type(), not isinstance(): the proxy's own class, at no call's cost.
-            await step(msg if type(msg) is MessageProxy else MessageProxy.of(msg), handler)
+            # Inner layers get the proxy itself: type() tells at no call's cost. The outer
+            # one makes it (what MessageProxy.of does, without its call).
+            if type(msg) is not MessageProxy:
+                msg = msg if isinstance(msg, MessageProxy) else MessageProxy(msg)
+            await step(msg, handler)
 
         return handle
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -183,3 +184,15 @@ async def releases_recorded(cap: DelayCap, timeout: float = 5.0) -> None:
             await asyncio.gather(*cap._writing, return_exceptions=True)
 
     await asyncio.wait_for(written(), timeout)
+
+
+async def serving(client: Client, stream: str, consumer: str, timeout: float = 5.0) -> None:
+    """Wait until this process serves the due messages of ``stream``/``consumer`` (until
+    then a long nak is held, not parked)."""
+    from natsmw.delay.park import is_served
+
+    async def served() -> None:
+        while not is_served(client, stream, consumer):  # noqa: ASYNC110 (no event to wait on)
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(served(), timeout)

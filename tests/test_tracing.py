@@ -25,7 +25,7 @@ from opentelemetry.util.types import Attributes
 from natsmw import compose, with_delay_cap, with_size_limit
 from natsmw.tracing import publish, with_tracing
 from tests.conftest import Connection, Inbox, Stream
-from tests.delay_support import CAP, LegacyHandler, fetch_and_handle, pulling
+from tests.delay_support import CAP, LegacyHandler, fetch_and_handle, pulling, serving
 
 
 class NotifyingExporter(InMemorySpanExporter):
@@ -422,15 +422,20 @@ async def test_pull_worker_under_install_gets_one_span_per_delivery_and_the_link
 async def test_a_parked_message_runs_in_a_span_linked_to_the_one_that_parked_it(
     conn: Connection, stream: Stream, telemetry: Telemetry
 ) -> None:
+    from natsmw.delay.park import park_stream
     from natsmw.installation import install, uninstall
 
     cap = with_delay_cap(CAP)
+    # Made by the first long nak where missing (which is then held): here, made beforehand.
+    await park_stream(conn.nc).ensure()
     install(conn.nc, chain=compose(traced(telemetry), cap))
     legacy = LegacyHandler()
     try:
         await conn.nc.jetstream().subscribe(
             stream.subject, durable="parked", cb=legacy, manual_ack=True
         )
+        # Until the subscription serves its due messages, a long nak is held, not parked.
+        await serving(conn.nc, stream.name, "parked")
         await conn.js.publish(stream.subject, b"job")
         await legacy.wait_calls(2)
     finally:
