@@ -144,6 +144,7 @@ def main() -> None:
             ("full chain (guard+cap)", full_chain(ack), fresh),
             ("bare SDK span, sampled out", bare_span(sampled_out), fresh),
             ("with_tracing, sampled out", with_tracing(tracer_provider=sampled_out)(ack), fresh),
+            ("with_tracing(), no SDK configured", with_tracing()(ack), fresh),
         ],
         "redelivery before the deadline": [
             ("raw nats-py nak(delay=60)", nak, fresh),

@@ -35,6 +35,7 @@ from nats.js.api import PubAck
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import MeterProvider
+from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -117,13 +118,24 @@ class Tracing:
 
     def __call__(self, handler: Handler) -> Handler:
         traced = middleware(self._step)(handler)
+        given = self._tracer_provider is not None or self._meter_provider is not None
 
         @functools.wraps(handler)
         async def handle(msg: Msg) -> None:
-            if self._enabled():
+            # No provider given nor set globally (the API's own globals, read without a call):
+            # no SDK, so not even a proxy; nothing to record or pay.
+            if (
+                not self._sdk_seen
+                and not given
+                and _GLOBALS_READABLE
+                and trace._TRACER_PROVIDER is None
+                and _metrics_internal._METER_PROVIDER is None
+            ):
+                await handler(msg)
+            elif self._enabled():
                 await traced(msg)
             else:
-                await handler(msg)  # no SDK: not even a proxy; nothing to record or pay
+                await handler(msg)
 
         return handle
 
@@ -178,6 +190,13 @@ class Tracing:
         finally:
             otel_context.detach(token)
             recorder.finish(msg, time.perf_counter() - started)
+
+
+# The API's globals, None until a provider (an SDK's) is set: where a later API renames
+# them, the providers are asked on every message instead.
+_GLOBALS_READABLE = hasattr(trace, "_TRACER_PROVIDER") and hasattr(
+    _metrics_internal, "_METER_PROVIDER"
+)
 
 
 class _Recorder:

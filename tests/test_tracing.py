@@ -23,6 +23,7 @@ from opentelemetry.trace import Link, SpanKind, StatusCode
 from opentelemetry.util.types import Attributes
 
 from natsmw import compose, with_delay_cap, with_size_limit
+from natsmw.message import MessageProxy
 from natsmw.tracing import publish, with_tracing
 from tests.conftest import Connection, Inbox, Stream
 from tests.delay_support import CAP, LegacyHandler, fetch_and_handle, pulling, serving
@@ -348,6 +349,7 @@ async def test_no_sdk_configured_means_no_error_and_no_span(
     (msg,) = await done.wait_for(1)
 
     assert seen == [trace.INVALID_SPAN]
+    assert not isinstance(msg, MessageProxy)  # no SDK: the handler gets nats-py's message
     assert msg.is_acked
     assert conn.errors == []
 
