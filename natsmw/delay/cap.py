@@ -352,6 +352,8 @@ class DelayCap:
         else:  # with a domain and an account hash
             stream, consumer, sequence, delivery = msg.position
         key = _new_key((stream, consumer, sequence))
+        if delivery > 1:
+            self._saw(real, key, int(tokens[6]) if plain else None)
         value = peek_header(real, DEADLINE_HEADER)
         header = None if value is None else self._header_deferral(msg, value)
         if (
@@ -405,8 +407,6 @@ class DelayCap:
             ):
                 return _NOTHING
             return await self._first_of_older(msg, key, numbers)
-        if delivery > 1:
-            self._saw(real, key)
         if (
             header is None
             and entry is not None
@@ -459,13 +459,20 @@ class DelayCap:
             )  # fmt: skip
         return _Found(stored.in_generation(generation.created), recorded=True)
 
-    def _saw(self, real: Msg, key: DeadlineKey) -> None:
-        """Note a redelivery's consumer sequence: a consumer made again starts from 1."""
+    def _saw(self, real: Msg, key: DeadlineKey, cseq: int | None) -> None:
+        """Note a redelivery's consumer sequence (``None``: read it from the reply subject):
+        a consumer made again starts from 1."""
         known = self._generations.get(id(real._client))
         generation = None if known is None else known.get((key.stream, key.consumer))
-        numbers = _reply_numbers(real)
-        if generation is not None and numbers is not None and numbers[0] > generation.high:
-            generation.high = numbers[0]
+        if generation is None:
+            return
+        if cseq is None:
+            numbers = _reply_numbers(real)
+            if numbers is None:
+                return
+            cseq = numbers[0]
+        if cseq > generation.high:
+            generation.high = cseq
 
     async def _generation(self, msg: MessageProxy, key: DeadlineKey, cseq: int) -> _Generation:
         """The consumer generation a first delivery belongs to, read again from the server
@@ -937,6 +944,8 @@ class DelayCap:
         # Far too early (this host's clock is ahead of the server's): held like a deadline
         # from a header, never parked again (the server would fire it at once, again).
         header = Deferral(deadline=parked.deadline) if remaining > 0 else None
+        if delivery > 1:
+            self._saw(due, key, None)
         found = await self._gather(msg, key, delivery, header)
         if header is not None and found.deferral is header:
             # Remembered like a handler's deferral: the holds it takes are not handler calls.
@@ -973,14 +982,13 @@ class DelayCap:
         self.stats.holds += 1
         if hold.stretched:
             self._stretched(msg, hold, delivery, remaining, limits)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("holding %s seq %s for %.3fs more", msg.subject, _seq(msg), remaining)
-        msg.report(
-            "natsmw.delay.hold",
-            {"natsmw.delay.remaining_s": remaining, "natsmw.delay.nak_s": hold.nak,
-             "messaging.nats.message.delivery_count": delivery},
-        )  # fmt: skip
-        await msg.nak(hold.nak)
+        if msg._self_observers:  # one per hold: only built for someone who listens
+            msg.report(
+                "natsmw.delay.hold",
+                {"natsmw.delay.remaining_s": remaining, "natsmw.delay.nak_s": hold.nak,
+                 "messaging.nats.message.delivery_count": delivery},
+            )  # fmt: skip
+        await msg._settle(Settlement("nak", delay=hold.nak))  # a valid delay: no checks
 
     async def _hold_blind(self, msg: MessageProxy, hold: Hold, delivery: int) -> None:
         self.stats.blind_holds += 1
