@@ -95,6 +95,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/faststream.json"))
     parser.add_argument("--venv", type=Path, default=default_venv(), help="default: %(default)s")
     args = parser.parse_args()
+    if args.messages < 1 or args.rounds < 1:
+        parser.error(f"--messages {args.messages} --rounds {args.rounds}: both must be 1 or more")
     python = ready_python(args.venv.expanduser().resolve())
     worker = [str(python), "-m", "bench.faststream_worker"]
     options = ["--messages", str(args.messages), "--rounds", str(args.rounds)]

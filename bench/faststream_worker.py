@@ -8,9 +8,10 @@ JetStream push consumer of its own and acks each one:
 - raw nats-py: the callback acks;
 - natsmw full chain: ``compose(with_size_limit(max_body=1 << 20, max_headers=64),
   with_delay_cap(60))`` around that callback;
-- FastStream, ``async def handle(body: bytes)``: its cheapest handler shape, acked by
-  FastStream after the handler returns (its default ack policy), with FastDepends as by
-  default, and again with ``apply_types=False`` (no FastDepends: the fastest FastStream goes);
+- FastStream, ``async def handle(body: bytes)``: the cheapest handler shape we found (an
+  untyped body, or ``serializer=None``, measured the same), acked by FastStream after the
+  handler returns (its default ack policy), with FastDepends as by default, and again with
+  ``apply_types=False`` (no FastDepends: the fastest FastStream goes);
 - FastStream, ``async def handle(body: str, msg: NatsMessage)``: the shape its documentation
   shows for reaching the message (FastDepends resolves ``msg`` through anyio's thread pool);
 - tracing, sampled out by an SDK TracerProvider with ALWAYS_OFF: natsmw's ``with_tracing``
@@ -19,8 +20,10 @@ JetStream push consumer of its own and acks each one:
 FastStream brokers run with ``logger=None``: by default FastStream writes two access-log lines
 per message, which would measure the logging. A round drains every variant once; the order
 rotates from round to round; a first round warms up, counts the calls into anyio's thread pool
-per message, and is left out of the figures, which are medians over the other rounds. µs per
-message is wall time (the server shares the machine); ``+µs`` is what a variant adds to raw.
+per message, and is left out of the figures, which are medians over the other rounds. ``µs/msg``
+is wall time per message (the server shares the machine); ``CPU µs`` is the consumer process's
+CPU time per message (all its threads, not the server's), which moves less with the machine's
+load; a ``+`` column is what a variant adds to raw. Results go to bench/results/faststream.json.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from nats.aio.msg import Msg
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-from bench.common import Handler, Variant, drain_rate, fill, write_report
+from bench.common import Handler, fill, write_report
 from natsmw import compose, with_delay_cap, with_size_limit, with_tracing
 from natsmw.server import NatsServer
 
@@ -68,10 +71,42 @@ warnings.filterwarnings(
     "ignore", "The JetStream Push consumer with the `durable` option", RuntimeWarning
 )
 
-Drain = Callable[[str, str, int], Awaitable[float]]
-"""``(server url, durable name, messages)`` -> messages per second."""
+
+@dataclass
+class Drained:
+    """One drain of every message: wall seconds, and CPU seconds of this process's threads."""
+
+    seconds: float
+    cpu_seconds: float
+
+
+class Stopwatch:
+    """Wall and CPU time from its making to :meth:`read`."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> Drained:
+        return Drained(time.perf_counter() - self.wall, time.process_time() - self.cpu)
+
+
+class Countdown:
+    """``done`` is set once :meth:`handled` has been called ``count`` times."""
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+        self.done = asyncio.Event()
+
+    def handled(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.done.set()
+
+
+Drain = Callable[[str, str, int], Awaitable[Drained]]
+"""``(server url, durable name, messages)``: drain them all through a new durable consumer."""
 Shape = Callable[[Callable[[], None]], Callable[..., Awaitable[None]]]
-"""Makes a FastStream handler that calls ``handled()`` for each message."""
+"""Makes a FastStream handler that calls the given ``handled()`` for each message."""
 
 
 @dataclass
@@ -93,12 +128,34 @@ def sampled_out_tracing(nc: Client) -> Handler:
 
 
 def nats_py(name: str, prepare: Callable[[Client], Handler]) -> Peer:
-    variant = Variant(name, prepare)
-
-    async def drain(url: str, durable: str, count: int) -> float:
-        return await drain_rate(url, STREAM, SUBJECT, count, variant, durable)
+    async def drain(url: str, durable: str, count: int) -> Drained:
+        nc = await nats.connect(url)
+        try:
+            drained = await drain_subscription(nc, durable, count, prepare(nc))
+        finally:
+            await nc.close()
+        await delete_consumer(url, durable)
+        return drained
 
     return Peer(name, drain)
+
+
+async def drain_subscription(nc: Client, durable: str, count: int, handler: Handler) -> Drained:
+    """``count`` messages through ``handler`` on a push subscription, as bench.common does."""
+    countdown = Countdown(count)
+
+    async def counted(msg: Msg) -> None:
+        await handler(msg)
+        countdown.handled()
+
+    stopwatch = Stopwatch()
+    sub = await nc.jetstream().subscribe(
+        SUBJECT, durable=durable, cb=counted, manual_ack=True, pending_msgs_limit=-1
+    )
+    await asyncio.wait_for(countdown.done.wait(), 600)
+    drained = stopwatch.read()
+    await sub.unsubscribe()
+    return drained
 
 
 def body_only(handled: Callable[[], None]) -> Callable[..., Awaitable[None]]:
@@ -116,41 +173,36 @@ def documented(handled: Callable[[], None]) -> Callable[..., Awaitable[None]]:
 
 
 def faststream(name: str, shape: Shape, *, apply_types: bool = True, traced: bool = False) -> Peer:
-    async def drain(url: str, durable: str, count: int) -> float:
+    async def drain(url: str, durable: str, count: int) -> Drained:
         middlewares = [NatsTelemetryMiddleware(tracer_provider=SAMPLED_OUT)] if traced else []
         broker = NatsBroker(url, logger=None, apply_types=apply_types, middlewares=middlewares)
-        rate = await drain_broker(broker, durable, count, shape)
-        nc = await nats.connect(url)
-        await nc.jetstream().delete_consumer(STREAM, durable)
-        await nc.close()
-        return rate
+        drained = await drain_broker(broker, durable, count, shape)
+        await delete_consumer(url, durable)
+        return drained
 
     return Peer(name, drain)
 
 
-async def drain_broker(broker: Any, durable: str, count: int, shape: Shape) -> float:
-    """Messages per second for a FastStream ``broker`` to consume and ack ``count`` messages."""
-    left = count
-    done = asyncio.Event()
-
-    def handled() -> None:
-        nonlocal left
-        left -= 1
-        if left == 0:
-            done.set()
-
+async def drain_broker(broker: Any, durable: str, count: int, shape: Shape) -> Drained:
+    """``count`` messages through a handler of ``shape`` subscribed on a FastStream broker."""
+    countdown = Countdown(count)
     stream = JStream(STREAM, declare=False)
     subscriber = broker.subscriber(SUBJECT, stream=stream, durable=durable, pending_msgs_limit=-1)
-    subscriber(shape(handled))
-    await broker.connect()  # as in drain_rate, the clock starts with the subscription
+    subscriber(shape(countdown.handled))
+    await broker.connect()  # connected first: the clock starts with the subscription, as above
     try:
-        started = time.perf_counter()
+        stopwatch = Stopwatch()
         await broker.start()
-        await asyncio.wait_for(done.wait(), 600)
-        elapsed = time.perf_counter() - started
+        await asyncio.wait_for(countdown.done.wait(), 600)
+        return stopwatch.read()
     finally:
         await broker.stop()
-    return count / elapsed
+
+
+async def delete_consumer(url: str, durable: str) -> None:
+    nc = await nats.connect(url)
+    await nc.jetstream().delete_consumer(STREAM, durable)
+    await nc.close()
 
 
 RAW = "raw nats-py"
@@ -197,15 +249,15 @@ class ThreadPoolCalls:
 
 @dataclass
 class Figures:
-    rates: dict[str, float]
-    """Median messages per second of each variant."""
+    """Per variant: the drains of the measured rounds, and thread-pool calls per message."""
+
+    drains: dict[str, list[Drained]]
     thread_pool_calls: dict[str, float]
-    """Calls into anyio's thread pool per message, in the warm-up round."""
 
 
 async def measure(peers: list[Peer], *, messages: int, rounds: int) -> Figures:
-    rates: dict[str, list[float]] = {peer.name: [] for peer in peers}
-    thread_pool_calls: dict[str, float] = {}
+    """Drain every peer once a round, in an order that rotates; round 0 warms up."""
+    figures = Figures({peer.name: [] for peer in peers}, {})
     with NatsServer() as server:
         nc = await nats.connect(server.url)
         await fill(nc, STREAM, SUBJECT, messages, HEADERS)
@@ -218,25 +270,38 @@ async def measure(peers: list[Peer], *, messages: int, rounds: int) -> Figures:
                     calls = ThreadPoolCalls()
                     with calls.counting():
                         await peer.drain(server.url, durable, messages)
-                    thread_pool_calls[peer.name] = calls.count / messages
+                    figures.thread_pool_calls[peer.name] = calls.count / messages
                     continue
-                rates[peer.name].append(await peer.drain(server.url, durable, messages))
-    medians = {name: statistics.median(values) for name, values in rates.items()}
-    return Figures(medians, thread_pool_calls)
+                figures.drains[peer.name].append(await peer.drain(server.url, durable, messages))
+    return figures
 
 
-def by_variant(figures: Figures) -> dict[str, dict[str, float]]:
-    raw = figures.rates[RAW]
-    return {
-        name: {
-            "msg_per_s": rate,
-            "x_raw": rate / raw,
-            "us_per_msg": 1e6 / rate,
-            "us_per_msg_over_raw": 1e6 / rate - 1e6 / raw,
-            "thread_pool_calls_per_msg": figures.thread_pool_calls[name],
-        }
-        for name, rate in figures.rates.items()
-    }
+def by_variant(figures: Figures, messages: int) -> dict[str, dict[str, float]]:
+    """The report's rows: medians over the rounds, per message, and against raw."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, drains in figures.drains.items():
+        rate = statistics.median(messages / drained.seconds for drained in drains)
+        cpu = statistics.median(drained.cpu_seconds * 1e6 / messages for drained in drains)
+        rows[name] = {"msg_per_s": rate, "us_per_msg": 1e6 / rate, "cpu_us_per_msg": cpu}
+    raw = rows[RAW]
+    for row in rows.values():
+        row["x_raw"] = row["msg_per_s"] / raw["msg_per_s"]
+        row["us_per_msg_over_raw"] = row["us_per_msg"] - raw["us_per_msg"]
+        row["cpu_us_per_msg_over_raw"] = row["cpu_us_per_msg"] - raw["cpu_us_per_msg"]
+    for name, calls in figures.thread_pool_calls.items():
+        rows[name]["thread_pool_calls_per_msg"] = calls
+    return rows
+
+
+COLUMNS = {  # heading, key, format
+    "msg/s": ("msg_per_s", "9.0f"),
+    "x raw": ("x_raw", "6.2f"),
+    "µs/msg": ("us_per_msg", "7.1f"),
+    "+µs": ("us_per_msg_over_raw", "+7.1f"),
+    "CPU µs": ("cpu_us_per_msg", "7.1f"),
+    "+CPU µs": ("cpu_us_per_msg_over_raw", "+8.1f"),
+    "pool/msg": ("thread_pool_calls_per_msg", "8.2f"),
+}
 
 
 def print_table(rows: dict[str, dict[str, float]], *, messages: int, rounds: int) -> None:
@@ -244,28 +309,30 @@ def print_table(rows: dict[str, dict[str, float]], *, messages: int, rounds: int
         f"\nFastStream as a peer: {messages} messages, {HEADERS} headers, 128-byte body, "
         f"median of {rounds} rounds after a warm-up"
     )
-    print(f"  {'':52s} {'msg/s':>9s} {'x raw':>6s} {'µs/msg':>7s} {'+µs':>7s} {'pool/msg':>8s}")
+    widths = [len(format(0.0, spec)) for _, spec in COLUMNS.values()]
+    print(f"  {'':52s}", *(f"{head:>{w}s}" for head, w in zip(COLUMNS, widths, strict=True)))
     for name, row in rows.items():
-        print(
-            f"  {name:52s} {row['msg_per_s']:9.0f} {row['x_raw']:6.2f} {row['us_per_msg']:7.1f}"
-            f" {row['us_per_msg_over_raw']:+7.1f} {row['thread_pool_calls_per_msg']:8.2f}"
-        )
-    print("\nper message, FastStream against natsmw:")
+        print(f"  {name:52s}", *(format(row[key], spec) for key, spec in COLUMNS.values()))
+    print("\nper message, FastStream / natsmw: whole, and what each adds to raw")
+    raw = rows[RAW]
     for ours, theirs in PAIRS:
-        mine, peer = rows[ours], rows[theirs]
-        whole = peer["us_per_msg"] / mine["us_per_msg"]
-        added = peer["us_per_msg_over_raw"] / mine["us_per_msg_over_raw"]
-        print(
-            f"  {theirs}: {whole:.1f}x the time of {ours} ({peer['us_per_msg']:.1f} against "
-            f"{mine['us_per_msg']:.1f} µs), {added:.1f}x what it adds to raw "
-            f"({peer['us_per_msg_over_raw']:+.1f} against {mine['us_per_msg_over_raw']:+.1f} µs)"
+        print(f"  {theirs} / {ours}", *compared(rows[theirs], rows[ours], raw), sep="\n    ")
+    # FastStream's telemetry alone: what it adds to its fastest shape, as if added to raw.
+    telemetry = {key: rows[TELEMETRY][key] - rows[FASTEST][key] + raw[key] for key in raw}
+    alone = compared(telemetry, rows[TRACING], raw)
+    print("  tracing alone: FastStream's telemetry / with_tracing", *alone, sep="\n    ")
+
+
+def compared(theirs: dict[str, float], ours: dict[str, float], raw: dict[str, float]) -> list[str]:
+    """Their wall time and CPU per message over ours: whole, and what each adds to raw."""
+    lines = []
+    for what, key in (("wall", "us_per_msg"), ("CPU ", "cpu_us_per_msg")):
+        their_part, our_part = theirs[key] - raw[key], ours[key] - raw[key]
+        lines.append(
+            f"{what} {theirs[key] / ours[key]:4.1f}x ({theirs[key]:6.1f} / {ours[key]:5.1f} µs),"
+            f" added {their_part / our_part:4.1f}x ({their_part:+6.1f} / {our_part:+5.1f} µs)"
         )
-    telemetry = rows[TELEMETRY]["us_per_msg"] - rows[FASTEST]["us_per_msg"]
-    tracing = rows[TRACING]["us_per_msg_over_raw"]
-    print(
-        f"  tracing alone, sampled out: FastStream's telemetry adds {telemetry:+.1f} µs to its "
-        f"fastest shape, with_tracing {tracing:+.1f} µs to raw ({telemetry / tracing:.1f}x)"
-    )
+    return lines
 
 
 def main() -> None:
@@ -275,7 +342,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/faststream.json"))
     args = parser.parse_args()
     figures = asyncio.run(measure(PEERS, messages=args.messages, rounds=args.rounds))
-    rows = by_variant(figures)
+    rows = by_variant(figures, args.messages)
     print_table(rows, messages=args.messages, rounds=args.rounds)
     peers = {name: metadata.version(name) for name in ("faststream", "fast-depends", "pydantic")}
     write_report(

@@ -39,7 +39,7 @@ def limit(max_deliver: int) -> Limits:
         (0.5, None, 2, limit(30), Hold(0.5 + SLACK)),  # a spare delivery: on the deadline
         (10.0, None, 3, limit(3), Run(forced=True, remaining=10.0)),  # last delivery: run
         (10.0, None, 1, UNKNOWN, Run(forced=True, remaining=10.0)),  # limits never read
-        (None, 10.0, 2, UNLIMITED, Hold(1.0 + SLACK)),  # unknown deadline: blind, for the cap
+        (None, 10.0, 2, UNLIMITED, Hold(1.0)),  # unknown deadline: blind, for the cap
         (None, 10.0, 2, limit(2), Run(forced=True, remaining=None)),  # ... unless last
     ],
 )
@@ -87,3 +87,14 @@ def test_jitter_shortens_a_capped_hold_never_the_last_one() -> None:
     last = hold_for(0.5, cap=1.0, jitter=0.1, draw=0.5, delivery=1, limits=UNLIMITED)
     assert kept == Hold(0.95)
     assert last == Hold(0.5 + SLACK)
+
+
+@pytest.mark.parametrize("remaining", [0.999, 0.9999, 1.0])
+def test_the_last_hold_never_exceeds_the_cap(remaining: float) -> None:
+    """It lands just past the deadline, unless that would take it past the cap: then it is
+    the cap, and a redelivery a hair short of the deadline is held once more."""
+    decision = delivery_decision(
+        remaining, cap=1.0, park_after=None, jitter=0.0, draw=0.0, delivery=2, limits=UNLIMITED
+    )
+    assert isinstance(decision, Hold)
+    assert remaining <= decision.nak <= 1.0

@@ -103,7 +103,11 @@ def hold_for(
         # deadline.
         interval = remaining / (left - 1)
         stretched = True
-    return Hold(remaining + SLACK if interval >= remaining else interval, stretched)
+    if interval < remaining:
+        return Hold(interval, stretched)
+    # The last hold lands just past the deadline, and never past the cap: a redelivery a few
+    # milliseconds short of the deadline is simply held once more.
+    return Hold(remaining + SLACK if stretched else min(remaining + SLACK, cap), stretched)
 
 
 def delivery_decision(
