@@ -124,9 +124,10 @@ class Tracing:
         async def handle(msg: Msg) -> None:
             # No provider given nor set globally (the API's own globals, read without a call):
             # no SDK, so not even a proxy; nothing to record or pay.
-            if (
-                not self._sdk_seen
-                and not given
+            if self._sdk_seen:
+                await traced(msg)
+            elif (
+                not given
                 and _GLOBALS_READABLE
                 and trace._TRACER_PROVIDER is None
                 and _metrics_internal._METER_PROVIDER is None
@@ -182,8 +183,17 @@ class Tracing:
                 with msg.intercept(recorder.settlement), msg.observe(recorder.report):
                     await call_next(msg)
             else:
-                with msg.observe(recorder.count):  # sampled out: metrics only
+                # Sampled out: metrics only. What msg.observe() does, without its with
+                # block's calls (on every message).
+                observers = msg._self_observers
+                if observers is None:
+                    observers = msg._self_observers = []
+                observer = recorder.count
+                observers.append(observer)
+                try:
                     await call_next(msg)
+                finally:
+                    observers.remove(observer)
         except BaseException as raised:
             recorder.failed(raised)
             raise
