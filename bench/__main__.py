@@ -25,7 +25,7 @@ QUICK = {
     "micro": ["--messages", "200", "--rounds", "1"],
     "consume": ["--messages", "500", "--rounds", "1", "--headers", "0", "20"],
     "tracing": ["--messages", "500", "--rounds", "1"],
-    "holds": ["--messages", "200", "--seconds", "1"],
+    "holds": ["--messages", "200", "--seconds", "1", "--rounds", "1"],
     "soak": ["--messages", "1000", "--cycles", "2", "--cap", "1"],
     "park": ["--messages", "200", "--delay", "3", "--cap", "1"],
     "churn": ["--clients", "10", "--consumers", "2"],

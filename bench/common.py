@@ -1,4 +1,5 @@
-"""What the benchmarks share: a stream to drain, a timed consumer, interleaved rounds, a report."""
+"""What the benchmarks share: a stream to drain, a timed consumer, interleaved rounds (a warm-up
+round first, the order rotating), a report."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -20,6 +22,7 @@ from nats.aio.msg import Msg
 from natsmw.server import NatsServer
 
 Handler = Callable[[Msg], Awaitable[None]]
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -80,27 +83,54 @@ async def _delete_consumer(url: str, stream: str, durable: str) -> None:
     await nc.close()
 
 
+def rotated(items: Sequence[_T], round_: int, rounds: int) -> list[_T]:
+    """``items`` in the order of round ``round_`` of ``rounds``: each round starts further
+    along, the starts spread over the list, so that no item always runs first.
+
+        >>> ["".join(rotated("abcdef", r, 3)) for r in range(3)]
+        ['abcdef', 'cdefab', 'efabcd']
+    """
+    if not items:
+        return []
+    start = round_ * max(len(items) // max(rounds, 1), 1) % len(items)
+    return [*items[start:], *items[:start]]
+
+
 async def compare(
     variants: list[Variant], *, messages: int, rounds: int, headers: int, title: str
 ) -> dict[str, float]:
-    """Median msg/s of each variant over interleaved rounds, on one embedded server."""
+    """Median msg/s of each variant over ``rounds`` rounds, on one embedded server.
+
+    A warm-up round drains every variant first and is not counted (first-use costs, the
+    server's caches). Every round drains each variant once, in an order that rotates from
+    round to round (:func:`rotated`).
+    """
     rates: dict[str, list[float]] = {v.name: [] for v in variants}
     with NatsServer() as server:
         nc = await nats.connect(server.url)
         await fill(nc, "BENCH", "bench.msgs", messages, headers)
         await nc.close()
-        for round_ in range(rounds):
-            for index, variant in enumerate(variants):
+        for round_ in range(-1, rounds):  # round -1 warms up
+            for index in rotated(range(len(variants)), max(round_, 0), rounds):
+                variant, durable = variants[index], f"d{round_ + 1}x{index}"
                 rate = await drain_rate(
-                    server.url, "BENCH", "bench.msgs", messages, variant, f"d{round_}x{index}"
+                    server.url, "BENCH", "bench.msgs", messages, variant, durable
                 )
-                rates[variant.name].append(rate)
+                if round_ >= 0:
+                    rates[variant.name].append(rate)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     raw = next(iter(medians.values()))
-    print(f"\n{title}: {messages} messages, {headers} headers, median of {rounds} rounds")
+    print(
+        f"\n{title}: {messages} messages, {headers} headers, median (min-max) of {rounds} "
+        "rounds after a warm-up round, the order rotating"
+    )
     for name, rate in medians.items():
         extra = (1 / rate - 1 / raw) * 1e6
-        print(f"  {name:44s} {rate:9.0f} msg/s  {rate / raw:5.2f}x raw  {extra:+6.1f} us/msg")
+        low, high = min(rates[name]), max(rates[name])
+        print(
+            f"  {name:44s} {rate:9.0f} msg/s  {rate / raw:5.2f}x raw  {extra:+6.1f} us/msg"
+            f"  ({low:.0f}-{high:.0f})"
+        )
     return medians
 
 

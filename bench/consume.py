@@ -2,8 +2,10 @@
 
     python bench/consume.py [--messages N] [--rounds R]
 
-The handler reads one header, then acks. Variants run interleaved, round after round; each
-figure is the median over the rounds. Results go to bench/results/consume.json.
+The handler reads one header, then acks. A warm-up round drains every variant once and is not
+counted; then the variants run interleaved, round after round, in an order that rotates from
+round to round so that none always runs first. Each figure is the median over the rounds (the
+table also gives their range). Results go to bench/results/consume.json.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ instrumentation (otel-instrumentation-nats), against raw nats-py in the same run
     python bench/tracing.py [--messages N] [--rounds R]
 
 Spans are created and ended but not exported (a span processor that drops them), so the
-figures are the cost of tracing itself, not of an exporter. Results go to
-bench/results/tracing.json.
+figures are the cost of tracing itself, not of an exporter. As in bench/consume.py, a warm-up
+round is not counted and the order of the variants rotates from round to round; each figure is
+the median over the rounds. Results go to bench/results/tracing.json.
 """
 
 from __future__ import annotations
