@@ -402,6 +402,9 @@ async def _settle_wait(nc: Client, psub: Any, installation: _Installation | None
     return 0.0 if info.config.ack_policy == AckPolicy.NONE else wait
 
 
+_FETCH_FLOOR = 0.005  # seconds: a fetch again with less time left than this times out
+
+
 def _chained_fetch(chain: Middleware, dues: DueFetcher, wait: float) -> Any:
     async def fetch(
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -411,14 +414,25 @@ def _chained_fetch(chain: Middleware, dues: DueFetcher, wait: float) -> Any:
         rest = args[2:]
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        again = False
         while True:
             due = await dues.take(batch)
             if due:
                 released = await _through_chain(chain, list(due), wait)
                 if released:
                     return released
-            left = None if deadline is None else max(deadline - loop.time(), 0.001)
-            fetched = await wrapped(batch, left, *rest, **kwargs)
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left < _FETCH_FLOOR:
+                if again:
+                    raise nats.errors.TimeoutError  # what nats-py raises: callers catch that
+                left = _FETCH_FLOOR
+            try:
+                fetched = await wrapped(batch, left, *rest, **kwargs)
+            except asyncio.TimeoutError as error:
+                if isinstance(error, nats.errors.TimeoutError):
+                    raise
+                # nats-py raises a bare one where a fetch's time is all but gone.
+                raise nats.errors.TimeoutError from error
             released = await _through_chain(chain, fetched, wait)
             if released:
                 return released
@@ -426,6 +440,7 @@ def _chained_fetch(chain: Middleware, dues: DueFetcher, wait: float) -> Any:
             # timeout, and time out as nats-py would, rather than return an empty batch.
             if deadline is not None and loop.time() >= deadline:
                 raise nats.errors.TimeoutError
+            again = True
 
     return fetch
 

@@ -420,3 +420,25 @@ def test_install_on_a_supported_nats_py_defers_decoding_without_a_warning(
     assert caplog.records == []
     assert type(finish_now(nc._process_headers(b"NATS/1.0\r\nA: 1\r\n\r\n"))) is Undecoded
     uninstall(nc)
+
+
+async def test_a_chained_fetch_times_out_with_nats_py_s_own_error() -> None:
+    """Where everything fetched was held, the chain fetches again with what is left of the
+    caller's timeout; nats-py answers a fetch with almost no time left with a bare
+    asyncio.TimeoutError. Callers catch nats.errors.TimeoutError, as nats-py documents."""
+    import nats.errors
+
+    class NoDues:
+        async def take(self, batch: int) -> list[Msg]:
+            return []
+
+    calls: list[float | None] = []
+
+    async def wrapped(batch: int, timeout: float | None) -> list[Msg]:
+        calls.append(timeout)
+        raise asyncio.TimeoutError  # as nats-py does when its deadline is (all but) gone
+
+    fetch = natsmw.installation._chained_fetch(compose(), NoDues(), 0.0)  # type: ignore[arg-type]
+    with pytest.raises(nats.errors.TimeoutError):
+        await fetch(wrapped, None, (1, 0.5), {})
+    assert calls == [pytest.approx(0.5, abs=0.1)]
