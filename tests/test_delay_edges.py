@@ -509,3 +509,13 @@ def test_an_outage_is_told_once_every_few_seconds_not_once_per_message(
     assert len(said) == 2, said
     assert "and 4 more like it" in said[1]
     assert cap.stats.store_errors == 6
+
+
+async def test_listing_a_consumer_s_records_skips_keys_natsmw_did_not_write(
+    conn: Connection,
+) -> None:
+    store = KeyValueDeadlineStore(conn.js, bucket="natsmw_listing")
+    await store.put(DeadlineKey("LIST", "c", 7), Deferral(deadline=time.time() + 60))
+    kv = await conn.js.key_value("natsmw_listing")
+    await kv.put("LIST.c.notes", b"put there by someone else")
+    assert await store.sequences("LIST", "c") == {7}

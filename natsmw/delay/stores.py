@@ -391,7 +391,9 @@ class KeyValueDeadlineStore:
                 )
             subjects = (answer.get("state") or {}).get("subjects") or {}
             for subject in subjects:
-                found.add(int(subject[len(prefix) :]))
+                sequence = subject[len(prefix) :]
+                if sequence.isdigit():  # natsmw's keys; anything else put there is not
+                    found.add(int(sequence))
             offset += len(subjects)
             if not subjects or offset >= answer.get("total", 0):
                 return found
