@@ -156,16 +156,19 @@ class _Registration(Generic[_T]):
         self._items.append(self._item)
 
     def __exit__(self, *exc_info: object) -> None:
-        # By identity, and from the end: the same interceptor registered twice (an outer and
-        # an inner block) must leave the outer one where it was.
-        items, item = self._items, self._item
-        if items and items[-1] is item:
-            items.pop()
+        remove_last(self._items, self._item)
+
+
+def remove_last(items: list[Any], item: object) -> None:
+    """Take ``item`` out of ``items`` by identity, from the end: the same interceptor
+    registered twice (an outer and an inner block) must leave the outer one where it was."""
+    if items and items[-1] is item:
+        items.pop()
+        return
+    for index in range(len(items) - 1, -1, -1):
+        if items[index] is item:
+            del items[index]
             return
-        for index in range(len(items) - 1, -1, -1):
-            if items[index] is item:
-                del items[index]
-                return
 
 
 class MessageProxy(_Proxy):

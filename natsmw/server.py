@@ -276,9 +276,7 @@ class NatsServer:
         Raises:
             ServerError: no port was given and the server has not started yet.
         """
-        if self._port is None:
-            raise ServerError(f"{self._described()} has not started yet: no port chosen")
-        return self._port
+        return self._chosen(self._port)
 
     @property
     def monitor_port(self) -> int:
@@ -287,9 +285,12 @@ class NatsServer:
         Raises:
             ServerError: no port was given and the server has not started yet.
         """
-        if self._monitor_port is None:
+        return self._chosen(self._monitor_port)
+
+    def _chosen(self, port: int | None) -> int:
+        if port is None:
             raise ServerError(f"{self._described()} has not started yet: no port chosen")
-        return self._monitor_port
+        return port
 
     @property
     def url(self) -> str:

@@ -42,7 +42,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from natsmw.chain import Handler, middleware
 from natsmw.headers import peek_header
-from natsmw.message import SPAN_KEY, MessageProxy, Report, Settle, Settlement
+from natsmw.message import SPAN_KEY, MessageProxy, Report, Settle, Settlement, remove_last
 
 __all__ = ["Tracing", "publish", "with_tracing"]
 
@@ -193,7 +193,7 @@ class Tracing:
                 try:
                     await call_next(msg)
                 finally:
-                    observers.remove(observer)
+                    remove_last(observers, observer)
         except BaseException as raised:
             recorder.failed(raised)
             raise

@@ -7,10 +7,12 @@ import asyncio
 import itertools
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from nats.aio.msg import Msg
 
+import natsmw.delay.stores
 from natsmw import publish_not_before, with_delay_cap
 from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore, MemoryDeadlineStore
 from natsmw.errors import DeadlineStoreError
@@ -19,7 +21,7 @@ from tests.delay_support import CAP, CallLog
 
 
 async def test_an_unreachable_bucket_is_asked_once_not_once_per_waiting_read(
-    conn: Connection,
+    conn: Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Eight reads at once while the JetStream API does not answer: the first waits its
     timeout, the others fail with it (they queued behind one opening of the bucket), and
@@ -27,7 +29,7 @@ async def test_an_unreachable_bucket_is_asked_once_not_once_per_waiting_read(
     swallowed = Inbox()
     await conn.nc.subscribe("$SINK.API.>", cb=swallowed.put)  # a responder that never answers
     store = KeyValueDeadlineStore(
-        conn.nc.jetstream(prefix="$SINK.API"), timeout=0.3, retry_after=0.8
+        conn.nc.jetstream(prefix="$SINK.API"), timeout=0.3, retry_after=30.0
     )
     key = DeadlineKey("S", "c", 1)
 
@@ -40,7 +42,11 @@ async def test_an_unreachable_bucket_is_asked_once_not_once_per_waiting_read(
     await conn.nc.flush()
     assert len(swallowed.items) == 1
 
-    await asyncio.sleep(1.0)  # past retry_after: a moment that surely passed, not a race
+    # Past retry_after, on the store's clock only (asyncio keeps the real one).
+    later = time.monotonic() + 31.0
+    monkeypatch.setattr(
+        natsmw.delay.stores, "time", SimpleNamespace(time=time.time, monotonic=lambda: later)
+    )
     with pytest.raises(DeadlineStoreError, match="cannot open"):
         await store.get(key)
     await conn.nc.flush()
@@ -109,3 +115,16 @@ async def test_a_late_release_never_replaces_a_later_deferral(conn: Connection, 
     await store.put(other, first)
     await store.put(other, release)  # in time: it replaces the deferral it releases
     assert await store.get(other) == release
+
+
+async def test_an_error_the_server_answers_at_once_does_not_open_the_breaker(
+    conn: Connection,
+) -> None:
+    """No responders comes back at once (a bucket still being made on a cluster, say): it
+    costs nothing to ask again, so the next read asks the server, not the breaker."""
+    store = KeyValueDeadlineStore(conn.nc.jetstream(prefix="$NOBODY.API"), retry_after=60.0)
+    key = DeadlineKey("S", "c", 1)
+    for _ in range(2):
+        with pytest.raises(DeadlineStoreError) as raised:
+            await store.get(key)
+        assert "did not answer a moment ago" not in str(raised.value)

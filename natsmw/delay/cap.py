@@ -59,6 +59,7 @@ from natsmw.message import (
     Settle,
     Settlement,
     SettlementKind,
+    remove_last,
 )
 
 __all__ = ["DelayCap", "DelayCapStats", "handler_calls", "with_delay_cap"]
@@ -569,7 +570,7 @@ class DelayCap:
             if interceptors and interceptors[-1] is interception:
                 interceptors.pop()
             else:
-                _remove(interceptors, interception)
+                remove_last(interceptors, interception)
             settlement = msg._self_settlement
             if settlement is None or settlement.kind == "nak" or self._memory._count:
                 self._after_call(msg, key, delivery, deferral)
@@ -1239,14 +1240,6 @@ class DelayCap:
         task = asyncio.get_running_loop().create_task(write())
         self._writing.add(task)  # asyncio keeps only a weak reference to a running task
         task.add_done_callback(self._writing.discard)
-
-
-def _remove(items: list[Any], item: object) -> None:
-    """Remove ``item`` by identity, the last one first (an interceptor registered twice)."""
-    for index in range(len(items) - 1, -1, -1):
-        if items[index] is item:
-            del items[index]
-            return
 
 
 def handler_calls(msg: Msg) -> int:
