@@ -87,7 +87,8 @@ def middleware(step: Step) -> Middleware:
             # Inner layers get the proxy itself: type() tells at no call's cost. The outer
             # one makes it (what MessageProxy.of does, without its call).
             if type(msg) is not MessageProxy:
-                msg = msg if isinstance(msg, MessageProxy) else MessageProxy(msg)
+                plain = type(msg) is Msg  # nats-py's own class: no isinstance() needed
+                msg = MessageProxy(msg) if plain or not isinstance(msg, MessageProxy) else msg
             await step(msg, handler)
 
         return handle

@@ -47,7 +47,16 @@ from natsmw.delay.decision import (
 )
 from natsmw.delay.limits import ConsumerLimits, Limits
 from natsmw.delay.memory import Deliveries, Remembered
-from natsmw.delay.park import LATEST_SCHEDULE, DueMsg, Parked, is_served, is_wanted, park_stream
+from natsmw.delay.park import (
+    LATEST_SCHEDULE,
+    SERVED,
+    WANTED,
+    DueMsg,
+    Parked,
+    is_served,
+    park_stream,
+    serving,
+)
 from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDeadlineStore
 from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlinesLostError, DeadlineStoreError, ParkError
@@ -129,6 +138,7 @@ class _Found:
     known: bool = True  # False: the store could not be asked, and nothing is known locally
     parked: bool = False  # a schedule of this message waits in the park stream
     entry: Remembered | None = None  # what this instance remembered of it, if anything
+    now: float | None = None  # the server's time it was found at, if read on the way
 
 
 _WARN_EVERY = 10.0  # seconds between two warnings of a kind an outage repeats per message
@@ -408,15 +418,12 @@ class DelayCap:
             ):
                 return _NOTHING
             return await self._first_of_older(msg, key, numbers)
-        if (
-            header is None
-            and entry is not None
-            and entry.deferral is not None
-            and entry.deferral.deadline > server_clock.now(msg.__wrapped__._client)
-        ):
-            # The usual hold, on the instance that deferred the message: only a handler run
-            # can move a deadline, and none ran since this instance last saw the message.
-            return _Found(entry.deferral, recorded=True, entry=entry)
+        if header is None and entry is not None and entry.deferral is not None:
+            now = server_clock.now(real._client)
+            if entry.deferral.deadline > now:
+                # The usual hold, on the instance that deferred the message: only a handler
+                # run can move a deadline, and none ran since this instance last saw it.
+                return _Found(entry.deferral, recorded=True, entry=entry, now=now)
         return await self._find(msg, key, delivery, header, entry)
 
     async def _first_of_older(
@@ -600,7 +607,10 @@ class DelayCap:
         if found.known:
             if deferral is None:
                 return False
-            remaining: float | None = deferral.deadline - server_clock.now(msg.__wrapped__._client)
+            now = found.now  # read just before, with no await since: the hold's hot path
+            if now is None:
+                now = server_clock.now(msg.__wrapped__._client)
+            remaining: float | None = deferral.deadline - now
             if remaining is not None and remaining <= 0:
                 return False
         else:
@@ -618,18 +628,25 @@ class DelayCap:
             and deferral is not None
             and deferral.deadline < LATEST_SCHEDULE
         )
+        park_after = None
         if parkable:
-            await self._prepare_parking(msg, key)
+            real = msg.__wrapped__
+            origin = real.parked if real.__class__ is DueMsg else key
+            state = serving(real._client, origin.stream, origin.consumer)
+            if state == WANTED:
+                await self._prepare_parking(msg, origin)
+            park_after = self._park_threshold(msg, origin, limits, state)
         decision = delivery_decision(
             remaining,
             cap=self.cap,
-            park_after=self._park_threshold(msg, key, limits) if parkable else None,
+            park_after=park_after,
             jitter=self.jitter,
             draw=random.random(),
             delivery=delivery,
             limits=limits,
         )
-        if isinstance(decision, Park) and deferral is not None:
+        # type(), not isinstance: the decisions are final classes, and this runs per hold
+        if type(decision) is Park and deferral is not None:
             calls_before = deferral.calls_before + delivery - 1 - deferral.skipped(delivery)
             real = msg.__wrapped__
             if real.__class__ is DueMsg:
@@ -645,11 +662,11 @@ class DelayCap:
                 remaining, cap=self.cap, park_after=None, jitter=self.jitter,
                 draw=random.random(), delivery=delivery, limits=limits,
             )  # fmt: skip
-        if isinstance(decision, Run):
+        if type(decision) is Run:
             if decision.forced:
                 self._forced_run(msg, delivery, decision.remaining)
             return False
-        assert isinstance(decision, Hold)
+        assert type(decision) is Hold
         if deferral is None:
             await self._hold_blind(msg, decision, delivery)
             return True
@@ -833,17 +850,11 @@ class DelayCap:
             max_age=self._limits_age,
         )  # fmt: skip
 
-    async def _prepare_parking(self, msg: MessageProxy, key: DeadlineKey) -> None:
-        """Make the park stream if something here wants to serve this consumer but cannot
-        pull yet because the stream does not exist: this delivery is held, later ones park."""
-        real = msg.__wrapped__
-        origin = real.parked if real.__class__ is DueMsg else key
-        client = real._client
-        if is_served(client, origin.stream, origin.consumer):
-            return
-        if not is_wanted(client, origin.stream, origin.consumer):
-            return
-        parks = park_stream(client)
+    async def _prepare_parking(self, msg: MessageProxy, origin: DeadlineKey | Parked) -> None:
+        """Make the park stream when something here wants to serve ``origin``'s consumer
+        (``serving()`` says ``WANTED``) but cannot pull yet because the stream does not exist:
+        this delivery is held, later ones park."""
+        parks = park_stream(msg.__wrapped__._client)
         if parks.refused:
             return
         try:
@@ -853,8 +864,11 @@ class DelayCap:
             log.warning("long delays on %s/%s are held, not parked: %s",
                         origin.stream, origin.consumer, error)  # fmt: skip
 
-    def _park_threshold(self, msg: MessageProxy, key: DeadlineKey, limits: Limits) -> float | None:
-        """``park_after`` if this message can be parked, else ``None``.
+    def _park_threshold(
+        self, msg: MessageProxy, origin: DeadlineKey | Parked, limits: Limits, state: int
+    ) -> float | None:
+        """``park_after`` if this message can be parked, else ``None``. ``origin``: the
+        consumer the message was deferred on; ``state``: what ``serving()`` says of it.
 
         Only messages of a durable consumer whose due messages this process serves: a parked
         message that nobody brings back would be lost.
@@ -862,9 +876,8 @@ class DelayCap:
         if self.park_after is None:
             return None
         real = msg.__wrapped__
-        origin = real.parked if real.__class__ is DueMsg else key
-        if not is_served(real._client, origin.stream, origin.consumer):
-            if is_wanted(real._client, origin.stream, origin.consumer):
+        if state != SERVED:
+            if state == WANTED:
                 return None  # its pull is starting (or failing, and saying so): hold for now
             if (origin.stream, origin.consumer) not in self._unserved_warned:
                 self._unserved_warned.add((origin.stream, origin.consumer))
@@ -1113,8 +1126,12 @@ class DelayCap:
         )
         deadline = server_clock.now(msg.__wrapped__._client) + delay
         traceparent = _traceparent(msg)
+        real = msg.__wrapped__
+        origin = real.parked if real.__class__ is DueMsg else key
+        state = serving(real._client, origin.stream, origin.consumer)
         if self.park_after is not None and delay > self.park_after:
-            await self._prepare_parking(msg, key)
+            if state == WANTED:
+                await self._prepare_parking(msg, origin)
             if park_stream(msg.message._client).refused:
                 self.stats.park_fallbacks += 1  # said when the stream was refused
         if (
@@ -1133,7 +1150,10 @@ class DelayCap:
         decision = nak_decision(
             delay,
             cap=self.cap,
-            park_after=self._park_threshold(msg, key, limits),
+            # asked again: serving may have started or stopped during the awaits above
+            park_after=self._park_threshold(
+                msg, origin, limits, serving(real._client, origin.stream, origin.consumer)
+            ),
             jitter=self.jitter,
             draw=random.random(),
             delivery=delivery,

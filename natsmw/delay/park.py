@@ -476,18 +476,23 @@ def park_stream(client: Client, retention: float = DEFAULT_RETENTION) -> ParkStr
 _served: dict[int, dict[tuple[str, str], list[int]]] = {}
 
 
-def is_served(client: Client, stream: str, consumer: str) -> bool:
-    """Whether this process pulls the due messages of ``stream``/``consumer`` right now."""
+UNSERVED, WANTED, SERVED = 0, 1, 2
+
+
+def serving(client: Client, stream: str, consumer: str) -> int:
+    """How this process serves the due messages of ``stream``/``consumer``: ``SERVED`` (a
+    pull of them works right now), ``WANTED`` (something wants to serve them and may be
+    waiting for the park stream to exist) or ``UNSERVED``."""
     served = _served.get(id(client))
     counts = None if served is None else served.get((stream, consumer))
-    return counts is not None and counts[1] > 0
+    if counts is None:
+        return UNSERVED
+    return SERVED if counts[1] > 0 else WANTED
 
 
-def is_wanted(client: Client, stream: str, consumer: str) -> bool:
-    """Whether something in this process wants to serve ``stream``/``consumer`` (and may be
-    waiting for the park stream to exist)."""
-    served = _served.get(id(client))
-    return served is not None and (stream, consumer) in served
+def is_served(client: Client, stream: str, consumer: str) -> bool:
+    """Whether this process pulls the due messages of ``stream``/``consumer`` right now."""
+    return serving(client, stream, consumer) == SERVED
 
 
 def _count(client: Client, key: tuple[str, str], which: int, step: int) -> None:
