@@ -6,7 +6,9 @@ raw naks, in one run.
 Raw: a consumer whose handler naks every delivery with the same short delay natsmw holds
 with (``nak(delay=CAP)``), so that both go through the server's redelivery timer. Held: the
 same consumer wrapped in with_delay_cap, every message deferred by an hour, held with a cap
-short enough that the rate is the client's, not the cap's. Also held: on another instance
+short enough that the rate is the client's, not the cap's. The floor: the least a hold can
+cost in Python, written by hand for this bench (a dict of deadlines in memory, nothing kept
+across restarts or instances, no max_deliver). Also held: on another instance
 (another connection and delay cap, nothing cached: a new one each window), and with the
 cap's memory limited to a half and a tenth of the messages held (2x and 10x past its limit).
 
@@ -56,6 +58,7 @@ CAP = 0.001  # a redelivery delay short enough that the client, not the delay, s
 READS = ("$JS.API.DIRECT.GET.", "$JS.API.STREAM.MSG.GET.")  # a deadline read from the bucket
 REQUESTS = ("$JS.API.CONSUMER.INFO.", *READS, "$KV.")  # every request natsmw makes
 RAW = "raw nak"
+FLOOR = "hand-written hold (the floor)"
 PAUSED_UNTIL = "2999-01-01T00:00:00Z"  # between a consumer's windows: resumed by the next one
 
 
@@ -197,6 +200,24 @@ async def defer(msg: Msg) -> None:
     await msg.nak(delay=3600)
 
 
+def hand_written_hold() -> Handler:
+    """The floor: a hold written by hand for this bench alone, in memory, with none of what
+    natsmw keeps (no store, restarts, other instances, max_deliver, clocks): the reply
+    subject split, a dict lookup, a clock read and a nak."""
+    deadlines: dict[tuple[str, str, str], float] = {}
+
+    async def hold(msg: Msg) -> None:
+        tokens = msg.reply.split(".")
+        key = (tokens[2], tokens[3], tokens[5])
+        now = time.time()
+        deadline = deadlines.get(key)
+        if deadline is None:
+            deadline = deadlines[key] = now + 3600
+        await msg.nak(delay=min(CAP, deadline - now))
+
+    return hold
+
+
 def held_with(limits_age: float | None) -> DelayCap:
     """A delay cap of ``CAP``; ``limits_age``: how old the consumer limits it holds with may be
     before it reads them again (``None``: natsmw's own, about half the cap)."""
@@ -241,7 +262,7 @@ async def fill(nc: Client, messages: int) -> None:
     """The stream of ``messages`` messages, and a durable push consumer per variant."""
     js = nc.jetstream()
     await js.add_stream(name="HOLDS", subjects=["holds.>"])
-    for durable in ("raw", "held", "held2x", "held10x"):
+    for durable in ("raw", "floor", "held", "held2x", "held10x"):
         config = ConsumerConfig(
             durable_name=durable,
             deliver_subject=f"deliver.{durable}",
@@ -273,7 +294,8 @@ def variants(
     # On the consumer of "held", whose messages the deferring instance defers in the warm-up
     # round before the others run.
     others = [
-        Variant("held, another instance (cold cache)", "held", another_instance(url, limits_age))
+        Variant(FLOOR, "floor", kept(nc, hand_written_hold())),
+        Variant("held, another instance (cold cache)", "held", another_instance(url, limits_age)),
     ]
     for times in (2, 10):
         limited = held_with(limits_age)
@@ -326,10 +348,14 @@ def summary(windows: dict[str, list[Window]]) -> dict[str, dict[str, object]]:
             for name, got in held.items()
         },
         "server requests per hold": {
-            name: spread([w.requests_per_hold for w in got]) for name, got in held.items()
+            name: spread([w.requests_per_hold for w in got])
+            for name, got in held.items()
+            if name != FLOOR
         },
         "store reads per hold": {
-            name: spread([w.reads_per_hold for w in got]) for name, got in held.items()
+            name: spread([w.reads_per_hold for w in got])
+            for name, got in held.items()
+            if name != FLOOR
         },
     }
 

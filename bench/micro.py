@@ -103,6 +103,22 @@ def bare_span(provider: TracerProvider) -> Handler:
     return handle
 
 
+def hand_written_hold(cap: float) -> Handler:
+    """The floor of a hold: in memory, written by hand, none of natsmw's guarantees."""
+    deadlines: dict[tuple[str, str, str], float] = {}
+
+    async def hold(msg: Msg) -> None:
+        tokens = msg.reply.split(".")
+        key = (tokens[2], tokens[3], tokens[5])
+        now = time.time()
+        deadline = deadlines.get(key)
+        if deadline is None:
+            deadline = deadlines[key] = now + 3600
+        await msg.nak(delay=min(cap, deadline - now))
+
+    return hold
+
+
 def held(count: int) -> tuple[Handler, Callable[[int], list[Msg]]]:
     """A delay cap that has deferred ``count`` messages: each later delivery is a hold."""
     handler = with_delay_cap(60, store=MemoryDeadlineStore())(defer)
@@ -136,6 +152,13 @@ def main() -> None:
     args = parser.parse_args()
     sampled_out = TracerProvider(sampler=ALWAYS_OFF)
     hold, redeliveries = held(args.messages)
+    floor = hand_written_hold(60)
+    drive(floor, messages(args.messages))  # deferred once: later deliveries are holds
+    floor_deliveries = iter(range(2, 1 << 30))
+
+    def floor_redeliveries(n: int) -> list[Msg]:
+        return messages(n, next(floor_deliveries))
+
     fresh = messages
     groups: dict[str, list[tuple[str, Handler, Callable[[int], list[Msg]]]]] = {
         "first delivery, handler acks": [
@@ -148,6 +171,7 @@ def main() -> None:
         ],
         "redelivery before the deadline": [
             ("raw nats-py nak(delay=60)", nak, fresh),
+            ("hand-written hold (the floor)", floor, floor_redeliveries),
             ("hold, on the deferring instance", hold, redeliveries),
         ],
     }  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 import weakref
@@ -159,7 +160,16 @@ class _Generation:
     consumer sequence seen, and the sequences an earlier consumer of its name left records
     for (listed once, when first needed)."""
 
-    __slots__ = ("_listing", "_no_bucket_until", "created", "fresh_until", "high", "said")
+    __slots__ = (
+        "_listing",
+        "_no_bucket_until",
+        "clear_until",
+        "created",
+        "deferred",
+        "fresh_until",
+        "high",
+        "said",
+    )
 
     def __init__(self, created: float | None, high: int) -> None:
         self.created = created
@@ -168,6 +178,10 @@ class _Generation:
         self.said = False  # warned that records of an earlier consumer apply
         self._listing: asyncio.Future[set[int] | None] | None = None
         self._no_bucket_until = 0.0
+        # What listed() found, for the hot path: the sequences with a record under this
+        # consumer's name (empty: no bucket), trusted until ``clear_until`` (monotonic).
+        self.deferred: set[int] | None = None
+        self.clear_until = 0.0
 
     def went_back(self, cseq: int) -> bool:
         """Whether a first delivery's consumer sequence may mean the consumer was made again.
@@ -193,6 +207,7 @@ class _Generation:
                     found = await _list(store, key.stream, key.consumer)
                 except DeadlinesLostError:
                     self._no_bucket_until = time.monotonic() + 5.0  # listed once there is one
+                    self.deferred, self.clear_until = set(), self._no_bucket_until
                     raise
                 except DeadlineStoreError as error:
                     # Not listed (no permission to watch the bucket, a timeout): every message
@@ -206,6 +221,8 @@ class _Generation:
                 listing.exception()  # retrieved: callers that wait re-raise it
                 raise
             listing.set_result(found)
+            if found is not None:
+                self.deferred, self.clear_until = found, math.inf
             return found
         return await asyncio.shield(self._listing)
 
@@ -372,7 +389,9 @@ class DelayCap:
             and delivery == 1
             and plain
             and not self._memory._count  # nothing remembered could be about this message
-            and self._first_of_own(real, stream, consumer, int(tokens[6]), int(tokens[7]) / 1e9)
+            and self._first_of_own(
+                real, stream, consumer, sequence, int(tokens[6]), int(tokens[7]) / 1e9
+            )
         ):
             found = _NOTHING
         else:
@@ -384,20 +403,29 @@ class DelayCap:
         )
 
     def _first_of_own(
-        self, real: Msg, stream: str, consumer: str, cseq: int, stored_at: float
+        self, real: Msg, stream: str, consumer: str, sequence: int, cseq: int, stored_at: float
     ) -> bool:
-        """Whether a first, plain delivery was stored under this very consumer (not one
-        deleted and made again under the same name), as far as known without asking."""
+        """Whether a first, plain delivery needs no lookup, as far as known without asking:
+        it was stored under this very consumer (not one deleted and made again under the
+        same name), or an earlier consumer of the name is known to have left it no record."""
         known = self._generations.get(id(real._client))
         generation = None if known is None else known.get((stream, consumer))
         if generation is None:
             return False
         high = generation.high
-        if (
-            (cseq > high or (cseq * 2 >= high and high > _YOUNG))  # not went_back()
-            and (generation.created is None or stored_at >= generation.created)
-            and time.monotonic() < generation.fresh_until
-        ):
+        if not (cseq > high or (cseq * 2 >= high and high > _YOUNG)):  # went_back()
+            return False
+        now = time.monotonic()
+        if now >= generation.fresh_until:
+            return False
+        created = generation.created
+        if created is None or stored_at >= created:
+            generation.high = cseq
+            return True
+        # Stored before this consumer: a new durable over a backlog, every message. The
+        # earlier consumer's records were listed once; most messages are not among them.
+        deferred = generation.deferred
+        if deferred is not None and sequence not in deferred and now < generation.clear_until:
             generation.high = cseq
             return True
         return False
@@ -414,7 +442,7 @@ class DelayCap:
             # consumer (not one deleted and made again under the same name).
             numbers = _reply_numbers(real)
             if numbers is not None and self._first_of_own(
-                real, key.stream, key.consumer, numbers[0], numbers[1]
+                real, key.stream, key.consumer, key.sequence, numbers[0], numbers[1]
             ):
                 return _NOTHING
             return await self._first_of_older(msg, key, numbers)
