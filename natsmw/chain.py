@@ -81,6 +81,14 @@ def middleware(step: Step) -> Middleware:
 
     def apply(handler: Handler) -> Handler:
         _require_async(handler)
+        # A natsmw layer right inside this one is entered at its step, without its own
+        # coroutine: the message is a proxy already. Only that very layer: a wrapper of it
+        # made with functools.wraps carries its attribute too, and must not be skipped.
+        inner = getattr(handler, _ENTRY, None)
+        call_next = inner[1] if inner is not None and inner[0] is handler else handler
+
+        def enter(proxy: Msg) -> Awaitable[None]:
+            return step(proxy, call_next)  # type: ignore[arg-type]  # a proxy, by contract
 
         @functools.wraps(handler)
         async def handle(msg: Msg) -> None:
@@ -89,11 +97,15 @@ def middleware(step: Step) -> Middleware:
             if type(msg) is not MessageProxy:
                 plain = type(msg) is Msg  # nats-py's own class: no isinstance() needed
                 msg = MessageProxy(msg) if plain or not isinstance(msg, MessageProxy) else msg
-            await step(msg, handler)
+            await step(msg, call_next)
 
+        setattr(handle, _ENTRY, (handle, enter))
         return handle
 
     return apply
+
+
+_ENTRY = "_natsmw_entry"  # on a layer's handler: (that handler, its step's entry)
 
 
 def _require_async(handler: object) -> None:

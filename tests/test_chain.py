@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -53,6 +54,28 @@ async def test_stacked_decorators_and_compose_build_the_same_chain() -> None:
     await first(make_msg())
     await second(make_msg())
     assert composed == stacked
+
+
+async def test_a_wrapper_between_two_layers_is_never_skipped() -> None:
+    """Adjacent natsmw layers are entered without the inner one's coroutine; a user's
+    wrapper in between (which functools.wraps gives the inner layer's attributes) runs."""
+    log: list[str] = []
+
+    async def handler(msg: Msg) -> None:
+        log.append("handler")
+
+    inner = recorder("inner", log)(handler)
+
+    @functools.wraps(inner)
+    async def users_wrapper(msg: Msg) -> None:
+        log.append("wrapper")
+        await inner(msg)
+
+    await recorder("outer", log)(users_wrapper)(make_msg())
+
+    assert log == [
+        "enter outer", "wrapper", "enter inner", "handler", "exit inner", "exit outer",
+    ]  # fmt: skip
 
 
 async def test_empty_compose_is_the_identity() -> None:
