@@ -23,7 +23,7 @@ CAP = 0.25  # seconds: stands in for a production cap of a minute
 REVIEW_DELAY = 2.0  # seconds: stands in for the "retry in 3 hours" of a real handler
 ORDERS = [{"id": 1, "amount": 20}, {"id": 2, "amount": 250}, {"id": 3, "amount": 70}]
 _CALLED = "demo.called"
-_SEQUENCE = "messaging.nats.message.stream_sequence"
+_SEQUENCE = "natsmw.message.stream_sequence"
 
 
 def say(text: str) -> None:
@@ -68,10 +68,10 @@ def show_trace(spans: Sequence[ReadableSpan], sequence: int) -> None:
     say(f"The trace of order message #{sequence}, as with_tracing() recorded it:")
     for span in mine:
         attributes = span.attributes or {}
-        settled = attributes.get("messaging.nats.settlement")
-        delay = attributes.get("messaging.nats.nak.delay_s")
+        settled = attributes.get("natsmw.settlement")
+        delay = attributes.get("natsmw.nak.delay_s")
         after = f" nak(delay={delay:.2f}s)" if isinstance(delay, float) else f" {settled}"
-        delivery = attributes.get("messaging.nats.message.delivery_count")
+        delivery = attributes.get("natsmw.message.delivery_count")
         say(f"  span {span.context.span_id:016x} {span.name} (CONSUMER), delivery {delivery}, "
             f"settled:{after}")  # fmt: skip
         for event in span.events:

@@ -11,20 +11,18 @@ messages straight through.
 
 Attributes beyond the conventions, all under ``messaging.nats.*``:
 
-* ``messaging.nats.stream.name``: the JetStream stream;
-* ``messaging.nats.message.stream_sequence``: the message's sequence in that stream;
-* ``messaging.nats.message.delivery_count``: ``num_delivered``, holds included;
-* ``messaging.nats.settlement``: ``ack``, ``nak``, ``term`` or ``none``, as sent to the
+* ``natsmw.stream.name``: the JetStream stream;
+* ``natsmw.message.stream_sequence``: the message's sequence in that stream;
+* ``natsmw.message.delivery_count``: ``num_delivered``, holds included;
+* ``natsmw.settlement``: ``ack``, ``nak``, ``term`` or ``none``, as sent to the
   server through the chain (``none`` for an auto-ack subscription: nats-py acks afterwards);
-* ``messaging.nats.nak.delay_s``: the delay of that nak, if any.
+* ``natsmw.nak.delay_s``: the delay of that nak, if any.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
-import weakref
 from collections.abc import Mapping
 from typing import Any, overload
 
@@ -42,7 +40,16 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from natsmw.chain import Handler, middleware
 from natsmw.headers import peek_header
-from natsmw.message import SPAN_KEY, MessageProxy, Report, Settle, Settlement, remove_last
+from natsmw.message import (
+    _JS_ACK_PREFIX,
+    SPAN_KEY,
+    MessageProxy,
+    Report,
+    Settle,
+    Settlement,
+    StandInMsg,
+    remove_last,
+)
 
 __all__ = ["Tracing", "publish", "with_tracing"]
 
@@ -93,11 +100,18 @@ class Tracing:
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         self._sdk_seen = False
-        self._labels: dict[object, dict[str, Any]] = {}  # metric labels, by stream
+        # Per subscription (client id, sid; stream and consumer on JetStream): the server it
+        # was read from, the attributes every message shares, the metric labels.
+        self._static: dict[tuple[object, ...], _Static] = {}
         self._tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
         self._duration = meter.create_histogram(
-            "messaging.process.duration", unit="s", description="Duration of processing operation."
+            "messaging.process.duration",
+            unit="s",
+            description="Duration of processing operation.",
+            # The conventions' advice: the SDK's default bounds (0, 5, 10, 25, ...) are
+            # meant for milliseconds and would put every run under 5 s in one bucket.
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
         )
         self._consumed = meter.create_counter(
             "messaging.client.consumed.messages",
@@ -156,27 +170,111 @@ class Tracing:
             type(meter_provider).__name__ != "_ProxyMeterProvider"  # the API's "none set yet"
         )
 
+    def _start_attributes(
+        self, msg: MessageProxy, real: Msg, destination: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The span's start attributes and the metric labels of one delivery.
+
+        What every message of a subscription shares (on JetStream, of its stream and
+        consumer too) is built once and kept; the rest is added per message.
+        """
+        client = real._client
+        reply = real.reply
+        jetstream = reply.startswith(_JS_ACK_PREFIX) if reply else False
+        stream: str | None = None
+        consumer: str | None = None
+        sequence = delivered = 0
+        if jetstream:
+            # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>
+            tokens = reply.split(".")
+            if len(tokens) == 9 and (type(real) is Msg or not isinstance(real, StandInMsg)):
+                stream, consumer = tokens[2], tokens[3]
+                sequence, delivered = int(tokens[5]), int(tokens[4])
+            else:  # a domain, or a due copy of a parked message: the original's position
+                stream, consumer, sequence, delivered = msg.identity
+            key: tuple[object, ...] = (id(client), real._sid, stream, consumer)
+        else:
+            key = (id(client), real._sid)
+        server = getattr(client, "_current_server", None)  # a reconnect may change it
+        known = self._static.get(key)
+        if known is None or known[0] is not server:
+            known = self._remember(key, client, real, server, stream, consumer)
+        attributes = {
+            **known[1],
+            "messaging.destination.name": destination,
+            "messaging.message.body.size": len(real.data),
+        }
+        if destination == _INBOX:
+            attributes["messaging.destination.temporary"] = True
+        if type(real) is Msg:
+            headers = real.headers
+            message_id = headers.get("Nats-Msg-Id") if headers else None
+        else:
+            message_id = peek_header(real, "Nats-Msg-Id")
+        if message_id is not None:
+            attributes["messaging.message.id"] = message_id
+        if jetstream:
+            attributes["natsmw.message.stream_sequence"] = sequence
+            attributes["natsmw.message.delivery_count"] = delivered
+        return attributes, known[2]
+
+    def _remember(
+        self,
+        key: tuple[object, ...],
+        client: Client,
+        real: Msg,
+        server: object,
+        stream: str | None,
+        consumer: str | None,
+    ) -> _Static:
+        static: dict[str, Any] = {
+            "messaging.system": "nats",
+            "messaging.operation.name": "process",
+            "messaging.operation.type": "process",
+        }
+        url = getattr(server, "uri", None)
+        if url is not None and url.hostname:
+            static["server.address"] = url.hostname
+            if url.port:
+                static["server.port"] = url.port
+        if consumer is not None:
+            static["messaging.consumer.group.name"] = consumer
+            static["natsmw.stream.name"] = stream
+        else:
+            subscription = getattr(client, "_subs", {}).get(real._sid)
+            queue = getattr(subscription, "_queue", None)
+            if queue:
+                static["messaging.consumer.group.name"] = queue
+        # Not the consumer group: ephemeral and ordered consumers have random, changing names.
+        labels = {name: static[name] for name in _METRIC_LABELS if name in static}
+        if len(self._static) >= _STATIC_KEPT:
+            self._static.clear()  # subscriptions come and go; the live ones come back at once
+        known = self._static[key] = (server, static, labels)
+        return known
+
     async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
-        real = msg.message  # read directly: faster than through the proxy
-        destination = _destination(real.subject)
-        attributes = _start_attributes(msg, real, destination)
-        creation = propagate.extract(real, getter=_HEADERS)
-        creation_span = trace.get_current_span(creation).get_span_context()
-        links = [Link(creation_span)] if creation_span.is_valid else None
-        parent = None
-        if creation_span.is_valid and not trace.get_current_span().get_span_context().is_valid:
-            parent = creation
+        real = msg.__wrapped__  # read directly: faster than through the proxy
+        subject = real.subject
+        destination = _INBOX if subject.startswith(_INBOX) else subject
+        attributes, labels = self._start_attributes(msg, real, destination)
+        links = parent = None
+        if _carries_context(real):
+            creation = propagate.extract(real, getter=_HEADERS)
+            creation_span = trace.get_current_span(creation).get_span_context()
+            if creation_span.is_valid:
+                links = [Link(creation_span)]
+                if not trace.get_current_span().get_span_context().is_valid:
+                    parent = creation
         span = self._tracer.start_span(
             f"process {destination}", parent, SpanKind.CONSUMER, attributes, links
         )
-        stream = attributes.get("messaging.nats.stream.name")
-        labels = self._labels.get(stream)
-        if labels is None:
-            labels = self._labels[stream] = _metric_labels(attributes)
         recorder = _Recorder(self, span, labels)
         # With the creation context as parent, its baggage comes along to the handler.
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        msg.state[SPAN_KEY] = span
+        state = msg._self_state  # what msg.state does, without its call
+        if state is None:
+            state = msg._self_state = {}
+        state[SPAN_KEY] = span
         started = time.perf_counter()
         try:
             if span.is_recording():
@@ -223,9 +321,9 @@ class _Recorder:
     async def settlement(self, settlement: Settlement, send: Settle) -> Any:
         result = await send(settlement)
         if settlement.is_final:
-            self._span.set_attribute("messaging.nats.settlement", _settlement_name(settlement))
+            self._span.set_attribute("natsmw.settlement", _settlement_name(settlement))
             if settlement.kind == "nak" and settlement.delay:
-                self._span.set_attribute("messaging.nats.nak.delay_s", settlement.delay)
+                self._span.set_attribute("natsmw.nak.delay_s", settlement.delay)
         return result
 
     def report(self, report: Report) -> None:
@@ -252,7 +350,7 @@ class _Recorder:
 
     def finish(self, msg: MessageProxy, elapsed: float) -> None:
         if msg.settlement is None and msg.is_jetstream:
-            self._span.set_attribute("messaging.nats.settlement", "none")
+            self._span.set_attribute("natsmw.settlement", "none")
         self._span.end()
         labels = self._labels
         if self._error is not None:
@@ -281,60 +379,34 @@ def _destination(subject: str) -> str:
     return _INBOX if subject.startswith(_INBOX) else subject
 
 
-def _start_attributes(msg: MessageProxy, real: Msg, destination: str) -> dict[str, Any]:
-    attributes: dict[str, Any] = {
-        "messaging.system": "nats",
-        "messaging.operation.name": "process",
-        "messaging.operation.type": "process",
-        "messaging.destination.name": destination,
-        "messaging.message.body.size": len(real.data),
-    }
-    if destination == _INBOX:
-        attributes["messaging.destination.temporary"] = True
-    message_id = peek_header(real, "Nats-Msg-Id")
-    if message_id is not None:
-        attributes["messaging.message.id"] = message_id
-    attributes.update(_server_attributes(real._client))
-    if msg.is_jetstream:
-        position = msg.identity  # a due copy of a parked message: the original's
-        attributes["messaging.consumer.group.name"] = position.consumer
-        attributes["messaging.nats.stream.name"] = position.stream
-        attributes["messaging.nats.message.stream_sequence"] = position.stream_sequence
-        attributes["messaging.nats.message.delivery_count"] = position.delivered
-    else:
-        subscription = getattr(real._client, "_subs", {}).get(real._sid)
-        queue = getattr(subscription, "_queue", None)
-        if queue:
-            attributes["messaging.consumer.group.name"] = queue
-    return attributes
+def _carries_context(real: Msg) -> bool:
+    """Whether the message may carry a trace context: it has headers and, as a plain
+    message, one the global propagator reads (most carry none: nothing to extract)."""
+    if type(real) is not Msg:
+        return True  # lazy headers: the propagator peeks at what it reads
+    headers = real.headers
+    if not headers:
+        return False
+    global _fields  # one propagator's fields, read again only when it changes
+    textmap = propagate.get_global_textmap()
+    if _fields[0] is not textmap:
+        _fields = (textmap, frozenset(textmap.fields))  # a composite builds them per call
+    fields = _fields[1]
+    return not fields or not fields.isdisjoint(headers)
 
 
-_servers: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, Any]]] = weakref.WeakKeyDictionary()
+_fields: tuple[object, frozenset[str]] = (None, frozenset())
 
 
-def _server_attributes(client: Any) -> dict[str, Any]:
-    """``server.address`` and ``server.port`` of the server the client is connected to."""
-    url = getattr(client, "connected_url", None)
-    try:
-        known = _servers.get(client)
-    except TypeError:  # not weak-referenceable: no cache
-        known = None
-    if known is not None and known[0] is url:
-        return known[1]
-    found: dict[str, Any] = {}
-    if url is not None and url.hostname:
-        found["server.address"] = url.hostname
-        if url.port:
-            found["server.port"] = url.port
-    with contextlib.suppress(TypeError):
-        _servers[client] = (url, found)
-    return found
-
-
-def _metric_labels(attributes: Mapping[str, Any]) -> dict[str, Any]:
-    # Not the consumer group: ephemeral and ordered consumers have random, changing names.
-    keep = ("messaging.system", "messaging.operation.name", "messaging.nats.stream.name")
-    return {k: attributes[k] for k in keep if k in attributes}
+_Static = tuple[object, dict[str, Any], dict[str, Any]]
+_STATIC_KEPT = 4096
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+_METRIC_LABELS = (
+    "messaging.system",
+    "messaging.operation.name",
+    "natsmw.stream.name",
+    "server.address",
+)
 
 
 def _settlement_name(settlement: Settlement) -> str:
@@ -411,8 +483,8 @@ async def publish(
             ack: PubAck = await connection.publish(
                 subject, payload, headers=carrier, **publish_options
             )
-            span.set_attribute("messaging.nats.stream.name", ack.stream)
-            span.set_attribute("messaging.nats.message.stream_sequence", ack.seq)
+            span.set_attribute("natsmw.stream.name", ack.stream)
+            span.set_attribute("natsmw.message.stream_sequence", ack.seq)
             return ack
         await connection.publish(subject, payload, headers=carrier or None, **publish_options)
         return None

@@ -6,20 +6,22 @@ import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, SamplingResult
-from opentelemetry.trace import Link, SpanKind, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes
 
 from natsmw import compose, with_delay_cap, with_size_limit
@@ -134,12 +136,12 @@ async def test_process_span_has_name_kind_and_attributes_at_start(
         "messaging.message.body.size": 5,
         "server.address": url.hostname,
         "server.port": url.port,
-        "messaging.nats.stream.name": stream.name,
-        "messaging.nats.message.stream_sequence": ack.seq,
-        "messaging.nats.message.delivery_count": 1,
+        "natsmw.stream.name": stream.name,
+        "natsmw.message.stream_sequence": ack.seq,
+        "natsmw.message.delivery_count": 1,
     }
     assert telemetry.sampler.seen[span.name] == [expected]  # all of it known at start
-    assert span.attributes == {**expected, "messaging.nats.settlement": "ack"}
+    assert span.attributes == {**expected, "natsmw.settlement": "ack"}
 
 
 async def test_reply_inboxes_and_queue_groups(conn: Connection, telemetry: Telemetry) -> None:
@@ -180,7 +182,7 @@ async def test_exception_is_recorded_and_still_propagates(
     (span,) = telemetry.finished()
     assert span.status.status_code is StatusCode.ERROR
     assert span.attributes["error.type"] == "KeyError"  # type: ignore[index]
-    assert span.attributes["messaging.nats.settlement"] == "none"  # type: ignore[index]
+    assert span.attributes["natsmw.settlement"] == "none"  # type: ignore[index]
     assert [e.name for e in span.events] == ["exception"]
     (point,) = telemetry.metric("messaging.process.duration")
     assert point.attributes["error.type"] == "KeyError"
@@ -238,13 +240,13 @@ async def test_delay_and_guard_events_and_a_link_back_to_the_deferring_span(
     assert (capped["natsmw.delay.requested_s"], capped["natsmw.delay.cap_s"]) == (2.0, CAP)
     holds = [s for s in spans if any(e.name == "natsmw.delay.hold" for e in s.events)]
     assert len(holds) == second.num_delivered - 2
-    assert all(s.attributes["messaging.nats.nak.delay_s"] <= CAP for s in holds)  # type: ignore[index,operator]
+    assert all(s.attributes["natsmw.nak.delay_s"] <= CAP for s in holds)  # type: ignore[index,operator]
 
     deferring = next(s for s in spans if any(e.name == "natsmw.delay.capped" for e in s.events))
     final = next(s for s in spans if any(e.name == "natsmw.delay.released" for e in s.events))
     assert [link.context.span_id for link in final.links] == [deferring.context.span_id]
-    assert final.attributes["messaging.nats.settlement"] == "ack"  # type: ignore[index]
-    assert deferring.attributes["messaging.nats.settlement"] == "nak"  # type: ignore[index]
+    assert final.attributes["natsmw.settlement"] == "ack"  # type: ignore[index]
+    assert deferring.attributes["natsmw.settlement"] == "nak"  # type: ignore[index]
     await conn.js.delete_stream("DEADT")
 
 
@@ -267,7 +269,7 @@ async def test_metrics_after_a_known_sequence(
     assert duration.count == deliveries
     assert consumed.attributes == {  # low cardinality: no subject, no consumer name
         "messaging.system": "nats", "messaging.operation.name": "process",
-        "messaging.nats.stream.name": stream.name,
+        "natsmw.stream.name": stream.name, "server.address": "127.0.0.1",
     }  # fmt: skip
     assert [p.value for p in telemetry.metric("natsmw.delay.capped")] == [1]
     assert sum(p.value for p in telemetry.metric("natsmw.delay.holds")) == cap.stats.holds
@@ -300,11 +302,11 @@ async def test_metric_labels_stay_per_stream_and_an_error_marks_only_its_own_poi
             await handler(msg)
 
     consumed = {
-        p.attributes["messaging.nats.stream.name"]: p.value
+        p.attributes["natsmw.stream.name"]: p.value
         for p in telemetry.metric("messaging.client.consumed.messages")
     }
     durations = {
-        (p.attributes["messaging.nats.stream.name"], p.attributes.get("error.type")): p.count
+        (p.attributes["natsmw.stream.name"], p.attributes.get("error.type")): p.count
         for p in telemetry.metric("messaging.process.duration")
     }
     assert consumed == {"LABELSA": 2, "LABELSB": 2}
@@ -413,7 +415,7 @@ async def test_pull_worker_under_install_gets_one_span_per_delivery_and_the_link
     await telemetry.spans.wait_for(cap.stats.holds + 2)
 
     spans = telemetry.finished(f"process {stream.subject}")
-    deliveries = [s.attributes["messaging.nats.message.delivery_count"] for s in spans]  # type: ignore[index]
+    deliveries = [s.attributes["natsmw.message.delivery_count"] for s in spans]  # type: ignore[index]
     assert sorted(deliveries) == list(range(1, len(spans) + 1))  # one span per delivery
     assert all(batches)  # held deliveries never came back as an empty batch
     deferring = next(s for s in spans if any(e.name == "natsmw.delay.capped" for e in s.events))
@@ -448,14 +450,91 @@ async def test_a_parked_message_runs_in_a_span_linked_to_the_one_that_parked_it(
     assert len(spans) == 2  # the deferring run and the due run: nothing in between
     deferring, final = sorted(spans, key=lambda span: span.start_time or 0)
     assert [e.name for e in deferring.events] == ["natsmw.delay.parked"]
-    assert deferring.attributes["messaging.nats.settlement"] == "ack"  # type: ignore[index]
+    assert deferring.attributes["natsmw.settlement"] == "ack"  # type: ignore[index]
     (unparked,) = [e for e in final.events if e.name == "natsmw.delay.unparked"]
     assert unparked.attributes["natsmw.delay.late_s"] >= 0  # type: ignore[index,operator]
     assert [link.context.span_id for link in final.links] == [deferring.context.span_id]
     assert final.attributes["messaging.destination.name"] == stream.subject  # type: ignore[index]
     # The due copy is reported as the original: its stream, consumer and sequence.
-    assert final.attributes["messaging.nats.stream.name"] == stream.name  # type: ignore[index]
+    assert final.attributes["natsmw.stream.name"] == stream.name  # type: ignore[index]
     assert final.attributes["messaging.consumer.group.name"] == "parked"  # type: ignore[index]
-    assert final.attributes["messaging.nats.message.delivery_count"] == 2  # type: ignore[index]
+    assert final.attributes["natsmw.message.delivery_count"] == 2  # type: ignore[index]
     assert telemetry.metric("natsmw.delay.parked")[0].value == 1
     assert telemetry.metric("natsmw.delay.unparked")[0].value == 1
+
+
+async def test_process_duration_uses_the_conventions_bucket_boundaries(
+    conn: Connection, stream: Stream, telemetry: Telemetry
+) -> None:
+    """2 ms and 200 ms runs land in different buckets (the SDK's default bounds are for
+    milliseconds: both would be in the first one)."""
+    done = Inbox()
+
+    @traced(telemetry)
+    async def handler(msg: Msg) -> None:
+        await asyncio.sleep(0.2 if msg.data == b"slow" else 0.002)
+        await msg.ack()
+        await done.put(msg)
+
+    await conn.js.subscribe(stream.subject, durable="buckets", cb=handler, manual_ack=True)
+    await conn.js.publish(stream.subject, b"fast")
+    await conn.js.publish(stream.subject, b"slow")
+    await done.wait_for(2)
+
+    (duration,) = telemetry.metric("messaging.process.duration")
+    assert list(duration.explicit_bounds) == [
+        0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10,
+    ]  # fmt: skip
+    filled = [i for i, count in enumerate(duration.bucket_counts) if count]
+    assert len(filled) == 2, duration.bucket_counts
+
+
+class _OtherHeaderPropagator(TextMapPropagator):
+    """Reads a context from a header the W3C propagator does not know."""
+
+    def __init__(self, span: SpanContext) -> None:
+        self._span = span
+
+    def extract(self, carrier: Any, context: Context | None = None, getter: Any = None) -> Context:
+        found = getter.get(carrier, "x-other-trace") if getter else None
+        if not found:
+            return context or Context()
+        return trace.set_span_in_context(trace.NonRecordingSpan(self._span), context)
+
+    def inject(self, carrier: Any, context: Context | None = None, setter: Any = None) -> None:
+        pass
+
+    @property
+    def fields(self) -> set[str]:
+        return {"x-other-trace"}
+
+
+def test_a_context_in_headers_the_global_propagator_reads_is_linked(
+    telemetry: Telemetry,
+) -> None:
+    """natsmw looks for a trace context only where the global propagator reads one: a
+    propagator of other headers than traceparent is still heard."""
+    remote = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(1))
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(_OtherHeaderPropagator(remote))
+    try:
+
+        async def handler(msg: Msg) -> None:
+            pass
+
+        handle = traced(telemetry)(handler)
+        client = SimpleNamespace(_subs={})
+        for headers in ({"x-other-trace": "1"}, {"Nats-Msg-Id": "2"}, None):
+            msg = Msg(_client=client, subject="core.x", data=b"", headers=headers)  # type: ignore[arg-type]
+            coroutine = handle(msg)
+            with contextlib.suppress(StopIteration):
+                coroutine.send(None)
+    finally:
+        propagate.set_global_textmap(before)
+
+    linked, plain, bare = telemetry.finished("process core.x")
+    assert [link.context for link in linked.links] == [remote]
+    assert linked.parent == remote  # no ambient span: the creation context is the parent
+    for unlinked in (plain, bare):
+        assert not unlinked.links
+        assert unlinked.parent is None

@@ -1010,7 +1010,7 @@ class DelayCap:
                  "natsmw.delay.late_s": round(
                      max(server_clock.now(due._client) - parked.deadline, 0.0), 3),
                  "natsmw.delay.handler_calls_before": parked.calls,
-                 "messaging.nats.message.delivery_count": due.metadata.num_delivered},
+                 "natsmw.message.delivery_count": due.metadata.num_delivered},
                 link=parked.traceparent,
             )  # fmt: skip
         await self._run(msg, key, delivery, deferral, call_next,
@@ -1028,7 +1028,7 @@ class DelayCap:
             msg.report(
                 "natsmw.delay.hold",
                 {"natsmw.delay.remaining_s": remaining, "natsmw.delay.nak_s": hold.nak,
-                 "messaging.nats.message.delivery_count": delivery},
+                 "natsmw.message.delivery_count": delivery},
             )  # fmt: skip
         await msg._settle(Settlement("nak", delay=hold.nak))  # a valid delay: no checks
 
@@ -1036,7 +1036,7 @@ class DelayCap:
         self.stats.blind_holds += 1
         msg.report(
             "natsmw.delay.blind_hold",
-            {"natsmw.delay.nak_s": hold.nak, "messaging.nats.message.delivery_count": delivery},
+            {"natsmw.delay.nak_s": hold.nak, "natsmw.message.delivery_count": delivery},
         )
         self._warn(
             "blind",
@@ -1264,7 +1264,7 @@ class DelayCap:
                 "natsmw.delay.released",
                 {"natsmw.delay.deadline": _iso(deferral.deadline),
                  "natsmw.delay.held_deliveries": held,
-                 "messaging.nats.message.delivery_count": delivery},
+                 "natsmw.message.delivery_count": delivery},
                 link=deferral.traceparent,
             )  # fmt: skip
             self._record_release(msg, key, deferral)
@@ -1311,7 +1311,7 @@ def _survival(
     """Report a decision that put the message's survival before the cap or the deadline."""
     attributes: dict[str, str | bool | int | float] = {
         "natsmw.delay.decision": decision,
-        "messaging.nats.message.delivery_count": delivery,
+        "natsmw.message.delivery_count": delivery,
     }
     if remaining is not None:
         attributes["natsmw.delay.remaining_s"] = remaining
