@@ -66,9 +66,9 @@ def attributed_span(nc: Client) -> Handler:
             "messaging.consumer.group.name": meta.consumer,
             "messaging.message.body.size": len(msg.data),
             "server.address": "127.0.0.1", "server.port": 4222,
-            "messaging.nats.stream.name": meta.stream,
-            "messaging.nats.message.stream_sequence": meta.sequence.stream,
-            "messaging.nats.message.delivery_count": meta.num_delivered,
+            "natsmw.stream.name": meta.stream,
+            "natsmw.message.stream_sequence": meta.sequence.stream,
+            "natsmw.message.delivery_count": meta.num_delivered,
         }  # fmt: skip
         with tracer.start_as_current_span(
             f"process {msg.subject}", kind=SpanKind.CONSUMER, attributes=attributes

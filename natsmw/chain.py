@@ -87,9 +87,6 @@ def middleware(step: Step) -> Middleware:
         inner = getattr(handler, _ENTRY, None)
         call_next = inner[1] if inner is not None and inner[0] is handler else handler
 
-        def enter(proxy: Msg) -> Awaitable[None]:
-            return step(proxy, call_next)  # type: ignore[arg-type]  # a proxy, by contract
-
         @functools.wraps(handler)
         async def handle(msg: Msg) -> None:
             # Inner layers get the proxy itself: type() tells at no call's cost. The outer
@@ -98,6 +95,11 @@ def middleware(step: Step) -> Middleware:
                 plain = type(msg) is Msg  # nats-py's own class: no isinstance() needed
                 msg = MessageProxy(msg) if plain or not isinstance(msg, MessageProxy) else msg
             await step(msg, call_next)
+
+        def enter(msg: Msg) -> Awaitable[None]:
+            if type(msg) is MessageProxy:
+                return step(msg, call_next)
+            return handle(msg)  # a step handed on another message: proxy it as handle does
 
         setattr(handle, _ENTRY, (handle, enter))
         return handle

@@ -144,9 +144,9 @@ class SizeGuard:
                 f"dead_letter_subject may use {{stream}}, {{consumer}} and {{subject}}, "
                 f"got {dead_letter_subject!r} ({error!r})"
             ) from None
-        self.max_body = max_body
-        self.max_header_bytes = max_header_bytes
-        self.max_headers = max_headers
+        self._max_body = max_body
+        self._max_header_bytes = max_header_bytes
+        self._max_headers = max_headers
         self._counts_only = max_header_bytes is None
         self._body_limit = math.inf if max_body is None else max_body
         self._count_limit = math.inf if max_headers is None else max_headers
@@ -155,6 +155,22 @@ class SizeGuard:
         self.nak_delay = to_seconds(nak_delay, "nak_delay")
         self.stats = SizeGuardStats()
         self._limits = ConsumerLimits()
+
+    # Read-only: the fast path of _step keeps what these were when the guard was built.
+    @property
+    def max_body(self) -> int | None:
+        """The largest body let through, in bytes (``None``: any)."""
+        return self._max_body
+
+    @property
+    def max_header_bytes(self) -> int | None:
+        """The largest header block let through, in bytes (``None``: any)."""
+        return self._max_header_bytes
+
+    @property
+    def max_headers(self) -> int | None:
+        """The most headers let through (``None``: any)."""
+        return self._max_headers
 
     def __call__(self, handler: Handler) -> Handler:
         return middleware(self._step)(handler)

@@ -9,7 +9,7 @@ span that asked for the delay.
 natsmw depends on ``opentelemetry-api`` only: with no SDK configured, the middleware passes
 messages straight through.
 
-Attributes beyond the conventions, all under ``messaging.nats.*``:
+Attributes beyond the conventions, all under ``natsmw.*``:
 
 * ``natsmw.stream.name``: the JetStream stream;
 * ``natsmw.message.stream_sequence``: the message's sequence in that stream;
@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.propagators.textmap import Getter
@@ -387,15 +388,26 @@ def _carries_context(real: Msg) -> bool:
     headers = real.headers
     if not headers:
         return False
-    global _fields  # one propagator's fields, read again only when it changes
+    global _fields  # one propagator's verdict, made again only when it changes
     textmap = propagate.get_global_textmap()
     if _fields[0] is not textmap:
-        _fields = (textmap, frozenset(textmap.fields))  # a composite builds them per call
+        _fields = (textmap, _fields_read(textmap))
     fields = _fields[1]
-    return not fields or not fields.isdisjoint(headers)
+    return fields is None or not fields.isdisjoint(headers)
 
 
-_fields: tuple[object, frozenset[str]] = (None, frozenset())
+def _fields_read(textmap: object) -> frozenset[str] | None:
+    """The headers ``textmap`` reads, where known: the W3C propagators (the default) read
+    the fields they list. Others may read more than ``fields`` lists (B3 reads ``b3``,
+    which it does not list): ``None``, every message with headers is handed to them."""
+    parts = getattr(textmap, "_propagators", [textmap])  # a composite's, or itself
+    if all(type(part) in _W3C_PROPAGATORS for part in parts):
+        return frozenset().union(*(part.fields for part in parts))
+    return None
+
+
+_W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
+_fields: tuple[object, frozenset[str] | None] = (object(), None)
 
 
 _Static = tuple[object, dict[str, Any], dict[str, Any]]

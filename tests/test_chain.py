@@ -78,6 +78,27 @@ async def test_a_wrapper_between_two_layers_is_never_skipped() -> None:
     ]  # fmt: skip
 
 
+async def test_a_step_may_hand_another_message_to_the_next_layer() -> None:
+    """A step that replaces the message (say, decompressed) hands on a plain Msg: the next
+    natsmw layer proxies it, as the outer one did the original."""
+    seen: list[tuple[type, bytes]] = []
+
+    async def replace(msg: MessageProxy, call_next: Handler) -> None:
+        await call_next(Msg(_client=None, subject=msg.subject, data=b"new"))  # type: ignore[arg-type]
+
+    async def look(msg: MessageProxy, call_next: Handler) -> None:
+        seen.append((type(msg), msg.data))
+        await call_next(msg)
+
+    @compose(middleware(replace), middleware(look))
+    async def handler(msg: Msg) -> None:
+        seen.append((type(msg), msg.data))
+
+    await handler(make_msg())
+
+    assert seen == [(MessageProxy, b"new"), (MessageProxy, b"new")]
+
+
 async def test_empty_compose_is_the_identity() -> None:
     async def handler(msg: Msg) -> None:
         pass

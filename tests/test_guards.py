@@ -346,3 +346,12 @@ async def test_a_copy_stored_before_whose_term_was_lost_is_not_stored_again(
     assert spy.settlements(big.seq) == [b"+TERM"]
     assert (await conn.js.stream_info("DEAD")).state.messages == 1  # not stored twice
     assert guard.stats.dead_lettered == 1
+
+
+def test_a_guards_limits_are_read_only() -> None:
+    """The limits are fixed when the guard is built (its fast path keeps them): changing
+    one afterwards is refused, not silently ignored."""
+    guard = with_size_limit(max_body=1000)
+    with pytest.raises(AttributeError):
+        guard.max_body = 10  # type: ignore[misc]
+    assert guard.max_body == 1000

@@ -490,7 +490,8 @@ async def test_process_duration_uses_the_conventions_bucket_boundaries(
 
 
 class _OtherHeaderPropagator(TextMapPropagator):
-    """Reads a context from a header the W3C propagator does not know."""
+    """Reads a context from a header the W3C propagator does not know, and which its
+    ``fields`` do not list (B3 reads ``b3`` and lists only ``x-b3-*``)."""
 
     def __init__(self, span: SpanContext) -> None:
         self._span = span
@@ -506,7 +507,7 @@ class _OtherHeaderPropagator(TextMapPropagator):
 
     @property
     def fields(self) -> set[str]:
-        return {"x-other-trace"}
+        return {"x-other-trace-id"}  # what it would inject
 
 
 def test_a_context_in_headers_the_global_propagator_reads_is_linked(
