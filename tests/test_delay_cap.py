@@ -472,6 +472,26 @@ async def test_max_deliver_lowered_during_a_hold_is_seen_before_the_last_deliver
     assert cap.stats.forced_runs == 0
 
 
+async def test_a_tiny_cap_reads_the_consumer_limits_at_most_ten_times_a_second(
+    conn: Connection, stream: Stream
+) -> None:
+    """Limits are read again once older than half a hold, but not more often than ten times
+    a second: a 10 ms cap held for 1.5 s is about 150 holds, not 150 consumer-info requests."""
+    requests = Inbox()
+    await conn.nc.subscribe("$JS.API.CONSUMER.INFO.>", cb=requests.put)
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="tiny", ack_wait=30))
+    scripted = ScriptedHandler(("nak", 1.5), ("ack",))
+    cap = with_delay_cap(0.01, parking=False)
+    async with pulling(conn.js, stream.subject, "tiny", cap(scripted)):
+        await conn.js.publish(stream.subject, b"x")
+        calls = await scripted.wait_calls(2)
+    await conn.nc.flush()
+
+    assert calls[1].at >= scripted.naked_at[0] + 1.5
+    assert cap.stats.holds >= 50  # the holds the requests are counted against
+    assert len(requests.items) <= 25, (len(requests.items), cap.stats.holds)
+
+
 async def test_a_batch_held_at_once_asks_for_consumer_info_once(
     conn: Connection, stream: Stream
 ) -> None:

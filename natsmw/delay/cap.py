@@ -236,6 +236,7 @@ async def _list(store: DeadlineStore, stream: str, consumer: str) -> set[int] | 
 
 
 _YOUNG = 64
+_LIMITS_AGE_FLOOR = 0.1  # seconds a reading of a consumer's limits is trusted, at least
 # How long a consumer's creation time is trusted before it is read again (at most one
 # consumer-info request per consumer this often, while first deliveries come in): a consumer
 # deleted and made again is noticed within this, or at once when its sequences go back.
@@ -322,7 +323,9 @@ class DelayCap:
         # max_deliver can be lowered while messages are held. Read at most half a hold ago,
         # a consumer's limits are read again between any two holds of one message, so a
         # change costs at most one hold planned on the old value, never the last delivery.
-        self._limits_age = self.cap * (1 - self.jitter) / 2
+        # Not more often than ten times a second per consumer, whatever the cap: under a
+        # cap of milliseconds that would be a consumer-info request every few holds.
+        self._limits_age = max(self.cap * (1 - self.jitter) / 2, _LIMITS_AGE_FLOOR)
         self._unserved_warned: set[tuple[str, str]] = set()
         self._lost_said_until = 0.0
         self._warned: dict[str, tuple[float, int]] = {}  # kind: (quiet until, held back)
