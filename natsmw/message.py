@@ -55,6 +55,9 @@ SettlementKind: TypeAlias = Literal["ack", "ack_sync", "nak", "term", "in_progre
 _JS_ACK_PREFIX = "$JS.ACK."
 
 SPAN_KEY = "natsmw.span"
+# On a handler wrapped by a delay cap, and (functools.wraps copies it) on every wrapper
+# made around it later: the delay cap itself.
+CAPPED_BY = "__natsmw_delay_cap__"
 """``msg.state`` key of the message's process span, set by tracing. A settlement may come
 from code outside the span's context (a pull worker settling what ``fetch`` returned), so
 middlewares that need the span look here rather than at the current context."""
@@ -188,6 +191,9 @@ class MessageProxy(_Proxy):
     _self_settlement: Settlement | None = None
     _self_settled: asyncio.Event | None = None
     _self_position: Position | None = None
+    # Called by a middleware that may keep the handler from running (the delay cap), right
+    # before it lets it run: tracing opens its span then, so that holds make none.
+    _self_on_run: Callable[[], None] | None = None
 
     # The message's own fields, forwarded by properties: a wrapt proxy finds these on its
     # class at once, instead of failing over to the wrapped object for every access (5x

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 from nats.aio.client import Client
@@ -43,6 +43,7 @@ from natsmw.chain import Handler, middleware
 from natsmw.headers import peek_header
 from natsmw.message import (
     _JS_ACK_PREFIX,
+    CAPPED_BY,
     SPAN_KEY,
     MessageProxy,
     Report,
@@ -101,6 +102,7 @@ class Tracing:
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         self._sdk_seen = False
+        self._judged: tuple[object, object] | None = None  # the global providers judged
         # Per subscription (client id, sid; stream and consumer on JetStream): the server it
         # was read from, the attributes every message shares, the metric labels.
         self._static: dict[tuple[object, ...], _Static] = {}
@@ -132,7 +134,11 @@ class Tracing:
         }
 
     def __call__(self, handler: Handler) -> Handler:
-        traced = middleware(self._step)(handler)
+        # Around a delay cap, a delivery's span opens only when the handler is about to run
+        # (or something other than a hold happened): holds are settlements, not processing,
+        # and a 3 h deferral at a 1 min cap would otherwise be 180 process spans.
+        deferring = getattr(handler, CAPPED_BY, None) is not None
+        traced = middleware(self._deferred_step if deferring else self._step)(handler)
         given = self._tracer_provider is not None or self._meter_provider is not None
 
         @functools.wraps(handler)
@@ -156,20 +162,33 @@ class Tracing:
         return handle
 
     def _enabled(self) -> bool:
-        """Whether an SDK is there to receive spans or metrics (either is enough)."""
+        """Whether an SDK is there to receive spans or metrics (either is enough). Decided
+        once per pair of global providers: asked again only when one of them is set."""
         if self._sdk_seen:
             return True  # providers, once set, stay set: no need to look again
+        providers = _global_providers()
+        if providers is not None and providers == self._judged:
+            return False
         self._sdk_seen = self._sdk_found()
+        self._judged = providers
         return self._sdk_seen
 
     def _sdk_found(self) -> bool:
         tracer_provider = self._tracer_provider or trace.get_tracer_provider()
         if not isinstance(tracer_provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
             return True
-        meter_provider = self._meter_provider or metrics.get_meter_provider()
-        return not isinstance(meter_provider, metrics.NoOpMeterProvider) and (
-            type(meter_provider).__name__ != "_ProxyMeterProvider"  # the API's "none set yet"
-        )
+        meter_provider = self._meter_provider
+        if meter_provider is None:
+            providers = _global_providers()
+            if providers is None:  # an API whose globals natsmw cannot read: ask it
+                meter_provider = metrics.get_meter_provider()
+                return not isinstance(meter_provider, metrics.NoOpMeterProvider) and (
+                    type(meter_provider).__name__ != "_ProxyMeterProvider"  # none set yet
+                )
+            if providers[1] is None:
+                return False  # none set: the API's proxy, which records nothing
+            return not isinstance(providers[1], metrics.NoOpMeterProvider)
+        return not isinstance(meter_provider, metrics.NoOpMeterProvider)
 
     def _start_attributes(
         self, msg: MessageProxy, real: Msg, destination: str
@@ -179,6 +198,29 @@ class Tracing:
         What every message of a subscription shares (on JetStream, of its stream and
         consumer too) is built once and kept; the rest is added per message.
         """
+        known, jetstream, sequence, delivered = self._shared(msg, real)
+        attributes = {
+            **known[1],
+            "messaging.destination.name": destination,
+            "messaging.message.body.size": len(real.data),
+        }
+        if destination == _INBOX:
+            attributes["messaging.destination.temporary"] = True
+        if type(real) is Msg:
+            headers = real.headers
+            message_id = headers.get("Nats-Msg-Id") if headers else None
+        else:
+            message_id = peek_header(real, "Nats-Msg-Id")
+        if message_id is not None:
+            attributes["messaging.message.id"] = message_id
+        if jetstream:
+            attributes["natsmw.message.stream_sequence"] = sequence
+            attributes["natsmw.message.delivery_count"] = delivered
+        return attributes, known[2]
+
+    def _shared(self, msg: MessageProxy, real: Msg) -> tuple[_Static, bool, int, int]:
+        """What the delivery's subscription shares (kept), whether it is a JetStream one,
+        and the message's stream sequence and delivery count there."""
         client = real._client
         reply = real.reply
         jetstream = reply.startswith(_JS_ACK_PREFIX) if reply else False
@@ -200,24 +242,17 @@ class Tracing:
         known = self._static.get(key)
         if known is None or known[0] is not server:
             known = self._remember(key, client, real, server, stream, consumer)
-        attributes = {
-            **known[1],
-            "messaging.destination.name": destination,
-            "messaging.message.body.size": len(real.data),
-        }
-        if destination == _INBOX:
-            attributes["messaging.destination.temporary"] = True
-        if type(real) is Msg:
-            headers = real.headers
-            message_id = headers.get("Nats-Msg-Id") if headers else None
-        else:
-            message_id = peek_header(real, "Nats-Msg-Id")
-        if message_id is not None:
-            attributes["messaging.message.id"] = message_id
-        if jetstream:
-            attributes["natsmw.message.stream_sequence"] = sequence
-            attributes["natsmw.message.delivery_count"] = delivered
-        return attributes, known[2]
+        return known, jetstream, sequence, delivered
+
+    def _count(self, report: Report, labels: dict[str, Any]) -> None:
+        """Count ``report`` on its natsmw counter, if it has one, with the delivery's metric
+        labels and those of the report's own attributes that are few."""
+        counter = _COUNTED.get(report.name)
+        if counter is None:
+            return
+        counted = {**labels}
+        counted.update({k: v for k, v in report.attributes.items() if k in _LABELS})
+        self._counters[counter].add(1, counted)
 
     def _remember(
         self,
@@ -300,12 +335,213 @@ class Tracing:
             otel_context.detach(token)
             recorder.finish(msg, time.perf_counter() - started)
 
+    async def _deferred_step(self, msg: MessageProxy, call_next: Handler) -> None:
+        """The step around a delay cap: the span waits for the handler's run."""
+        delivery = _Delivery(self, msg)
+        previous = msg._self_on_run
+        msg._self_on_run = delivery.open if previous is None else _both(previous, delivery.open)
+        observers = msg._self_observers
+        if observers is None:
+            observers = msg._self_observers = []
+        observers.append(delivery.report)
+        try:
+            await call_next(msg)
+        except BaseException as raised:
+            delivery.failed(raised)
+            raise
+        finally:
+            remove_last(observers, delivery.report)
+            msg._self_on_run = previous
+            delivery.finish()
+
+    def _open(
+        self,
+        msg: MessageProxy,
+        links: list[Link],
+        more: dict[str, Any],
+        start_time: int | None,
+    ) -> tuple[trace.Span, otel_context.Context | None, dict[str, Any]]:
+        """Start a delivery's span (not made current): the span, its parent context (the
+        creation context when there is no ambient span) and the metric labels."""
+        real = msg.__wrapped__
+        subject = real.subject
+        destination = _INBOX if subject.startswith(_INBOX) else subject
+        attributes, labels = self._start_attributes(msg, real, destination)
+        attributes.update(more)
+        parent = None
+        if _carries_context(real):
+            creation = propagate.extract(real, getter=_HEADERS)
+            creation_span = trace.get_current_span(creation).get_span_context()
+            if creation_span.is_valid:
+                links = [Link(creation_span), *links]
+                if not trace.get_current_span().get_span_context().is_valid:
+                    parent = creation
+        span = self._tracer.start_span(
+            f"process {destination}", parent, SpanKind.CONSUMER, attributes, links or None,
+            start_time=start_time,
+        )  # fmt: skip
+        return span, parent, labels
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both
+
+
+class _Delivery:
+    """One delivery through a tracing around a delay cap. Its span opens when the handler
+    is about to run, or at the end when the delivery was neither run nor held (a guard
+    rejected it, a parked original was acked): a hold makes no span, only its counter.
+
+    Reports that come before the span are kept for it: the link to the span that asked
+    for the delay, and the deferral's figures, are on the span from its start, where
+    samplers see them.
+    """
+
+    __slots__ = (
+        "_arrived", "_error", "_held", "_interception", "_labels", "_msg", "_pending",
+        "_span", "_started", "_token", "_tracing",
+    )  # fmt: skip
+
+    def __init__(self, tracing: Tracing, msg: MessageProxy) -> None:
+        self._tracing = tracing
+        self._msg = msg
+        self._arrived = time.time_ns()
+        self._started = time.perf_counter()
+        self._span: trace.Span | None = None
+        self._token: object = None
+        self._labels: dict[str, Any] = {}
+        self._pending: list[tuple[Report, int]] = []
+        self._held = False
+        self._error: str | None = None
+        self._interception: Any = None
+
+    def open(self) -> None:
+        if self._span is not None:
+            return
+        links: list[Link] = []
+        more: dict[str, Any] = {}
+        for report, _ in self._pending:
+            if report.link:
+                linked = _linked(report.link)
+                if linked is not None:
+                    links.append(Link(linked, {"natsmw.link": "deferred_by"}))
+            if report.name in _DEFERRAL_REPORTS:
+                more.update(
+                    (f"natsmw.deferral.{name.rsplit('.', 1)[-1]}", value)
+                    for name, value in report.attributes.items()
+                    if name in _DEFERRAL_FIGURES
+                )
+        msg = self._msg
+        span, parent, self._labels = self._tracing._open(msg, links, more, self._arrived)
+        self._span = span
+        for report, at in self._pending:
+            span.add_event(report.name, dict(report.attributes), timestamp=at)
+        self._pending.clear()
+        # With the creation context as parent, its baggage comes along to the handler.
+        self._token = otel_context.attach(trace.set_span_in_context(span, parent))
+        state = msg._self_state
+        if state is None:
+            state = msg._self_state = {}
+        state[SPAN_KEY] = span
+        if span.is_recording():
+            # The outermost interceptor (tracing is the outermost middleware): it sees what
+            # reaches the server, after the delay cap has capped or parked a nak.
+            interceptors = msg._self_interceptors
+            if interceptors is None:
+                interceptors = msg._self_interceptors = []
+            self._interception = (self.settlement, None)
+            interceptors.insert(0, self._interception)
+
+    async def settlement(self, settlement: Settlement, send: Settle) -> Any:
+        result = await send(settlement)
+        span = self._span
+        if span is not None and settlement.is_final:
+            span.set_attribute("natsmw.settlement", _settlement_name(settlement))
+            if settlement.kind == "nak" and settlement.delay:
+                span.set_attribute("natsmw.nak.delay_s", settlement.delay)
+        return result
+
+    def report(self, report: Report) -> None:
+        labels = self._labels
+        if not labels:  # before the span: a hold, most often (the labels are kept, cheap)
+            msg = self._msg
+            labels = self._labels = self._tracing._shared(msg, msg.__wrapped__)[0][2]
+        self._tracing._count(report, labels)
+        span = self._span
+        if span is not None:
+            span.add_event(report.name, dict(report.attributes))
+            if report.link:
+                linked = _linked(report.link)
+                if linked is not None:
+                    span.add_link(linked, {"natsmw.link": "deferred_by"})
+        elif report.name in _HOLD_REPORTS:
+            self._held = True
+        else:
+            self._pending.append((report, time.time_ns()))
+
+    def failed(self, error: BaseException) -> None:
+        self.open()
+        assert self._span is not None
+        self._error = _error_type(error)
+        self._span.record_exception(error)
+        self._span.set_status(Status(StatusCode.ERROR, str(error)))
+        self._span.set_attribute("error.type", self._error)
+
+    def finish(self) -> None:
+        if self._span is None:
+            if self._held and not self._pending:
+                return  # a hold: its counter was counted, no span and no consumed message
+            self.open()  # neither run nor held: a guard's rejection, a parked original
+        span = self._span
+        assert span is not None
+        msg = self._msg
+        if self._interception is not None and msg._self_interceptors:
+            remove_last(msg._self_interceptors, self._interception)
+        if msg.settlement is None and msg.is_jetstream:
+            span.set_attribute("natsmw.settlement", "none")
+        span.end()
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+        labels = self._labels
+        if self._error is not None:
+            labels = {**labels, "error.type": self._error}
+        tracing = self._tracing
+        tracing._duration.record(time.perf_counter() - self._started, labels)
+        tracing._consumed.add(1, self._labels)
+
+
+def _linked(traceparent: str) -> trace.SpanContext | None:
+    deferring = _W3C.extract({"traceparent": traceparent})
+    linked = trace.get_current_span(deferring).get_span_context()
+    return linked if linked.is_valid else None
+
+
+_HOLD_REPORTS = frozenset(("natsmw.delay.hold", "natsmw.delay.blind_hold"))
+# The reports a run after a deferral starts with, and what of them goes on its span.
+_DEFERRAL_REPORTS = frozenset(("natsmw.delay.released", "natsmw.delay.unparked"))
+_DEFERRAL_FIGURES = frozenset((
+    "natsmw.delay.deadline", "natsmw.delay.held_deliveries", "natsmw.delay.late_s",
+    "natsmw.delay.handler_calls_before",
+))  # fmt: skip
+
 
 # The API's globals, None until a provider (an SDK's) is set: where a later API renames
 # them, the providers are asked on every message instead.
 _GLOBALS_READABLE = hasattr(trace, "_TRACER_PROVIDER") and hasattr(
     _metrics_internal, "_METER_PROVIDER"
 )
+
+
+def _global_providers() -> tuple[object, object] | None:
+    """The tracer and meter providers set globally (``None`` each until one is set), or
+    ``None`` where this API's globals cannot be read."""
+    if not _GLOBALS_READABLE:
+        return None
+    return (trace._TRACER_PROVIDER, _metrics_internal._METER_PROVIDER)
 
 
 class _Recorder:
@@ -337,11 +573,7 @@ class _Recorder:
         self.count(report)
 
     def count(self, report: Report) -> None:
-        counter = _COUNTED.get(report.name)
-        if counter is not None:
-            labels = {**self._labels}
-            labels.update({k: v for k, v in report.attributes.items() if k in _LABELS})
-            self._tracing._counters[counter].add(1, labels)
+        self._tracing._count(report, self._labels)
 
     def failed(self, error: BaseException) -> None:
         self._error = _error_type(error)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -54,6 +56,7 @@ class StartAttributes(Sampler):
 
     def __init__(self) -> None:
         self.seen: dict[str, list[dict[str, Any]]] = {}
+        self.links: dict[str, list[list[Link]]] = {}  # the links each span had at its start
 
     def should_sample(
         self, parent_context: Context | None, trace_id: int, name: str,
@@ -61,6 +64,7 @@ class StartAttributes(Sampler):
         links: Sequence[Link] | None = None, trace_state: Any = None,
     ) -> SamplingResult:  # fmt: skip
         self.seen.setdefault(name, []).append(dict(attributes or {}))
+        self.links.setdefault(name, []).append(list(links or []))
         return ALWAYS_ON.should_sample(parent_context, trace_id, name, kind, attributes, links)
 
     def get_description(self) -> str:
@@ -238,15 +242,29 @@ async def test_delay_and_guard_events_and_a_link_back_to_the_deferring_span(
     )
     capped = events["natsmw.delay.capped"].attributes
     assert (capped["natsmw.delay.requested_s"], capped["natsmw.delay.cap_s"]) == (2.0, CAP)
-    holds = [s for s in spans if any(e.name == "natsmw.delay.hold" for e in s.events)]
-    assert len(holds) == second.num_delivered - 2
-    assert all(s.attributes["natsmw.nak.delay_s"] <= CAP for s in holds)  # type: ignore[index,operator]
+    # Holds are settlements, not processing: no span each. One span per delivery that was
+    # rejected or reached the handler: the rejected message, the deferring run, the final run.
+    assert second.num_delivered > 3  # there were holds
+    assert len(spans) == 3
+    assert not any(e.name == "natsmw.delay.hold" for s in spans for e in s.events)
 
     deferring = next(s for s in spans if any(e.name == "natsmw.delay.capped" for e in s.events))
     final = next(s for s in spans if any(e.name == "natsmw.delay.released" for e in s.events))
     assert [link.context.span_id for link in final.links] == [deferring.context.span_id]
+    assert final.links[0].attributes == {"natsmw.link": "deferred_by"}
     assert final.attributes["natsmw.settlement"] == "ack"  # type: ignore[index]
+    assert final.attributes["natsmw.deferral.held_deliveries"] == second.num_delivered - 2  # type: ignore[index]
     assert deferring.attributes["natsmw.settlement"] == "nak"  # type: ignore[index]
+    assert deferring.attributes["natsmw.nak.delay_s"] <= CAP  # type: ignore[index,operator]  # the server's
+    # The link and the deferral's figures were there at the start, for samplers to see.
+    started = telemetry.sampler.links[f"process {stream.subject}"]
+    assert [[link.context.span_id for link in links] for links in started].count(
+        [deferring.context.span_id]
+    ) == 1
+    assert any(
+        seen.get("natsmw.deferral.held_deliveries") == second.num_delivered - 2
+        for seen in telemetry.sampler.seen[f"process {stream.subject}"]
+    )
     await conn.js.delete_stream("DEADT")
 
 
@@ -265,7 +283,9 @@ async def test_metrics_after_a_known_sequence(
     deliveries = len(telemetry.finished())
     (consumed,) = telemetry.metric("messaging.client.consumed.messages")
     (duration,) = telemetry.metric("messaging.process.duration")
-    assert consumed.value == deliveries == 1 + 2 + cap.stats.holds
+    # The rejected message and the handler's two runs; holds reach no application.
+    assert cap.stats.holds > 0
+    assert consumed.value == deliveries == 1 + 2
     assert duration.count == deliveries
     assert consumed.attributes == {  # low cardinality: no subject, no consumer name
         "messaging.system": "nats", "messaging.operation.name": "process",
@@ -398,7 +418,7 @@ async def test_baggage_from_the_publisher_reaches_the_handler(
     assert seen == ["acme"]
 
 
-async def test_pull_worker_under_install_gets_one_span_per_delivery_and_the_link_back(
+async def test_pull_worker_under_install_gets_a_span_per_handler_run_and_the_link_back(
     conn: Connection, stream: Stream, telemetry: Telemetry
 ) -> None:
     from natsmw.installation import install, uninstall
@@ -412,11 +432,13 @@ async def test_pull_worker_under_install_gets_one_span_per_delivery_and_the_link
     batches = await fetch_and_handle(psub, legacy, calls=2)
     await psub.unsubscribe()
     uninstall(conn.nc)
-    await telemetry.spans.wait_for(cap.stats.holds + 2)
+    await telemetry.spans.wait_for(2)
 
     spans = telemetry.finished(f"process {stream.subject}")
     deliveries = [s.attributes["natsmw.message.delivery_count"] for s in spans]  # type: ignore[index]
-    assert sorted(deliveries) == list(range(1, len(spans) + 1))  # one span per delivery
+    # One span per delivery the handler saw: the first and the last (holds make none).
+    assert cap.stats.holds > 0
+    assert sorted(deliveries) == [1, cap.stats.holds + 2]
     assert all(batches)  # held deliveries never came back as an empty batch
     deferring = next(s for s in spans if any(e.name == "natsmw.delay.capped" for e in s.events))
     final = next(s for s in spans if any(e.name == "natsmw.delay.released" for e in s.events))
@@ -539,3 +561,53 @@ def test_a_context_in_headers_the_global_propagator_reads_is_linked(
     for unlinked in (plain, bare):
         assert not unlinked.links
         assert unlinked.parent is None
+
+
+NO_SDK_THEN_SDK = """
+import asyncio
+from types import SimpleNamespace
+from nats.aio.msg import Msg
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from natsmw.tracing import Tracing, with_tracing
+
+asked = 0
+found = Tracing._sdk_found
+def counted(self):
+    global asked
+    asked += 1
+    return found(self)
+Tracing._sdk_found = counted
+
+async def handler(msg):
+    pass
+
+handle = with_tracing()(handler)
+def deliver():
+    msg = Msg(_client=SimpleNamespace(_subs={}), subject="core.x", data=b"")
+    asyncio.run(handle(msg))
+
+trace.set_tracer_provider(trace.NoOpTracerProvider())  # a provider, but no SDK
+for _ in range(100):
+    deliver()
+print("asked with no SDK:", asked)
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))  # an SDK, set later
+deliver()
+names = [m.name for r in reader.get_metrics_data().resource_metrics
+         for s in r.scope_metrics for m in s.metrics]
+print("consumed after:", "messaging.client.consumed.messages" in names)
+"""
+
+
+def test_no_sdk_is_decided_once_and_an_sdk_set_later_is_noticed(tmp_path: Any) -> None:
+    """In a process of its own (the API's globals can be set once): with a provider but no
+    SDK, natsmw asks once, not per message; a meter provider set later records."""
+    script = tmp_path / "later.py"
+    script.write_text(NO_SDK_THEN_SDK)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "asked with no SDK: 1\n" in result.stdout, result.stdout + result.stderr
+    assert "consumed after: True" in result.stdout, result.stdout + result.stderr

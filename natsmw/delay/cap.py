@@ -64,6 +64,7 @@ from natsmw.errors import DeadlinesLostError, DeadlineStoreError, ParkError
 from natsmw.headers import peek_header
 from natsmw.message import (
     _JS_ACK_PREFIX,
+    CAPPED_BY,
     SPAN_KEY,
     MessageProxy,
     Settle,
@@ -77,7 +78,7 @@ __all__ = ["DelayCap", "DelayCapStats", "handler_calls", "with_delay_cap"]
 log = logging.getLogger("natsmw.delay")
 
 _CALLS_KEY = "natsmw.delay.calls"
-_CAPPED_BY = "__natsmw_delay_cap__"
+_CAPPED_BY = CAPPED_BY
 # NamedTuple's own __new__ is a Python-level call: one per message that bench.micro counts.
 _new_key = partial(tuple.__new__, DeadlineKey)
 _NAK_ONLY: frozenset[SettlementKind] = frozenset(("nak",))
@@ -368,6 +369,9 @@ class DelayCap:
         real = msg.__wrapped__
         reply = real.reply
         if not reply or not reply.startswith(_JS_ACK_PREFIX):
+            opening = msg._self_on_run
+            if opening is not None:
+                opening()
             await call_next(msg)  # core NATS: nothing to defer
             return
         if real.__class__ is DueMsg:
@@ -602,6 +606,9 @@ class DelayCap:
         if interceptors is None:
             interceptors = msg._self_interceptors = []
         interceptors.append(interception)
+        opening = msg._self_on_run
+        if opening is not None:
+            opening()  # the handler runs: an outer tracing opens its span now
         try:
             await call_next(msg)
         finally:
