@@ -10,7 +10,8 @@ short enough that the rate is the client's, not the cap's. The floor: the least 
 cost in Python, written by hand for this bench (a dict of deadlines in memory, nothing kept
 across restarts or instances, no max_deliver). Also held: on another instance
 (another connection and delay cap, nothing cached: a new one each window), and with the
-cap's memory limited to a half and a tenth of the messages held (2x and 10x past its limit).
+cap's memory limited to a half and a tenth of the messages held (2x and 10x past its limit),
+and held under ``with_tracing`` with every span sampled: its CPU, and the spans per hold.
 
 Every variant gets the same windows: a warm-up round that is not counted (it is also where
 the messages are first deferred), then ``rounds`` rounds. In each round raw and held take
@@ -47,9 +48,11 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from bench.common import Handler, rotated, write_report
-from natsmw import with_delay_cap
+from natsmw import compose, with_delay_cap, with_tracing
 from natsmw.delay import DelayCap
 from natsmw.delay.memory import Deliveries
 from natsmw.server import NatsServer
@@ -59,6 +62,20 @@ READS = ("$JS.API.DIRECT.GET.", "$JS.API.STREAM.MSG.GET.")  # a deadline read fr
 REQUESTS = ("$JS.API.CONSUMER.INFO.", *READS, "$KV.")  # every request natsmw makes
 RAW = "raw nak"
 FLOOR = "hand-written hold (the floor)"
+TRACED = "held, traced (SDK, every span sampled)"
+
+
+class CountingSpans(SpanProcessor):
+    """Counts the spans ended, and drops them (the cost of tracing, not of an exporter)."""
+
+    def __init__(self) -> None:
+        self.ended = 0
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.ended += 1
+
+
+SPANS = CountingSpans()
 PAUSED_UNTIL = "2999-01-01T00:00:00Z"  # between a consumer's windows: resumed by the next one
 
 
@@ -120,6 +137,7 @@ class Window:
     cpu_us: float  # the consumer thread's CPU per delivery
     requests_per_hold: float
     reads_per_hold: float
+    spans_per_hold: float  # spans ended during the window (by the traced variant's SDK)
 
 
 # What a window consumes with: its client, its handler and its delay cap (None: raw naks).
@@ -162,6 +180,7 @@ async def window(variant: Variant, seconds: float, wire: Wire) -> Window:
         await asyncio.wait_for(counting.wait(), 120)
         start, requests, reads = counted, wire.requests, wire.reads
         holds_before = cap.stats.holds if cap else 0
+        spans_before = SPANS.ended
         began, cpu = time.perf_counter(), time.thread_time()
         await asyncio.sleep(seconds)  # the measurement window itself
         cpu, elapsed = time.thread_time() - cpu, time.perf_counter() - began
@@ -172,6 +191,7 @@ async def window(variant: Variant, seconds: float, wire: Wire) -> Window:
             cpu_us=cpu / deliveries * 1e6,
             requests_per_hold=(wire.requests - requests) / holds,
             reads_per_hold=(wire.reads - reads) / holds,
+            spans_per_hold=(SPANS.ended - spans_before) / holds,
         )
         # Paused first: a delivery on its way when the subscription goes would reach nobody,
         # and come back only after ack_wait. Then drained: what was delivered is settled.
@@ -262,7 +282,7 @@ async def fill(nc: Client, messages: int) -> None:
     """The stream of ``messages`` messages, and a durable push consumer per variant."""
     js = nc.jetstream()
     await js.add_stream(name="HOLDS", subjects=["holds.>"])
-    for durable in ("raw", "floor", "held", "held2x", "held10x"):
+    for durable in ("raw", "floor", "held", "traced", "held2x", "held10x"):
         config = ConsumerConfig(
             durable_name=durable,
             deliver_subject=f"deliver.{durable}",
@@ -293,8 +313,17 @@ def variants(
     )
     # On the consumer of "held", whose messages the deferring instance defers in the warm-up
     # round before the others run.
+    traced = held_with(limits_age)
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(SPANS)
     others = [
         Variant(FLOOR, "floor", kept(nc, hand_written_hold())),
+        Variant(
+            TRACED,
+            "traced",
+            kept(nc, compose(with_tracing(tracer_provider=provider), traced)(defer), traced),
+            deferred_by(traced),
+        ),
         Variant("held, another instance (cold cache)", "held", another_instance(url, limits_age)),
     ]
     for times in (2, 10):
@@ -357,6 +386,9 @@ def summary(windows: dict[str, list[Window]]) -> dict[str, dict[str, object]]:
             for name, got in held.items()
             if name != FLOOR
         },
+        "spans per hold": {
+            TRACED: spread([w.spans_per_hold for w in windows[TRACED]]),
+        },
     }
 
 
@@ -367,6 +399,7 @@ SHOWN = (
     ("deliveries per second", "{:.0f}", "deliveries per second vs raw nak"),
     ("server requests per hold", "{:.4f}", None),
     ("store reads per hold", "{:.4f}", None),
+    ("spans per hold", "{:.4f}", None),
 )
 
 
