@@ -273,14 +273,17 @@ class Tracing:
             static["server.address"] = url.hostname
             if url.port:
                 static["server.port"] = url.port
+        subscription = getattr(client, "_subs", {}).get(real._sid)
         if consumer is not None:
             static["messaging.consumer.group.name"] = consumer
             static["natsmw.stream.name"] = stream
         else:
-            subscription = getattr(client, "_subs", {}).get(real._sid)
             queue = getattr(subscription, "_queue", None)
             if queue:
                 static["messaging.consumer.group.name"] = queue
+        template = _template(subscription)
+        if template is not None:
+            static["messaging.destination.template"] = template
         # Not the consumer group: ephemeral and ordered consumers have random, changing names.
         labels = {name: static[name] for name in _METRIC_LABELS if name in static}
         if len(self._static) >= _STATIC_KEPT:
@@ -301,8 +304,11 @@ class Tracing:
                 links = [Link(creation_span)]
                 if not trace.get_current_span().get_span_context().is_valid:
                     parent = creation
+        # The subscription's subject (a wildcard, a JetStream consumer's filter) keeps span
+        # names few; the message's own subject is messaging.destination.name.
+        template = attributes.get("messaging.destination.template") or destination
         span = self._tracer.start_span(
-            f"process {destination}", parent, SpanKind.CONSUMER, attributes, links
+            f"process {template}", parent, SpanKind.CONSUMER, attributes, links
         )
         recorder = _Recorder(self, span, labels)
         # With the creation context as parent, its baggage comes along to the handler.
@@ -376,8 +382,9 @@ class Tracing:
                 links = [Link(creation_span), *links]
                 if not trace.get_current_span().get_span_context().is_valid:
                     parent = creation
+        template = attributes.get("messaging.destination.template") or destination
         span = self._tracer.start_span(
-            f"process {destination}", parent, SpanKind.CONSUMER, attributes, links or None,
+            f"process {template}", parent, SpanKind.CONSUMER, attributes, links or None,
             start_time=start_time,
         )  # fmt: skip
         return span, parent, labels
@@ -534,6 +541,22 @@ _DEFERRAL_FIGURES = frozenset((
 _GLOBALS_READABLE = hasattr(trace, "_TRACER_PROVIDER") and hasattr(
     _metrics_internal, "_METER_PROVIDER"
 )
+
+
+def _template(subscription: object) -> str | None:
+    """The low-cardinality destination a subscription's messages share: its subject (core,
+    wildcards and all), or its JetStream consumer's filter subject where the subscription
+    knows it (push); ``None`` for reply inboxes and pull subscriptions, whose subscription
+    subject is an inbox (their span names keep the message's subject)."""
+    jsi = getattr(subscription, "_jsi", None)
+    if jsi is not None:
+        config = getattr(jsi, "_ccreq", None)
+        filtered = getattr(config, "filter_subject", None)
+        return filtered if isinstance(filtered, str) and filtered else None
+    subject = getattr(subscription, "subject", None)
+    if not isinstance(subject, str) or not subject or subject.startswith(_INBOX):
+        return None
+    return subject
 
 
 def _global_providers() -> tuple[object, object] | None:

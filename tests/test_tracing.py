@@ -135,6 +135,7 @@ async def test_process_span_has_name_kind_and_attributes_at_start(
         "messaging.operation.name": "process",
         "messaging.operation.type": "process",
         "messaging.destination.name": stream.subject,
+        "messaging.destination.template": stream.subject,  # the consumer's filter subject
         "messaging.consumer.group.name": "orders",
         "messaging.message.id": "order-1",
         "messaging.message.body.size": 5,
@@ -611,3 +612,27 @@ def test_no_sdk_is_decided_once_and_an_sdk_set_later_is_noticed(tmp_path: Any) -
     )
     assert "asked with no SDK: 1\n" in result.stdout, result.stdout + result.stderr
     assert "consumed after: True" in result.stdout, result.stdout + result.stderr
+
+
+async def test_span_names_follow_the_subscription_not_the_message_subject(
+    conn: Connection, stream: Stream, telemetry: Telemetry
+) -> None:
+    """A wildcard subscription (core) and a consumer filter (JetStream push) name the spans;
+    each message's own subject stays in messaging.destination.name."""
+    done = Inbox()
+
+    @traced(telemetry)
+    async def handler(msg: Msg) -> None:
+        await done.put(msg)
+
+    await conn.nc.subscribe("core.*.created", cb=handler)
+    for customer in ("customer-1", "customer-2"):
+        await conn.nc.publish(f"core.{customer}.created", b"x")
+    await done.wait_for(2)
+
+    spans = telemetry.finished("process core.*.created")
+    assert sorted(s.attributes["messaging.destination.name"] for s in spans) == [  # type: ignore[index]
+        "core.customer-1.created", "core.customer-2.created",
+    ]  # fmt: skip
+    assert {s.attributes["messaging.destination.template"] for s in spans} == {"core.*.created"}  # type: ignore[index]
+    assert not telemetry.finished("process core.customer-1.created")
