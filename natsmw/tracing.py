@@ -671,6 +671,7 @@ _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2
 _METRIC_LABELS = (
     "messaging.system",
     "messaging.operation.name",
+    "messaging.destination.template",
     "natsmw.stream.name",
     "server.address",
 )
