@@ -334,8 +334,10 @@ def _serving_subscribe(nc: Client) -> Any:
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         installation = _installed.get(nc)
+        if installation is None or installation.chain is None:
+            return await wrapped(*args, **kwargs)  # uninstalled since the context was made
         callback = kwargs.get("cb")
-        if installation is not None and installation.chain is not None and callback is not None:
+        if callback is not None:
             # A chain that cannot wrap this callback (two delay caps) is refused before
             # nats-py creates the consumer on the server, not after.
             installation.chain(callback)

@@ -56,6 +56,8 @@ from natsmw.message import (
 __all__ = ["Tracing", "publish", "with_tracing"]
 
 _SCOPE = "natsmw"
+# msg.state key: the message is inside a with_tracing already, which has its span.
+_TRACED = "natsmw.traced"
 _INBOX = "_INBOX."
 _W3C = TraceContextTextMapPropagator()
 
@@ -292,6 +294,13 @@ class Tracing:
         return known
 
     async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
+        state = msg._self_state
+        if state is None:
+            state = msg._self_state = {}
+        elif _TRACED in state:
+            await call_next(msg)  # inside another with_tracing (the instrumentor's): its span
+            return
+        state[_TRACED] = True
         real = msg.__wrapped__  # read directly: faster than through the proxy
         subject = real.subject
         destination = _INBOX if subject.startswith(_INBOX) else subject
@@ -343,6 +352,13 @@ class Tracing:
 
     async def _deferred_step(self, msg: MessageProxy, call_next: Handler) -> None:
         """The step around a delay cap: the span waits for the handler's run."""
+        state = msg._self_state
+        if state is None:
+            state = msg._self_state = {}
+        elif _TRACED in state:
+            await call_next(msg)  # inside another with_tracing (the instrumentor's): its span
+            return
+        state[_TRACED] = True
         delivery = _Delivery(self, msg)
         previous = msg._self_on_run
         msg._self_on_run = delivery.open if previous is None else _both(previous, delivery.open)

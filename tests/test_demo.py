@@ -30,10 +30,10 @@ def test_demo_command_exits_zero_and_shows_the_delay_cap_at_work() -> None:
     assert "Done: orders [1, 2, 3] billed." in out
     # The trace: the deferring span and the final run linking back; holds make no span,
     # the final one says how many there were.
-    deferring = re.search(r"span ([0-9a-f]{16}) process orders.new \(CONSUMER\), delivery 1,", out)
+    deferring = re.search(r"span ([0-9a-f]{16}) process orders\.> \(CONSUMER\), delivery 1,", out)
     assert deferring is not None
     assert "event natsmw.delay.capped: requested_s=2.00, cap_s=0.25" in out
     assert out.count("event natsmw.delay.hold:") == 0
-    assert out.count(" process orders.new (CONSUMER)") == 2
+    assert out.count(" process orders.> (CONSUMER)") == 2
     assert f"held_deliveries={len(holds)}," in out
     assert f"link to span {deferring[1]}: the one that asked for the delay" in out

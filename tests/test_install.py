@@ -28,6 +28,7 @@ from natsmw import (
     with_delay_cap,
     with_size_limit,
 )
+from natsmw.delay import park
 from natsmw.headers import Undecoded, finish_now
 from natsmw.installation import install, installed, uninstall
 from tests.conftest import Connection, Inbox, Stream, spy_acks
@@ -442,3 +443,17 @@ async def test_a_chained_fetch_times_out_with_nats_py_s_own_error() -> None:
     with pytest.raises(nats.errors.TimeoutError):
         await fetch(wrapped, None, (1, 0.5), {})
     assert calls == [pytest.approx(0.5, abs=0.1)]
+
+
+async def test_a_jetstream_context_made_while_installed_serves_nothing_after_uninstall(
+    conn: Connection, stream: Stream
+) -> None:
+    install(conn.nc, chain=tagging([]))
+    js = conn.nc.jetstream()  # made while installed: its subscribe is wrapped
+    uninstall(conn.nc)
+    serving_before = set(park._servings)
+    received = Inbox()
+
+    await js.subscribe(stream.subject, durable="after-uninstall", cb=received.put)
+
+    assert set(park._servings) == serving_before  # no park serving for a plain subscription
