@@ -38,7 +38,7 @@ from natsmw.delay.park import (
 from natsmw.duration import Duration, to_seconds
 from natsmw.errors import NatsmwError
 from natsmw.headers import Undecoded, can_defer, finish_now, lazy_message_class, unusable_parser
-from natsmw.message import MessageProxy
+from natsmw.message import RUNS_ELSEWHERE, MessageProxy
 
 __all__ = ["FETCH_SETTLE_TIMEOUT", "install", "installed", "uninstall"]
 
@@ -471,6 +471,7 @@ async def _through_chain(chain: Middleware, msgs: list[Msg], wait: float) -> lis
                     reached.subject, wait,
                 )  # fmt: skip
 
+        setattr(release, RUNS_ELSEWHERE, True)
         try:
             await chain(release)(msg)
         finally:

@@ -76,6 +76,9 @@ log = logging.getLogger("natsmw.instrumentation")
 
 # Set while the instrumentor's own publish runs: the publish natsmw.publish makes in turn
 # (and the core one inside a JetStream publish) is the same message, not another send.
+# natsmw's own subjects (park and due schedules, clock probes, dead-letter copies): their
+# headers carry the original message's trace context, which a send span would replace.
+_NATSMW_OWN = "natsmw."
 _sending: contextvars.ContextVar[bool] = contextvars.ContextVar("natsmw_sending", default=False)
 
 
@@ -244,6 +247,7 @@ def _publishing(
         if (
             type(subject) is not str
             or subject.startswith("$")  # acks first: one for every JetStream message
+            or subject.startswith(_NATSMW_OWN)  # natsmw's own traffic (parking, clock probes)
             or not instrumentation.active
             or _sending.get()
             or not is_instrumentation_enabled()

@@ -58,6 +58,10 @@ SPAN_KEY = "natsmw.span"
 # On a handler wrapped by a delay cap, and (functools.wraps copies it) on every wrapper
 # made around it later: the delay cap itself.
 CAPPED_BY = "__natsmw_delay_cap__"
+# On the end of a chain behind which the handler runs later, elsewhere (install's pull
+# fetch: the chain ends when fetch returns the message): tracing there cannot cover the
+# run, and waits to see whether the delivery was a hold.
+RUNS_ELSEWHERE = "__natsmw_runs_elsewhere__"
 """``msg.state`` key of the message's process span, set by tracing. A settlement may come
 from code outside the span's context (a pull worker settling what ``fetch`` returned), so
 middlewares that need the span look here rather than at the current context."""
@@ -192,8 +196,10 @@ class MessageProxy(_Proxy):
     _self_settled: asyncio.Event | None = None
     _self_position: Position | None = None
     # Called by a middleware that may keep the handler from running (the delay cap), right
-    # before it lets it run: tracing opens its span then, so that holds make none.
-    _self_on_run: Callable[[], None] | None = None
+    # before it lets it run: tracing opens its span then, so that holds make none. What it
+    # returns, if anything, is called in the same frame once the handler is done (the span's
+    # context is attached and detached in one task).
+    _self_on_run: Callable[[], Callable[[], None] | None] | None = None
 
     # The message's own fields, forwarded by properties: a wrapt proxy finds these on its
     # class at once, instead of failing over to the wrapped object for every access (5x

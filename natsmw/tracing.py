@@ -44,6 +44,7 @@ from natsmw.headers import peek_header
 from natsmw.message import (
     _JS_ACK_PREFIX,
     CAPPED_BY,
+    RUNS_ELSEWHERE,
     SPAN_KEY,
     MessageProxy,
     Report,
@@ -108,6 +109,7 @@ class Tracing:
         # Per subscription (client id, sid; stream and consumer on JetStream): the server it
         # was read from, the attributes every message shares, the metric labels.
         self._static: dict[tuple[object, ...], _Static] = {}
+        self._templates: dict[tuple[int, str, str], str] = {}  # by (client id, stream, consumer)
         self._tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
         self._duration = meter.create_histogram(
@@ -139,8 +141,13 @@ class Tracing:
         # Around a delay cap, a delivery's span opens only when the handler is about to run
         # (or something other than a hold happened): holds are settlements, not processing,
         # and a 3 h deferral at a 1 min cap would otherwise be 180 process spans.
-        deferring = getattr(handler, CAPPED_BY, None) is not None
-        traced = middleware(self._deferred_step if deferring else self._step)(handler)
+        if getattr(handler, CAPPED_BY, None) is not None:
+            step = self._deferred_step
+        elif getattr(handler, RUNS_ELSEWHERE, False):
+            step = self._fetched_step  # the user's handler runs after fetch: holds may come
+        else:
+            step = self._step
+        traced = middleware(step)(handler)
         given = self._tracer_provider is not None or self._meter_provider is not None
 
         @functools.wraps(handler)
@@ -284,6 +291,14 @@ class Tracing:
             if queue:
                 static["messaging.consumer.group.name"] = queue
         template = _template(subscription)
+        if consumer is not None and stream is not None:
+            # A due copy of a parked message comes through natsmw's own pull: it takes the
+            # template its consumer's own deliveries had here.
+            consumer_key = (id(client), stream, consumer)
+            if template is None:
+                template = self._templates.get(consumer_key)
+            elif len(self._templates) < _STATIC_KEPT:
+                self._templates[consumer_key] = template
         if template is not None:
             static["messaging.destination.template"] = template
         # Not the consumer group: ephemeral and ordered consumers have random, changing names.
@@ -297,10 +312,9 @@ class Tracing:
         state = msg._self_state
         if state is None:
             state = msg._self_state = {}
-        elif _TRACED in state:
+        elif _traced_already(state):
             await call_next(msg)  # inside another with_tracing (the instrumentor's): its span
             return
-        state[_TRACED] = True
         real = msg.__wrapped__  # read directly: faster than through the proxy
         subject = real.subject
         destination = _INBOX if subject.startswith(_INBOX) else subject
@@ -322,10 +336,8 @@ class Tracing:
         recorder = _Recorder(self, span, labels)
         # With the creation context as parent, its baggage comes along to the handler.
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        state = msg._self_state  # what msg.state does, without its call
-        if state is None:
-            state = msg._self_state = {}
         state[SPAN_KEY] = span
+        state[_TRACED] = span  # an inner with_tracing under this span passes through
         started = time.perf_counter()
         try:
             if span.is_recording():
@@ -348,32 +360,46 @@ class Tracing:
             raise
         finally:
             otel_context.detach(token)
+            state.pop(_TRACED, None)
             recorder.finish(msg, time.perf_counter() - started)
 
     async def _deferred_step(self, msg: MessageProxy, call_next: Handler) -> None:
         """The step around a delay cap: the span waits for the handler's run."""
+        await self._lazily(msg, call_next, covers_run=True)
+
+    async def _fetched_step(self, msg: MessageProxy, call_next: Handler) -> None:
+        """The step of install's pull fetch: the span opens when the message is settled,
+        unless the handler's own delay cap held it (the handler runs after fetch, outside
+        this span: a with_tracing of its own traces the run)."""
+        await self._lazily(msg, call_next, covers_run=False)
+
+    async def _lazily(self, msg: MessageProxy, call_next: Handler, *, covers_run: bool) -> None:
         state = msg._self_state
         if state is None:
             state = msg._self_state = {}
-        elif _TRACED in state:
+        elif _traced_already(state):
             await call_next(msg)  # inside another with_tracing (the instrumentor's): its span
             return
-        state[_TRACED] = True
+        if covers_run:
+            state[_TRACED] = _OPENS_AT_RUN  # the span opens later, around the run
         delivery = _Delivery(self, msg)
         previous = msg._self_on_run
         msg._self_on_run = delivery.open if previous is None else _both(previous, delivery.open)
         observers = msg._self_observers
         if observers is None:
             observers = msg._self_observers = []
-        observers.append(delivery.report)
+        observer = delivery.report  # one bound method: removed by identity below
+        observers.append(observer)
         try:
             await call_next(msg)
         except BaseException as raised:
             delivery.failed(raised)
             raise
         finally:
-            remove_last(observers, delivery.report)
+            remove_last(observers, observer)
             msg._self_on_run = previous
+            if covers_run:
+                state.pop(_TRACED, None)
             delivery.finish()
 
     def _open(
@@ -406,12 +432,33 @@ class Tracing:
         return span, parent, labels
 
 
-def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
-    def both() -> None:
-        first()
-        second()
+def _both(first: OnRun, second: OnRun) -> OnRun:
+    def both() -> Callable[[], None] | None:
+        after_first, after_second = first(), second()
+        if after_first is None or after_second is None:
+            return after_first or after_second
+
+        def after() -> None:
+            after_second()
+            after_first()
+
+        return after
 
     return both
+
+
+def _traced_already(state: dict[object, Any]) -> bool:
+    """Whether an outer with_tracing covers this delivery: one whose span opens around the
+    handler's run, or whose span is the current one (a span opened elsewhere, as around a
+    pull fetch, does not cover the handler: the inner one opens its own)."""
+    marker = state.get(_TRACED)
+    if marker is None:
+        return False
+    return marker is _OPENS_AT_RUN or marker is trace.get_current_span()
+
+
+_OPENS_AT_RUN = object()
+OnRun = Callable[[], Callable[[], None] | None]
 
 
 class _Delivery:
@@ -425,8 +472,8 @@ class _Delivery:
     """
 
     __slots__ = (
-        "_arrived", "_error", "_held", "_interception", "_labels", "_msg", "_pending",
-        "_span", "_started", "_token", "_tracing",
+        "_arrived", "_error", "_held", "_interception", "_labels", "_msg", "_parent",
+        "_pending", "_span", "_started", "_tracing",
     )  # fmt: skip
 
     def __init__(self, tracing: Tracing, msg: MessageProxy) -> None:
@@ -435,16 +482,26 @@ class _Delivery:
         self._arrived = time.time_ns()
         self._started = time.perf_counter()
         self._span: trace.Span | None = None
-        self._token: object = None
+        self._parent: otel_context.Context | None = None
         self._labels: dict[str, Any] = {}
         self._pending: list[tuple[Report, int]] = []
         self._held = False
         self._error: str | None = None
         self._interception: Any = None
 
-    def open(self) -> None:
+    def open(self) -> Callable[[], None] | None:
+        """Open the span as the handler is about to run, and make it current; return what
+        makes it current no more, to be called in the same frame once the handler is done."""
         if self._span is not None:
-            return
+            return None
+        self._start()
+        span = self._span
+        assert span is not None
+        # With the creation context as parent, its baggage comes along to the handler.
+        token = otel_context.attach(trace.set_span_in_context(span, self._parent))
+        return lambda: otel_context.detach(token)
+
+    def _start(self) -> None:
         links: list[Link] = []
         more: dict[str, Any] = {}
         for report, _ in self._pending:
@@ -459,13 +516,11 @@ class _Delivery:
                     if name in _DEFERRAL_FIGURES
                 )
         msg = self._msg
-        span, parent, self._labels = self._tracing._open(msg, links, more, self._arrived)
+        span, self._parent, self._labels = self._tracing._open(msg, links, more, self._arrived)
         self._span = span
         for report, at in self._pending:
             span.add_event(report.name, dict(report.attributes), timestamp=at)
         self._pending.clear()
-        # With the creation context as parent, its baggage comes along to the handler.
-        self._token = otel_context.attach(trace.set_span_in_context(span, parent))
         state = msg._self_state
         if state is None:
             state = msg._self_state = {}
@@ -502,12 +557,15 @@ class _Delivery:
                 if linked is not None:
                     span.add_link(linked, {"natsmw.link": "deferred_by"})
         elif report.name in _HOLD_REPORTS:
-            self._held = True
+            self._held = True  # what came before it (a stretched hold's survival) was about it
         else:
             self._pending.append((report, time.time_ns()))
 
     def failed(self, error: BaseException) -> None:
-        self.open()
+        if self._span is None:
+            if self._held:
+                return  # failed in a hold (its nak, a drain): the hold's counter says so
+            self._start()
         assert self._span is not None
         self._error = _error_type(error)
         self._span.record_exception(error)
@@ -515,20 +573,25 @@ class _Delivery:
         self._span.set_attribute("error.type", self._error)
 
     def finish(self) -> None:
+        msg = self._msg
         if self._span is None:
-            if self._held and not self._pending:
-                return  # a hold: its counter was counted, no span and no consumed message
-            self.open()  # neither run nor held: a guard's rejection, a parked original
+            if self._held:
+                return  # a hold: its counters were counted, no span and no consumed message
+            # Neither run nor held (a guard's rejection, a parked original acked): settled
+            # already, before the span, which says how.
+            self._start()
+            settlement = msg.settlement
+            if settlement is not None and self._span is not None:
+                self._span.set_attribute("natsmw.settlement", _settlement_name(settlement))
+                if settlement.kind == "nak" and settlement.delay:
+                    self._span.set_attribute("natsmw.nak.delay_s", settlement.delay)
         span = self._span
         assert span is not None
-        msg = self._msg
         if self._interception is not None and msg._self_interceptors:
             remove_last(msg._self_interceptors, self._interception)
         if msg.settlement is None and msg.is_jetstream:
             span.set_attribute("natsmw.settlement", "none")
         span.end()
-        if self._token is not None:
-            otel_context.detach(self._token)  # type: ignore[arg-type]
         labels = self._labels
         if self._error is not None:
             labels = {**labels, "error.type": self._error}

@@ -249,6 +249,20 @@ async def test_suppressed_instrumentation_makes_no_send_span(
     assert telemetry.spans.get_finished_spans() == ()
 
 
+async def test_natsmws_own_traffic_makes_no_send_span(
+    client: Any, telemetry: Telemetry, instrumentor: NatsmwInstrumentor
+) -> None:
+    """Park schedules and clock probes carry the original message's trace context in their
+    headers: a send span would replace it (and name spans after sequences)."""
+    instrument(instrumentor, telemetry)
+    connection = await client()
+
+    await connection.nc.publish("natsmw.park.S.C.1.1795790264016795", b"x")
+    await connection.nc.publish("instrumented.user", b"x")
+
+    assert [s.name for s in telemetry.spans.get_finished_spans()] == ["send instrumented.user"]
+
+
 async def test_a_client_connected_before_instrument_keeps_its_consumers_untraced(
     client: Any, telemetry: Telemetry, instrumentor: NatsmwInstrumentor
 ) -> None:

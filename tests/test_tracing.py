@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, Sam
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes
 
-from natsmw import compose, with_delay_cap, with_size_limit
+from natsmw import compose, middleware, with_delay_cap, with_size_limit
 from natsmw.message import MessageProxy
 from natsmw.tracing import publish, with_tracing
 from tests.conftest import Connection, Inbox, Stream
@@ -253,6 +254,10 @@ async def test_delay_and_guard_events_and_a_link_back_to_the_deferring_span(
     final = next(s for s in spans if any(e.name == "natsmw.delay.released" for e in s.events))
     assert [link.context.span_id for link in final.links] == [deferring.context.span_id]
     assert final.links[0].attributes == {"natsmw.link": "deferred_by"}
+    rejected_span = next(
+        s for s in spans if any(e.name == "natsmw.guard.rejected" for e in s.events)
+    )
+    assert rejected_span.attributes["natsmw.settlement"] == "term"  # type: ignore[index]
     assert final.attributes["natsmw.settlement"] == "ack"  # type: ignore[index]
     assert final.attributes["natsmw.deferral.held_deliveries"] == second.num_delivered - 2  # type: ignore[index]
     assert deferring.attributes["natsmw.settlement"] == "nak"  # type: ignore[index]
@@ -478,6 +483,8 @@ async def test_a_parked_message_runs_in_a_span_linked_to_the_one_that_parked_it(
     assert unparked.attributes["natsmw.delay.late_s"] >= 0  # type: ignore[index,operator]
     assert [link.context.span_id for link in final.links] == [deferring.context.span_id]
     assert final.attributes["messaging.destination.name"] == stream.subject  # type: ignore[index]
+    # Its consumer's template, although it came through natsmw's own pull.
+    assert final.attributes["messaging.destination.template"] == stream.subject  # type: ignore[index]
     # The due copy is reported as the original: its stream, consumer and sequence.
     assert final.attributes["natsmw.stream.name"] == stream.name  # type: ignore[index]
     assert final.attributes["messaging.consumer.group.name"] == "parked"  # type: ignore[index]
@@ -636,3 +643,92 @@ async def test_span_names_follow_the_subscription_not_the_message_subject(
     ]  # fmt: skip
     assert {s.attributes["messaging.destination.template"] for s in spans} == {"core.*.created"}  # type: ignore[index]
     assert not telemetry.finished("process core.customer-1.created")
+
+
+async def test_a_stretched_hold_is_still_no_span(
+    conn: Connection, stream: Stream, telemetry: Telemetry
+) -> None:
+    """Under a low max_deliver the cap stretches its holds and says so (a survival report
+    before the hold): still a hold, no span, not a consumed message."""
+    config = ConsumerConfig(durable_name="stretch", ack_wait=30, max_deliver=4)
+    await conn.js.add_consumer(stream.name, config)
+    legacy = LegacyHandler(delay=1.0)
+    cap = with_delay_cap(CAP, parking=False)
+    async with pulling(conn.js, stream.subject, "stretch", compose(traced(telemetry), cap)(legacy)):
+        await conn.js.publish(stream.subject, b"job")
+        await legacy.wait_calls(2)
+    await telemetry.spans.wait_for(2)
+
+    assert cap.stats.stretched > 0
+    assert len(telemetry.finished()) == 2
+    (consumed,) = telemetry.metric("messaging.client.consumed.messages")
+    assert consumed.value == 2
+    survivals = telemetry.metric("natsmw.delay.survivals")
+    assert sum(p.value for p in survivals) >= 1  # said in its counter
+
+
+async def test_a_middleware_that_runs_the_rest_in_a_task_leaves_the_context_clean(
+    conn: Connection, stream: Stream, telemetry: Telemetry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The span's context is attached and detached around the run, in one task, even when a
+    middleware between tracing and the cap runs the rest of the chain in a task of its own."""
+
+    async def timeout(msg: MessageProxy, call_next: Any) -> None:
+        await asyncio.wait_for(call_next(msg), 5)  # a task of its own on Python 3.11
+
+    seen: list[trace.Span] = []
+
+    async def handler(msg: Msg) -> None:
+        seen.append(trace.get_current_span())
+        await msg.ack()
+
+    await conn.js.add_consumer(stream.name, ConsumerConfig(durable_name="tasked", ack_wait=30))
+    chain = compose(traced(telemetry), middleware(timeout), with_delay_cap(CAP, parking=False))
+    with caplog.at_level(logging.ERROR, logger="opentelemetry.context"):
+        async with pulling(conn.js, stream.subject, "tasked", chain(handler)):
+            await conn.js.publish(stream.subject, b"job")
+            await telemetry.spans.wait_for(1)
+
+    (span,) = telemetry.finished()
+    assert seen[0].get_span_context() == span.context  # current in the handler
+    assert trace.get_current_span() is trace.INVALID_SPAN  # and nothing left attached
+    assert "Failed to detach context" not in caplog.text
+
+
+async def test_a_pull_workers_own_tracing_runs_its_handler_in_its_span_under_install(
+    conn: Connection, stream: Stream, telemetry: Telemetry
+) -> None:
+    """install(chain=with_tracing()) traces at fetch, where the handler does not run: a
+    handler with a tracing and a cap of its own gets its span current, and no hold a span."""
+    from natsmw.installation import install, uninstall
+
+    current: list[trace.Span] = []
+    legacy = LegacyHandler()
+
+    async def handler(msg: Msg) -> None:
+        current.append(trace.get_current_span())
+        await legacy(msg)
+
+    own = compose(traced(telemetry), with_delay_cap(CAP, parking=False))(handler)
+    install(conn.nc, chain=traced(telemetry))
+    try:
+        psub = await conn.nc.jetstream().pull_subscribe(stream.subject, durable="own")
+        await conn.js.publish(stream.subject, b"job")
+
+        async def work() -> None:
+            while len(legacy.calls) < 2:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    for msg in await psub.fetch(10, timeout=0.5):
+                        await own(msg)
+
+        await asyncio.wait_for(work(), 10)
+        await psub.unsubscribe()
+    finally:
+        uninstall(conn.nc)
+    await telemetry.spans.wait_for(2)
+
+    assert all(span.get_span_context().is_valid for span in current)
+    runs = [s for s in telemetry.finished() if s.context in [c.get_span_context() for c in current]]
+    assert len(runs) == 2  # the handler's own spans, current in it
+    assert not any(e.name == "natsmw.delay.hold" for s in telemetry.finished() for e in s.events)
+    assert len(telemetry.finished()) <= 4  # at most a fetch span per run besides: none per hold

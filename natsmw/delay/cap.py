@@ -370,9 +370,12 @@ class DelayCap:
         reply = real.reply
         if not reply or not reply.startswith(_JS_ACK_PREFIX):
             opening = msg._self_on_run
-            if opening is not None:
-                opening()
-            await call_next(msg)  # core NATS: nothing to defer
+            after = opening() if opening is not None else None
+            try:
+                await call_next(msg)  # core NATS: nothing to defer
+            finally:
+                if after is not None:
+                    after()
             return
         if real.__class__ is DueMsg:
             await self._due(msg, real, call_next)
@@ -607,11 +610,12 @@ class DelayCap:
             interceptors = msg._self_interceptors = []
         interceptors.append(interception)
         opening = msg._self_on_run
-        if opening is not None:
-            opening()  # the handler runs: an outer tracing opens its span now
+        after = opening() if opening is not None else None  # an outer tracing's span opens
         try:
             await call_next(msg)
         finally:
+            if after is not None:
+                after()
             if interceptors and interceptors[-1] is interception:
                 interceptors.pop()
             else:
