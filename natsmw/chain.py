@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from nats.aio.msg import Msg
 
@@ -88,13 +88,18 @@ def middleware(step: Step) -> Middleware:
         call_next = inner[1] if inner is not None and inner[0] is handler else handler
 
         @functools.wraps(handler)
-        async def handle(msg: Msg) -> None:
+        async def handle(msg: Msg, bound_msg: Msg = _UNBOUND) -> None:
+            then = call_next
+            if bound_msg is not _UNBOUND:
+                # Decorated in a class body and called as a method: ``msg`` is the instance.
+                then = bound(handler, msg)
+                msg = bound_msg
             # Inner layers get the proxy itself: type() tells at no call's cost. The outer
             # one makes it (what MessageProxy.of does, without its call).
             if type(msg) is not MessageProxy:
                 plain = type(msg) is Msg  # nats-py's own class: no isinstance() needed
                 msg = MessageProxy(msg) if plain or not isinstance(msg, MessageProxy) else msg
-            await step(msg, call_next)
+            await step(msg, then)
 
         def enter(msg: Msg) -> Awaitable[None]:
             if type(msg) is MessageProxy:
@@ -108,11 +113,26 @@ def middleware(step: Step) -> Middleware:
 
 
 _ENTRY = "_natsmw_entry"  # on a layer's handler: (that handler, its step's entry)
+# A decorated handler is a function, so a method decorated in a class body is called with
+# the instance first: ``handle(instance, msg)``. This default tells the two calls apart.
+_UNBOUND: Any = object()
+
+
+def bound(handler: Handler, instance: object) -> Handler:
+    """``handler`` as the method of ``instance`` it was decorated as (a function, a static
+    or class method, or another descriptor), or ``handler`` itself if it does not bind."""
+    get = getattr(type(handler), "__get__", None)
+    if get is None:
+        return handler  # a callable object, a functools.partial: called as they are
+    method: Handler = get(handler, instance, type(instance))
+    return method
 
 
 def _require_async(handler: object) -> None:
     # Only a plain ``def`` is refused: callables and wrappers from other libraries may return
     # an awaitable without looking like a coroutine function, and they are welcome.
+    if isinstance(handler, (staticmethod, classmethod)):
+        handler = handler.__func__  # decorated in a class body, under the decorator
     plain_def = inspect.isfunction(handler) or inspect.ismethod(handler)
     if callable(handler) and not (plain_def and not inspect.iscoroutinefunction(handler)):
         return

@@ -39,7 +39,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from natsmw.chain import Handler, middleware
+from natsmw.chain import _UNBOUND, Handler, bound, middleware
 from natsmw.headers import peek_header
 from natsmw.message import (
     _JS_ACK_PREFIX,
@@ -151,22 +151,26 @@ class Tracing:
         given = self._tracer_provider is not None or self._meter_provider is not None
 
         @functools.wraps(handler)
-        async def handle(msg: Msg) -> None:
+        async def handle(msg: Msg, bound_msg: Msg = _UNBOUND) -> None:
             # No provider given nor set globally (the API's own globals, read without a call):
             # no SDK, so not even a proxy; nothing to record or pay.
-            if self._sdk_seen:
-                await traced(msg)
-            elif (
-                not given
-                and _GLOBALS_READABLE
-                and trace._TRACER_PROVIDER is None
-                and _metrics_internal._METER_PROVIDER is None
+            if self._sdk_seen or (
+                not (
+                    not given
+                    and _GLOBALS_READABLE
+                    and trace._TRACER_PROVIDER is None
+                    and _metrics_internal._METER_PROVIDER is None
+                )
+                and self._enabled()
             ):
+                if bound_msg is _UNBOUND:
+                    await traced(msg)
+                else:  # decorated in a class body, called as a method: msg is the instance
+                    await traced(msg, bound_msg)  # type: ignore[call-arg]
+            elif bound_msg is _UNBOUND:
                 await handler(msg)
-            elif self._enabled():
-                await traced(msg)
             else:
-                await handler(msg)
+                await bound(handler, msg)(bound_msg)
 
         return handle
 

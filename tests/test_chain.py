@@ -165,3 +165,66 @@ def test_middleware_refuses_a_sync_handler() -> None:
 
     with pytest.raises(TypeError, match="wraps async handlers"):
         recorder("a", [])(sync_handler)  # type: ignore[arg-type]
+
+
+class _Consumer:
+    """Handlers of every shape a class may have, each decorated in the class body."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object, bytes]] = []
+
+    @compose(recorder("outer", []), recorder("inner", []))
+    async def method(self, msg: Msg) -> None:
+        self.seen.append(("method", self, msg.data))
+
+    @middleware(lambda msg, call_next: call_next(msg))
+    async def stepped(self, msg: Msg) -> None:
+        self.seen.append(("stepped", self, msg.data))
+
+    @staticmethod
+    @compose(recorder("static", []))
+    async def static(msg: Msg) -> None:
+        _STATIC_SEEN.append(msg.data)
+
+    @compose(recorder("static-inside", []))
+    @staticmethod
+    async def static_inside(msg: Msg) -> None:
+        _STATIC_SEEN.append(msg.data)
+
+    @compose(recorder("class", []))
+    @classmethod
+    async def of_class(cls, msg: Msg) -> None:
+        _STATIC_SEEN.append((cls, msg.data))
+
+
+_STATIC_SEEN: list[object] = []
+
+
+async def test_decorated_methods_bind_like_the_functions_they_wrap() -> None:
+    """Decorated in a class body, a handler is called as a method, with the instance, as
+    nats-py calls ``cb=consumer.method``; static and class methods too."""
+    consumer = _Consumer()
+    await consumer.method(make_msg())
+    await consumer.stepped(make_msg())
+    await consumer.static(make_msg())
+    await consumer.static_inside(make_msg())
+    await consumer.of_class(make_msg())
+
+    assert consumer.seen == [("method", consumer, b"x"), ("stepped", consumer, b"x")]
+    assert [b"x", b"x", (_Consumer, b"x")] == _STATIC_SEEN
+
+
+async def test_partials_and_callable_objects_are_handlers_too() -> None:
+    seen: list[object] = []
+
+    async def tagged(tag: str, msg: Msg) -> None:
+        seen.append((tag, msg.data))
+
+    class Callable_:
+        async def __call__(self, msg: Msg) -> None:
+            seen.append(("object", msg.data))
+
+    await compose(recorder("p", []))(functools.partial(tagged, "partial"))(make_msg())
+    await compose(recorder("o", []))(Callable_())(make_msg())
+
+    assert seen == [("partial", b"x"), ("object", b"x")]

@@ -520,3 +520,33 @@ async def test_a_batch_held_at_once_asks_for_consumer_info_once(
     assert cap.stats.holds >= 40
     rounds = cap.stats.holds / 40  # each round of holds may read the limits once
     assert len(requests.items) <= 1 + 2 * rounds + 2, len(requests.items)
+
+
+async def test_a_decorated_method_handler_is_deferred_like_a_function(
+    conn: Connection, stream: Stream
+) -> None:
+    """``@with_delay_cap`` in a class body: nats-py calls ``consumer.on_msg(msg)``, the
+    instance comes along, and the deadline holds."""
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.calls: list[tuple[float, int]] = []
+            self.done = asyncio.Event()
+
+        @with_delay_cap(CAP, parking=False)
+        async def on_msg(self, msg: Msg) -> None:
+            self.calls.append((time.time(), msg.metadata.num_delivered))
+            if len(self.calls) == 1:
+                await msg.nak(delay=1.0)
+            else:
+                await msg.ack()
+                self.done.set()
+
+    consumer = Consumer()
+    await conn.js.subscribe(stream.subject, durable="method", cb=consumer.on_msg, manual_ack=True)
+    await conn.js.publish(stream.subject, b"x")
+    await asyncio.wait_for(consumer.done.wait(), 10)
+
+    (first, _), (second, delivered) = consumer.calls
+    assert second >= first + 1.0
+    assert delivered > 2  # held in between, without the method being called
