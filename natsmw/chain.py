@@ -61,7 +61,14 @@ def compose(*middlewares: Middleware) -> Middleware:
 
     def decorate(handler: Handler) -> Handler:
         for applied in reversed(middlewares):
-            handler = applied(handler)
+            wrapped = applied(handler)
+            if not callable(wrapped):
+                raise TypeError(
+                    f"compose() got {applied!r}, which returned {wrapped!r} for a handler, "
+                    f"not a handler: a middleware takes the next handler and returns one "
+                    f"(for a step(msg, call_next), use middleware(step))"
+                )
+            handler = wrapped
         return handler
 
     return decorate
@@ -78,6 +85,8 @@ def middleware(step: Step) -> Middleware:
     Raises:
         TypeError: when applied to something that is not an ``async def`` handler.
     """
+
+    _require_step(step)
 
     def apply(handler: Handler) -> Handler:
         _require_async(handler)
@@ -126,6 +135,23 @@ def bound(handler: Handler, instance: object) -> Handler:
         return handler  # a callable object, a functools.partial: called as they are
     method: Handler = get(handler, instance, type(instance))
     return method
+
+
+def _require_step(step: object) -> None:
+    """Refuse, when the middleware is made, a step that could only fail on a message."""
+    if not callable(step):
+        raise TypeError(f"middleware() takes a step(msg, call_next), got {step!r}")
+    try:
+        signature = inspect.signature(step)
+    except (TypeError, ValueError):
+        return  # a builtin or an object inspect cannot read: trusted
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TypeError(
+            f"middleware() takes a step(msg, call_next) called with two arguments, got "
+            f"{step!r} with the signature {signature}"
+        ) from None
 
 
 def _require_async(handler: object) -> None:

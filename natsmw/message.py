@@ -17,6 +17,7 @@ subscriptions with ``manual_ack=False``) sees what happened.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +37,8 @@ from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
 
 from natsmw.duration import to_seconds
+
+log = logging.getLogger("natsmw")
 
 __all__ = [
     "SPAN_KEY",
@@ -164,6 +167,21 @@ class _Registration(Generic[_T]):
 
     def __exit__(self, *exc_info: object) -> None:
         remove_last(self._items, self._item)
+
+
+_core_naks_said: set[str] = set()
+
+
+def _core_nak_said(subject: str) -> None:
+    """Warn once per subject: nak() on a core request replies ``-NAK`` to the requester."""
+    if subject in _core_naks_said or len(_core_naks_said) >= 1024:
+        return
+    _core_naks_said.add(subject)
+    log.warning(
+        "nak() on a core NATS request (subject %s) sends '-NAK ...' to the requester as its "
+        "reply: there is no redelivery outside JetStream. Reply or publish instead",
+        subject,
+    )
 
 
 def remove_last(items: list[Any], item: object) -> None:
@@ -388,6 +406,9 @@ class MessageProxy(_Proxy):
             and comes back after the consumer's ``ack_wait``.
         """
         seconds = None if delay is None else to_seconds(delay, "nak delay")
+        reply = self.__wrapped__.reply
+        if reply and not reply.startswith(_JS_ACK_PREFIX):
+            _core_nak_said(self.__wrapped__.subject)
         await self._settle(Settlement("nak", delay=seconds) if seconds else _NAK)
 
     async def term(self) -> None:

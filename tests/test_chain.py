@@ -228,3 +228,15 @@ async def test_partials_and_callable_objects_are_handlers_too() -> None:
     await compose(recorder("o", []))(Callable_())(make_msg())
 
     assert seen == [("partial", b"x"), ("object", b"x")]
+
+
+def test_mistakes_are_refused_when_the_chain_is_built_not_on_a_message() -> None:
+    async def handler(msg: Msg) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="two arguments"):
+        middleware(lambda msg: None)  # type: ignore[arg-type,misc]
+    with pytest.raises(TypeError, match="step"):
+        middleware("not a step")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="print"):
+        compose(recorder("a", []), print)(handler)  # type: ignore[arg-type]

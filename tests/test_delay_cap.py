@@ -550,3 +550,55 @@ async def test_a_decorated_method_handler_is_deferred_like_a_function(
     (first, _), (second, delivered) = consumer.calls
     assert second >= first + 1.0
     assert delivered > 2  # held in between, without the method being called
+
+
+def test_a_cap_too_short_or_a_store_that_is_not_one_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match=r"at least 0\.001s"):
+        with_delay_cap(1e-9)
+    with pytest.raises(TypeError, match="DeadlineStore"):
+        with_delay_cap(1, store="kv")  # type: ignore[arg-type]
+
+
+async def test_a_nak_on_a_core_request_is_said_once(
+    conn: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A core request has no redelivery: nak() answers the requester '-NAK'. Said once."""
+
+    @with_delay_cap(CAP)
+    async def handler(msg: Msg) -> None:
+        await msg.nak(delay=5)
+
+    await conn.nc.subscribe("core.requests", cb=handler)
+    with caplog.at_level(logging.WARNING, logger="natsmw"):
+        for _ in range(2):
+            reply = await conn.nc.request("core.requests", b"x", timeout=5)
+            assert reply.data.startswith(b"-NAK")
+    said = [r for r in caplog.records if "core NATS request" in r.getMessage()]
+    assert len(said) == 1
+    assert "core.requests" in said[0].getMessage()
+
+
+async def test_stretched_holds_do_not_flood_the_log(
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 messages, each stretched on every hold under max_deliver=4: a line every few
+    seconds, the counters count each."""
+    config = ConsumerConfig(durable_name="flood", ack_wait=30, max_deliver=4, max_ack_pending=100)
+    await conn.js.add_consumer(stream.name, config)
+    calls = CallLog()
+
+    async def each_naks_once(msg: Msg) -> None:
+        await calls.record(msg)
+        await (msg.nak(delay=1.5) if handler_calls(msg) == 1 else msg.ack())
+
+    cap = with_delay_cap(CAP, parking=False)
+    with caplog.at_level(logging.WARNING, logger="natsmw.delay"):
+        handle = cap(each_naks_once)
+        async with pulling(conn.js, stream.subject, "flood", handle, batch=20, together=True):
+            for _ in range(20):
+                await conn.js.publish(stream.subject, b"x")
+            await calls.wait_calls(40)
+
+    assert cap.stats.stretched >= 20
+    lines = [r for r in caplog.records if "stretched to" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, len(lines)

@@ -28,6 +28,10 @@ def test_demo_command_exits_zero_and_shows_the_delay_cap_at_work() -> None:
     assert waited is not None
     assert float(waited[1]) >= 2.0
     assert "Done: orders [1, 2, 3] billed." in out
+    assert "handler_calls(msg) said 2 on its last run" in out
+    assert "jitter" in out
+    assert "natsmw_deadlines" in out
+    assert re.search(rf"cap.stats: capped=1 holds={len(holds)} ", out)
     # The trace: the deferring span and the final run linking back; holds make no span,
     # the final one says how many there were.
     deferring = re.search(r"span ([0-9a-f]{16}) process orders\.> \(CONSUMER\), delivery 1,", out)
@@ -37,3 +41,17 @@ def test_demo_command_exits_zero_and_shows_the_delay_cap_at_work() -> None:
     assert out.count(" process orders.> (CONSUMER)") == 2
     assert f"held_deliveries={len(holds)}," in out
     assert f"link to span {deferring[1]}: the one that asked for the delay" in out
+
+
+def test_the_demo_without_the_demo_extra_says_what_to_install() -> None:
+    """The natsmw command comes with the base package; the demo needs the extra."""
+    hide_sdk = (
+        "import sys; sys.modules['opentelemetry.sdk'] = None; "  # as if not installed
+        "from natsmw.__main__ import main; sys.exit(main(['demo']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", hide_sdk], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "pip install 'natsmw[demo]'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -238,6 +238,7 @@ async def _list(store: DeadlineStore, stream: str, consumer: str) -> set[int] | 
 
 _YOUNG = 64
 _LIMITS_AGE_FLOOR = 0.1  # seconds a reading of a consumer's limits is trusted, at least
+MIN_CAP = 0.001  # seconds: the shortest cap with_delay_cap takes
 # How long a consumer's creation time is trusted before it is read again (at most one
 # consumer-info request per consumer this often, while first deliveries come in): a consumer
 # deleted and made again is noticed within this, or at once when its sequences go back.
@@ -299,6 +300,18 @@ class DelayCap:
         jitter: float = 0.1,
     ) -> None:
         self.cap = to_positive_seconds(cap, "cap")
+        if self.cap < MIN_CAP:
+            raise ValueError(
+                f"cap must be at least {MIN_CAP}s, got {cap!r}: a shorter nak only makes the "
+                f"server redeliver in a loop"
+            )
+        if store is not None and not all(
+            callable(getattr(store, name, None)) for name in ("get", "put")
+        ):
+            raise TypeError(
+                f"store must be a DeadlineStore (async get(key) and put(key, deferral)), for "
+                f"example MemoryDeadlineStore() or KeyValueDeadlineStore(js); got {store!r}"
+            )
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)):
             raise TypeError(f"jitter must be a fraction in [0, 1), got {jitter!r}")
         if not 0 <= jitter < 1:
@@ -1066,7 +1079,10 @@ class DelayCap:
         self.stats.stretched += 1
         max_deliver = limits.max_deliver
         _survival(msg, "stretched", delivery, remaining, max_deliver=max_deliver, nak_s=hold.nak)
-        log.warning(
+        # Every hold of such a message is stretched: one line every few seconds, not one per
+        # hold of each of 100k messages (stats.stretched and the survival counter count all).
+        self._warn(
+            "stretched",
             "nak of %s seq %s stretched to %.3fs (cap %.3fs): max_deliver=%s leaves %s "
             "deliveries for %.3fs",
             msg.subject, _seq(msg), hold.nak, self.cap, max_deliver,
