@@ -3,9 +3,14 @@
     install(nc)                                # lazy header decoding
     install(nc, chain=compose(with_delay_cap(60), with_size_limit(max_body=1 << 20)))
 
-``install`` changes one client, never nats-py itself, and :func:`uninstall` undoes it. In the
-style of the OpenTelemetry instrumentations, the client's methods are wrapped with ``wrapt``
-on the instance, so other clients in the process are untouched.
+``install`` changes one client, and :func:`uninstall` undoes it. In the style of the
+OpenTelemetry instrumentations, the client's methods are wrapped with ``wrapt`` on the instance,
+so other clients in the process are untouched. JetStream contexts and pull subscriptions are
+covered whenever they were made: while any client has a chain installed, four methods of
+nats-py's classes (``JetStreamContext.subscribe`` and ``.pull_subscribe_bind``,
+``PullSubscription.fetch`` and ``.unsubscribe``) are wrapped once, and each call looks up the
+installation of its own client (nothing for a client without one); the last ``uninstall``
+takes them out again.
 """
 
 from __future__ import annotations
@@ -77,7 +82,38 @@ class _Installation:
     # What install put on the client: name -> (our wrapper, whether the client had its own
     # attribute of that name before, which our wrapper wraps).
     wrappers: dict[str, tuple[Any, bool]] = field(default_factory=dict)
+    # Subscriptions made before install whose callback it chained in place: sub -> (the
+    # callback before, the chained one), put back by uninstall.
+    covered: weakref.WeakKeyDictionary[Any, tuple[Handler, Handler]] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+    # Pull subscriptions made before install, chained at their first fetch while installed.
+    pulls: weakref.WeakKeyDictionary[Any, _CoveredPull] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
 
+
+@dataclass
+class _CoveredPull:
+    dues: DueFetcher
+    fetch: Any  # a wrapt wrapper function: _chained_fetch(...)
+
+
+@dataclass
+class _ClassPatches:
+    """The wraps of nats-py's JetStream classes, while any installed client has a chain."""
+
+    # False once taken out: a wrapper another library wrapped in turn stays, passing through.
+    active: bool = True
+    patches: list[tuple[type, str, Any]] = field(default_factory=list)
+
+
+_class_patches: _ClassPatches | None = None
+
+# Subscriptions made while natsmw was installed, with the chain in their callback from the
+# start: they keep it after uninstall, and a later install does not chain them again.
+_chained_subscriptions: weakref.WeakSet[Any] = weakref.WeakSet()
+_chained_pulls: weakref.WeakSet[Any] = weakref.WeakSet()
 
 _installed: weakref.WeakKeyDictionary[Client, _Installation] = weakref.WeakKeyDictionary()
 
@@ -96,10 +132,20 @@ def install(
         lazy_headers: decode message headers on first access instead of in the read loop.
             Applies at once to every subscription of the client, existing ones included.
         chain: a middleware (for example ``compose(...)``) put in front of the callback of
-            every subscription made on ``nc`` from now on: ``nc.subscribe(cb=...)`` and
-            ``js.subscribe(cb=...)`` (push, auto-ack or not); and around every message that
-            ``fetch`` returns, on pull subscriptions made from ``nc.jetstream()`` contexts
-            created from now on. Subscriptions that exist already are left as they are.
+            every subscription of ``nc``: ``nc.subscribe(cb=...)`` and ``js.subscribe(cb=...)``
+            (push, auto-ack or not); and around every message that ``fetch`` returns, on
+            every pull subscription of ``nc``. Whenever they were made: JetStream contexts
+            made before install (frameworks such as FastStream make theirs at connect time)
+            are covered as those made after, and so are subscriptions that exist already (see
+            below).
+
+    Subscriptions made before install: a callback subscription (core or JetStream push) gets
+    the chain in front of its callback in place, from its next message on, and a JetStream push
+    subscription's parked messages are served to it, as for one made after install; a pull
+    subscription gets the chain at its first ``fetch`` while installed. A subscription read
+    without a callback (``next_msg()``, ``async for msg in sub.messages``) cannot be chained,
+    made before install or after: install says so, as a warning naming its subject (give it
+    ``cb=``, or run ``compose(...)(handler)`` on what it reads).
 
     A fetched message goes through the chain as if its handler were "the code that got it
     from ``fetch``": ``fetch`` returns the messages the chain lets through (a delay cap
@@ -120,9 +166,14 @@ def install(
 
     Raises:
         NatsmwError: natsmw is already installed on ``nc`` (``uninstall`` it first).
-        TypeError: ``chain`` is not callable, or ``fetch_settle_timeout`` is not a duration.
+        TypeError: ``nc`` is not a nats-py client, ``chain`` is not callable, or
+            ``fetch_settle_timeout`` is not a duration.
         ValueError: ``fetch_settle_timeout`` is negative, NaN or infinite.
     """
+    if not isinstance(nc, Client):
+        raise TypeError(
+            f"install() takes a nats-py client (nats.connect() returns one), got {nc!r}"
+        )
     if nc in _installed:
         raise NatsmwError(f"natsmw is already installed on {nc!r}; call uninstall(nc) first")
     if chain is not None and not callable(chain):
@@ -137,11 +188,14 @@ def install(
     )
     if lazy_headers:
         _install_lazy_headers(nc, installation)
+    coverage = _existing_coverage(nc, chain) if chain is not None else []
     if chain is not None:
         _wrap(nc, installation, "subscribe", _while(installation, _chained_subscribe(chain)))
         _wrap(nc, installation, "drain", _while(installation, _draining))
-        _wrap(nc, installation, "jetstream", _while(installation, _chained_jetstream()))
+        _patch_classes()
     _installed[nc] = installation
+    if chain is not None:
+        _cover_subscriptions(nc, installation, coverage)
 
 
 def _install_lazy_headers(nc: Client, installation: _Installation) -> None:
@@ -201,7 +255,7 @@ def _wrap(nc: Client, installation: _Installation, name: str, wrapper: Any) -> N
     installation.wrappers[name] = (ours, had_own)
 
 
-def _while(installation: _Installation, wrapper: Any) -> Any:
+def _while(installation: _Installation | _ClassPatches, wrapper: Any) -> Any:
     """``wrapper`` while ``installation`` is active; a plain pass-through after."""
 
     def guarded(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -217,8 +271,12 @@ def uninstall(nc: Client) -> None:
 
     New messages get nats-py's eager header decoding again; messages already received keep
     decoding on access, correctly. New subscriptions get the callback exactly as given.
-    Subscriptions made while installed keep the chain around their callback until they are
-    unsubscribed: a chain in the middle of a delay hold must not be dropped silently.
+    Subscriptions made while installed keep the chain around their callback (and their pull's
+    ``fetch``) until they are unsubscribed: a chain in the middle of a delay hold must not be
+    dropped silently. Subscriptions made before install get back what they had: their own
+    callback, nats-py's own ``fetch``; natsmw stops serving their parked messages (whoever
+    serves the consumer next, an install or ``serve_parked``, serves them). With the last
+    installation that has a chain, nats-py's JetStream classes are as they were.
     """
     installation = _installed.pop(nc, None)
     if installation is None:
@@ -228,6 +286,15 @@ def uninstall(nc: Client) -> None:
         _unwrap(nc, name, ours, had_own)
     if installation.lazy_headers:
         _restore_message_class(nc, installation)
+    for sub, (callback, chained) in list(installation.covered.items()):
+        if sub._cb is chained:
+            sub._cb = callback
+    installation.covered.clear()
+    for pull in list(installation.pulls.values()):
+        _close_soon(pull.dues)
+    installation.pulls.clear()
+    if not any(other.chain is not None for other in _installed.values()):
+        _unpatch_classes()
 
 
 def _unwrap(nc: Client, name: str, ours: Any, had_own: bool) -> None:
@@ -281,20 +348,29 @@ def _deferring(installation: _Installation) -> Any:
 
 
 def _chained_subscribe(chain: Middleware) -> Any:
-    def subscribe(
+    async def subscribe(
         wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        nc = wrapped.__self__
         arguments = list(args)
+        callback = arguments[2] if len(arguments) >= 3 else kwargs.get("cb")
+        chained = _chained(chain, nc, callback)
         if len(arguments) >= 3:
-            arguments[2] = _chained(chain, wrapped.__self__, arguments[2])
-        elif kwargs.get("cb") is not None:
-            kwargs = {**kwargs, "cb": _chained(chain, wrapped.__self__, kwargs["cb"])}
-        return wrapped(*arguments, **kwargs)
+            arguments[2] = chained
+        elif callback is not None:
+            kwargs = {**kwargs, "cb": chained}
+        sub = await wrapped(*arguments, **kwargs)
+        if chained is not callback:
+            _chained_subscriptions.add(sub)
+        elif callback is None:
+            _warn_unchained(nc, sub)
+        return sub
 
     return subscribe
 
 
 def _chained(chain: Middleware, nc: Client, callback: Handler | None) -> Handler | None:
+    """``chain(callback)``, or ``callback`` itself where it is nats-py's or natsmw's own."""
     if callback is None or callback == nc._request_sub_callback:
         return callback
     if getattr(callback, "__func__", None) is JetStreamContext._handle_async_reply:
@@ -304,20 +380,114 @@ def _chained(chain: Middleware, nc: Client, callback: Handler | None) -> Handler
     return chain(callback)
 
 
-def _chained_jetstream() -> Any:
-    def jetstream(
-        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        js = wrapped(*args, **kwargs)
-        nc = wrapped.__self__
-        # pull_subscribe calls self.pull_subscribe_bind: wrapping the latter covers both.
-        js.pull_subscribe_bind = wrapt.FunctionWrapper(
-            js.pull_subscribe_bind, _chained_pull_subscribe(nc)
-        )
-        js.subscribe = wrapt.FunctionWrapper(js.subscribe, _serving_subscribe(nc))
-        return js
+def _warn_unchained(nc: Client, sub: Any) -> None:
+    """Say that the messages of ``sub``, a subscription without a callback, never go through
+    the chain; nats-py's own inboxes (a pull subscription's, a push one's) are not the user's
+    to read, and say nothing."""
+    inbox = bytes(nc._inbox_prefix).decode()
+    if getattr(sub, "_jsi", None) is None and sub._subject.startswith(inbox):
+        return
+    log.warning(
+        "natsmw's chain cannot run around the messages of the subscription to %r on %r: it "
+        "has no callback (its messages are read with next_msg() or sub.messages, and reach "
+        "the reader as they are). Subscribe with cb=..., or run the chain yourself: "
+        "compose(...)(handler)(msg)",
+        sub._subject,
+        nc,
+    )
 
-    return jetstream
+
+def _existing_coverage(nc: Client, chain: Middleware) -> list[tuple[Any, Handler, Handler]]:
+    """The subscriptions of ``nc`` made before install whose callback the chain can go in
+    front of, each with its callback and the chained one. Changes nothing: a chain that
+    refuses a callback (two delay caps) raises here, before install changes anything."""
+    coverage: list[tuple[Any, Handler, Handler]] = []
+    for sub in list(getattr(nc, "_subs", {}).values()):
+        callback = sub._cb
+        if sub in _chained_subscriptions or callback is None:
+            continue  # a chain from an earlier install already; or no callback to chain
+        chained = _chained(chain, nc, callback)
+        if chained is not None and chained is not callback:
+            coverage.append((sub, callback, chained))
+    return coverage
+
+
+def _cover_subscriptions(
+    nc: Client, installation: _Installation, coverage: list[tuple[Any, Handler, Handler]]
+) -> None:
+    """Chain the callbacks of subscriptions made before install, in place (nats-py reads
+    ``sub._cb`` for each message), and serve the parked messages of the JetStream ones."""
+    for sub, callback, chained in coverage:
+        sub._cb = chained
+        installation.covered[sub] = (callback, chained)
+        _serve_existing(nc, installation, sub, chained)
+    for sub in list(getattr(nc, "_subs", {}).values()):
+        if sub._cb is None:
+            _warn_unchained(nc, sub)
+
+
+def _serve_existing(nc: Client, installation: _Installation, sub: Any, chained: Handler) -> None:
+    jsi = getattr(sub, "_jsi", None)
+    if jsi is None:
+        return  # a core subscription: nothing of it is ever parked
+    psub = jsi._psub
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        log.warning(
+            "natsmw cannot serve the parked messages of %s/%s (a JetStream subscription made "
+            "before install): install was called outside the event loop. Call it from a "
+            "coroutine, or call serve_parked for that consumer",
+            psub._stream,
+            psub._consumer,
+        )
+        return
+    subs = nc._subs
+    ParkedServing(
+        nc, chained, psub._stream, psub._consumer,
+        manual_ack=True, retention=DEFAULT_RETENTION, concurrency=1,
+        alive=lambda: installation.active and sub._id in subs,
+    )  # fmt: skip
+
+
+def _installation_of(nc: Any) -> _Installation | None:
+    try:
+        return _installed.get(nc)
+    except TypeError:  # not weakly referenceable: no client install() knows
+        return None
+
+
+def _patch_classes() -> None:
+    """Wrap nats-py's JetStream classes, once: every context and pull subscription of an
+    installed client is covered, whenever it was made."""
+    global _class_patches
+    if _class_patches is not None:
+        return
+    patches = _ClassPatches()
+    pull = JetStreamContext.PullSubscription
+    for owner, name, wrapper in (
+        (JetStreamContext, "subscribe", _serving_subscribe),
+        (JetStreamContext, "pull_subscribe_bind", _chained_pull_subscribe),
+        (pull, "fetch", _covering_fetch),
+        (pull, "unsubscribe", _uncovering_unsubscribe),
+    ):
+        ours: Any = wrapt.wrap_function_wrapper(owner, name, _while(patches, wrapper))
+        patches.patches.append((owner, name, ours))
+    _class_patches = patches
+
+
+def _unpatch_classes() -> None:
+    """Take the wraps of nats-py's classes out, unless someone wrapped one since (then it
+    stays, and passes every call straight through)."""
+    global _class_patches
+    patches, _class_patches = _class_patches, None
+    if patches is None:
+        return
+    patches.active = False
+    for owner, name, ours in patches.patches:
+        before = ours.__wrapped__  # nats-py's own function
+        if vars(owner).get(name) is ours:
+            setattr(owner, name, before)
 
 
 async def _draining(
@@ -329,55 +499,115 @@ async def _draining(
     return await wrapped(*args, **kwargs)
 
 
-def _serving_subscribe(nc: Client) -> Any:
-    async def subscribe(
-        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        installation = _installed.get(nc)
-        if installation is None or installation.chain is None:
-            return await wrapped(*args, **kwargs)  # uninstalled since the context was made
-        callback = kwargs.get("cb")
-        if callback is not None:
-            # A chain that cannot wrap this callback (two delay caps) is refused before
-            # nats-py creates the consumer on the server, not after.
-            installation.chain(callback)
-        sub = await wrapped(*args, **kwargs)
-        if isinstance(sub, JetStreamContext.PushSubscription) and sub._cb is not None:
-            # Due messages of this consumer go to the same (chained) callback. It is the one
-            # nats-py subscribed with: with manual_ack=False it acks them itself.
-            subs = nc._subs
-            serving = ParkedServing(
-                nc, sub._cb, sub._stream, sub._consumer,
-                manual_ack=True, retention=DEFAULT_RETENTION, concurrency=1,
-                alive=lambda: sub._id in subs,
-            )  # fmt: skip
-            if await park_stream(nc).exists():
-                # Messages parked before are served from now on, and the first long delay
-                # of this subscription parks (it is held while the pull is not ready).
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(serving.ready.wait(), 2.0)
+async def _serving_subscribe(
+    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``JetStreamContext.subscribe``: for an installed client, a push subscription's parked
+    messages go to its (chained) callback."""
+    nc = instance._nc
+    installation = _installation_of(nc)
+    if installation is None or installation.chain is None:
+        return await wrapped(*args, **kwargs)
+    callback = args[2] if len(args) >= 3 else kwargs.get("cb")
+    # A chain that cannot wrap this callback (two delay caps) is refused before nats-py
+    # creates the consumer on the server, not after.
+    if callback is not None and _chained(installation.chain, nc, callback) is callback:
+        return await wrapped(*args, **kwargs)  # nats-py's own: a key-value watcher
+    sub = await wrapped(*args, **kwargs)
+    if not isinstance(sub, JetStreamContext.PushSubscription):
         return sub
+    if sub._cb is None:
+        _warn_unchained(nc, sub._sub)
+        return sub
+    # Due messages of this consumer go to the same (chained) callback. It is the one
+    # nats-py subscribed with: with manual_ack=False it acks them itself.
+    subs = nc._subs
+    serving = ParkedServing(
+        nc, sub._cb, sub._stream, sub._consumer,
+        manual_ack=True, retention=DEFAULT_RETENTION, concurrency=1,
+        alive=lambda: sub._id in subs,
+    )  # fmt: skip
+    if await park_stream(nc).exists():
+        # Messages parked before are served from now on, and the first long delay of this
+        # subscription parks (it is held while the pull is not ready).
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(serving.ready.wait(), 2.0)
+    return sub
 
-    return subscribe
 
-
-def _chained_pull_subscribe(nc: Client) -> Any:
-    async def pull_subscribe_bind(
-        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        psub = await wrapped(*args, **kwargs)
-        # The chain installed now, not when the context was made: it may have changed since.
-        installation = _installed.get(nc)
-        chain = installation.chain if installation is not None else None
-        if chain is not None and not isinstance(psub.fetch, wrapt.FunctionWrapper):
-            dues = DueFetcher(nc, psub._stream, psub._consumer)
-            weakref.finalize(psub, dues.close)
-            wait = await _settle_wait(nc, psub, installation)
-            psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(chain, dues, wait))
-            psub.unsubscribe = wrapt.FunctionWrapper(psub.unsubscribe, _closing(dues))
+async def _chained_pull_subscribe(
+    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``JetStreamContext.pull_subscribe_bind`` (``pull_subscribe`` calls it): a pull
+    subscription made while installed keeps the chain around its ``fetch`` until it is
+    unsubscribed, uninstall or not."""
+    psub = await wrapped(*args, **kwargs)
+    nc = instance._nc
+    # The chain installed now, not when the context was made: it may have changed since.
+    installation = _installation_of(nc)
+    if installation is None or installation.chain is None or psub in _chained_pulls:
         return psub
+    dues = DueFetcher(nc, psub._stream, psub._consumer)
+    weakref.finalize(psub, dues.close)
+    wait = await _settle_wait(psub, installation)
+    psub.fetch = wrapt.FunctionWrapper(psub.fetch, _chained_fetch(installation.chain, dues, wait))
+    psub.unsubscribe = wrapt.FunctionWrapper(psub.unsubscribe, _closing(dues))
+    _chained_pulls.add(psub)
+    return psub
 
-    return pull_subscribe_bind
+
+async def _covering_fetch(
+    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``PullSubscription.fetch``: a pull subscription made before install gets the chain of
+    its client's installation, from its first fetch while installed."""
+    installation = None if instance in _chained_pulls else _installation_of(instance._nc)
+    if installation is None or installation.chain is None:
+        return await wrapped(*args, **kwargs)  # its own chain from pull_subscribe, or none
+    covered = installation.pulls.get(instance)
+    if covered is None:
+        covered = await _cover_pull(instance, installation, installation.chain)
+    if covered is None:
+        return await wrapped(*args, **kwargs)  # uninstalled meanwhile
+    return await covered.fetch(wrapped, instance, args, kwargs)
+
+
+async def _cover_pull(
+    psub: Any, installation: _Installation, chain: Middleware
+) -> _CoveredPull | None:
+    wait = await _settle_wait(psub, installation)
+    if not installation.active:
+        return None
+    covered = installation.pulls.get(psub)  # by a fetch that ran meanwhile
+    if covered is None:
+        dues = DueFetcher(psub._nc, psub._stream, psub._consumer)
+        weakref.finalize(psub, dues.close)
+        covered = installation.pulls[psub] = _CoveredPull(dues, _chained_fetch(chain, dues, wait))
+    return covered
+
+
+async def _uncovering_unsubscribe(
+    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    installation = _installation_of(instance._nc)
+    covered = installation.pulls.pop(instance, None) if installation is not None else None
+    if covered is not None:
+        await covered.dues.aclose()  # natsmw's own pull of due messages goes with it
+    return await wrapped(*args, **kwargs)
+
+
+_closing_dues: set[asyncio.Task[None]] = set()
+
+
+def _close_soon(dues: DueFetcher) -> None:
+    """Stop ``dues`` now, and unsubscribe natsmw's pull of them as soon as the loop can."""
+    dues.close()
+    try:
+        task = asyncio.get_running_loop().create_task(dues.aclose())
+    except RuntimeError:
+        return  # no loop: the pull's subscription goes with its client
+    _closing_dues.add(task)
+    task.add_done_callback(_closing_dues.discard)
 
 
 def _closing(dues: DueFetcher) -> Any:
@@ -390,7 +620,7 @@ def _closing(dues: DueFetcher) -> Any:
     return unsubscribe
 
 
-async def _settle_wait(nc: Client, psub: Any, installation: _Installation | None) -> float:
+async def _settle_wait(psub: Any, installation: _Installation | None) -> float:
     """How long the chain around a fetched message waits for it to be settled: not at all
     where there is nothing to settle (a consumer with ``ack_policy=none``)."""
     wait = installation.settle_timeout if installation is not None else FETCH_SETTLE_TIMEOUT
