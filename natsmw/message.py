@@ -399,11 +399,12 @@ class MessageProxy(_Proxy):
     async def nak(self, delay: object = None) -> None:
         """Ask for redelivery, after ``delay`` (seconds or ``timedelta``) if given.
 
+        Nothing is sent to the server when it raises: the message stays unsettled and comes
+        back after the consumer's ``ack_wait``.
+
         Raises:
             TypeError: ``delay`` is neither ``None``, a number of seconds nor a ``timedelta``.
             ValueError: ``delay`` is negative, NaN or infinite.
-            Nothing is sent to the server when either is raised: the message stays unsettled
-            and comes back after the consumer's ``ack_wait``.
         """
         seconds = None if delay is None else to_seconds(delay, "nak delay")
         reply = self.__wrapped__.reply

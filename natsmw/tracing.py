@@ -810,9 +810,7 @@ async def publish(
 
     ``connection`` is a client (core NATS, returns ``None``) or a JetStream context (returns
     the ``PubAck``). Consumers traced with :func:`with_tracing` link to this span.
-
-    Raises:
-        Whatever ``publish`` of ``connection`` raises; the span records it.
+    Whatever ``publish`` of ``connection`` raises is raised as it is; the span records it.
     """
     tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
     destination = _destination(subject)

@@ -121,12 +121,13 @@ async def publish_not_before(
         await publish_not_before(js, "invoices.remind", body, not_before=timedelta(hours=3),
                                  schedule_subject="invoices.scheduled.4711")
 
+    Whatever ``js.publish`` raises is raised as it is.
+
     Raises:
         TypeError, ValueError: ``not_before`` is not an aware datetime or a valid delay;
             ``schedule_subject`` is ``subject``, has wildcards, or is not in the same stream
             as ``subject``; or that stream does not allow message schedules (the message is
             not published: nothing is stored early).
-        Whatever ``js.publish`` raises.
     """
     deadline = deadline_header(not_before)
     merged = {**(headers or {}), **deadline}
