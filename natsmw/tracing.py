@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
 
 from nats.aio.client import Client
@@ -319,24 +319,7 @@ class Tracing:
         elif _traced_already(state):
             await call_next(msg)  # inside another with_tracing (the instrumentor's): its span
             return
-        real = msg.__wrapped__  # read directly: faster than through the proxy
-        subject = real.subject
-        destination = _INBOX if subject.startswith(_INBOX) else subject
-        attributes, labels = self._start_attributes(msg, real, destination)
-        links = parent = None
-        if _carries_context(real):
-            creation = propagate.extract(real, getter=_HEADERS)
-            creation_span = trace.get_current_span(creation).get_span_context()
-            if creation_span.is_valid:
-                links = [Link(creation_span)]
-                if not trace.get_current_span().get_span_context().is_valid:
-                    parent = creation
-        # The subscription's subject (a wildcard, a JetStream consumer's filter) keeps span
-        # names few; the message's own subject is messaging.destination.name.
-        template = attributes.get("messaging.destination.template") or destination
-        span = self._tracer.start_span(
-            f"process {template}", parent, SpanKind.CONSUMER, attributes, links
-        )
+        span, parent, labels = self._open(msg, (), None, None)
         recorder = _Recorder(self, span, labels)
         # With the creation context as parent, its baggage comes along to the handler.
         token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -409,17 +392,19 @@ class Tracing:
     def _open(
         self,
         msg: MessageProxy,
-        links: list[Link],
-        more: dict[str, Any],
+        links: Sequence[Link],
+        more: dict[str, Any] | None,
         start_time: int | None,
     ) -> tuple[trace.Span, otel_context.Context | None, dict[str, Any]]:
         """Start a delivery's span (not made current): the span, its parent context (the
-        creation context when there is no ambient span) and the metric labels."""
-        real = msg.__wrapped__
+        creation context when there is no ambient span) and the metric labels. ``links``
+        and ``more`` attributes go on it at start, where samplers see them."""
+        real = msg.__wrapped__  # read directly: faster than through the proxy
         subject = real.subject
         destination = _INBOX if subject.startswith(_INBOX) else subject
         attributes, labels = self._start_attributes(msg, real, destination)
-        attributes.update(more)
+        if more:
+            attributes.update(more)
         parent = None
         if _carries_context(real):
             creation = propagate.extract(real, getter=_HEADERS)
@@ -428,6 +413,8 @@ class Tracing:
                 links = [Link(creation_span), *links]
                 if not trace.get_current_span().get_span_context().is_valid:
                     parent = creation
+        # The subscription's subject (a wildcard, a JetStream consumer's filter) keeps span
+        # names few; the message's own subject is messaging.destination.name.
         template = attributes.get("messaging.destination.template") or destination
         span = self._tracer.start_span(
             f"process {template}", parent, SpanKind.CONSUMER, attributes, links or None,
