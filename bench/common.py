@@ -157,3 +157,22 @@ def _version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def hand_written_hold(cap: float) -> Handler:
+    """The floor of a hold, naking for at most ``cap`` seconds: written by hand for the
+    benches alone, in memory, with none of what natsmw keeps (no store, restarts, other
+    instances, max_deliver, clocks): the reply subject split, a dict lookup, a clock read
+    and a nak. A message seen for the first time is deferred by an hour."""
+    deadlines: dict[tuple[str, str, str], float] = {}
+
+    async def hold(msg: Msg) -> None:
+        tokens = msg.reply.split(".")
+        key = (tokens[2], tokens[3], tokens[5])
+        now = time.time()
+        deadline = deadlines.get(key)
+        if deadline is None:
+            deadline = deadlines[key] = now + 3600
+        await msg.nak(delay=min(cap, deadline - now))
+
+    return hold

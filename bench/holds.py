@@ -51,7 +51,7 @@ from nats.js.api import ConsumerConfig
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
-from bench.common import Handler, rotated, write_report
+from bench.common import Handler, hand_written_hold, rotated, write_report
 from natsmw import compose, with_delay_cap, with_tracing
 from natsmw.delay import DelayCap
 from natsmw.delay.memory import Deliveries
@@ -220,24 +220,6 @@ async def defer(msg: Msg) -> None:
     await msg.nak(delay=3600)
 
 
-def hand_written_hold() -> Handler:
-    """The floor: a hold written by hand for this bench alone, in memory, with none of what
-    natsmw keeps (no store, restarts, other instances, max_deliver, clocks): the reply
-    subject split, a dict lookup, a clock read and a nak."""
-    deadlines: dict[tuple[str, str, str], float] = {}
-
-    async def hold(msg: Msg) -> None:
-        tokens = msg.reply.split(".")
-        key = (tokens[2], tokens[3], tokens[5])
-        now = time.time()
-        deadline = deadlines.get(key)
-        if deadline is None:
-            deadline = deadlines[key] = now + 3600
-        await msg.nak(delay=min(CAP, deadline - now))
-
-    return hold
-
-
 def held_with(limits_age: float | None) -> DelayCap:
     """A delay cap of ``CAP``; ``limits_age``: how old the consumer limits it holds with may be
     before it reads them again (``None``: natsmw's own, about half the cap)."""
@@ -317,7 +299,7 @@ def variants(
     provider = TracerProvider(sampler=ALWAYS_ON)
     provider.add_span_processor(SPANS)
     others = [
-        Variant(FLOOR, "floor", kept(nc, hand_written_hold())),
+        Variant(FLOOR, "floor", kept(nc, hand_written_hold(CAP))),
         Variant(
             TRACED,
             "traced",

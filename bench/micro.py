@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
-from bench.common import write_report
+from bench.common import hand_written_hold, write_report
 from bench.consume import full_chain, proxy_only
 from natsmw import MemoryDeadlineStore, with_delay_cap, with_tracing
 
@@ -101,22 +101,6 @@ def bare_span(provider: TracerProvider) -> Handler:
             await ack(msg)
 
     return handle
-
-
-def hand_written_hold(cap: float) -> Handler:
-    """The floor of a hold: in memory, written by hand, none of natsmw's guarantees."""
-    deadlines: dict[tuple[str, str, str], float] = {}
-
-    async def hold(msg: Msg) -> None:
-        tokens = msg.reply.split(".")
-        key = (tokens[2], tokens[3], tokens[5])
-        now = time.time()
-        deadline = deadlines.get(key)
-        if deadline is None:
-            deadline = deadlines[key] = now + 3600
-        await msg.nak(delay=min(cap, deadline - now))
-
-    return hold
 
 
 def held(count: int) -> tuple[Handler, Callable[[int], list[Msg]]]:
