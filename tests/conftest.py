@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats
 import nats.errors
@@ -15,6 +16,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from natsmw.server import NatsCluster, NatsServer
 
@@ -191,3 +194,23 @@ async def publish_until_stored(
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.1)  # back off between attempts; the deadline bounds the wait
+
+
+class NotifyingExporter(InMemorySpanExporter):
+    """Keeps finished spans, and lets a test wait for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exported = asyncio.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> Any:
+        result = super().export(spans)
+        self.exported.set()
+        return result
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[ReadableSpan]:
+        """The finished spans, once there are at least ``count``."""
+        while len(self.get_finished_spans()) < count:
+            self.exported.clear()
+            await asyncio.wait_for(self.exported.wait(), timeout)
+        return list(self.get_finished_spans())

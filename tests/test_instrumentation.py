@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 import natsmw
@@ -34,26 +32,11 @@ from natsmw import Handler, MessageProxy, Middleware, middleware
 from natsmw.installation import SUPPORTED_NATS_PY
 from natsmw.instrumentation import NatsmwInstrumentor
 from natsmw.server import NatsServer
-from tests.conftest import Connection, Inbox, Stream, connect
+from tests.conftest import Connection, Inbox, NotifyingExporter, Stream, connect
 
 
-class Spans(InMemorySpanExporter):
-    """Keeps finished spans, and lets a test wait for them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.exported = asyncio.Event()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> Any:
-        result = super().export(spans)
-        self.exported.set()
-        return result
-
-    async def wait_for(self, count: int, timeout: float = 5.0) -> list[ReadableSpan]:
-        while len(self.get_finished_spans()) < count:
-            self.exported.clear()
-            await asyncio.wait_for(self.exported.wait(), timeout)
-        return list(self.get_finished_spans())
+class Spans(NotifyingExporter):
+    """The finished spans, waited for; one of them by name."""
 
     def named(self, name: str) -> ReadableSpan:
         (span,) = [s for s in self.get_finished_spans() if s.name == name]

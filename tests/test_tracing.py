@@ -30,26 +30,8 @@ from opentelemetry.util.types import Attributes
 from natsmw import compose, middleware, with_delay_cap, with_size_limit
 from natsmw.message import MessageProxy
 from natsmw.tracing import publish, with_tracing
-from tests.conftest import Connection, Inbox, Stream
+from tests.conftest import Connection, Inbox, NotifyingExporter, Stream
 from tests.delay_support import CAP, LegacyHandler, fetch_and_handle, pulling, serving
-
-
-class NotifyingExporter(InMemorySpanExporter):
-    """Keeps finished spans, and lets a test wait for them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.exported = asyncio.Event()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> Any:
-        result = super().export(spans)
-        self.exported.set()
-        return result
-
-    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
-        while len(self.get_finished_spans()) < count:
-            self.exported.clear()
-            await asyncio.wait_for(self.exported.wait(), timeout)
 
 
 class StartAttributes(Sampler):
