@@ -24,7 +24,7 @@ from natsmw.delay import (
     with_delay_cap,
 )
 from natsmw.message import Settle
-from tests.conftest import Connection, Inbox, Stream, spy_acks
+from tests.conftest import Connection, Inbox, Stream, flushed, spy_acks
 from tests.delay_support import (
     CAP,
     DELAY,
@@ -376,7 +376,7 @@ async def test_holds_on_the_deferring_instance_cost_no_round_trip_per_message(
             await conn.js.publish(stream.subject, b"x")
         await calls.wait_calls(20)
     await releases_recorded(cap)
-    await conn.nc.flush()
+    await flushed(conn.nc)
 
     # The clock probe (a put and a read of its stamp, every few minutes) aside.
     probe = "$KV.natsmw_deadlines.natsmw-clock"
@@ -485,7 +485,7 @@ async def test_a_tiny_cap_reads_the_consumer_limits_at_most_ten_times_a_second(
     async with pulling(conn.js, stream.subject, "tiny", cap(scripted)):
         await conn.js.publish(stream.subject, b"x")
         calls = await scripted.wait_calls(2)
-    await conn.nc.flush()
+    await flushed(conn.nc)
 
     assert calls[1].at >= scripted.naked_at[0] + 1.5
     assert cap.stats.holds >= 50  # the holds the requests are counted against
@@ -515,7 +515,7 @@ async def test_a_batch_held_at_once_asks_for_consumer_info_once(
         conn.js, stream.subject, "batch", cap(each_naks_once), batch=40, together=True
     ):
         await calls.wait_calls(80)
-    await conn.nc.flush()
+    await flushed(conn.nc)
 
     assert cap.stats.holds >= 40
     rounds = cap.stats.holds / 40  # each round of holds may read the limits once

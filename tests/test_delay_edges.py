@@ -40,7 +40,7 @@ from natsmw import (
 from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore, MemoryDeadlineStore
 from natsmw.errors import DeadlineStoreError
 from natsmw.server import NatsServer
-from tests.conftest import Connection, Inbox, Stream, connect, spy_acks
+from tests.conftest import Connection, Inbox, Stream, connect, flushed, spy_acks
 from tests.delay_support import CAP, CallLog, pulling
 
 
@@ -234,7 +234,7 @@ async def test_a_new_consumer_over_a_long_stream_costs_no_round_trip_per_message
     cap._first_of_older = counted  # type: ignore[method-assign]
     async with pulling(alone.js, "edge.x", "late", cap(acks), batch=50):
         await calls.wait_calls(200)
-    await alone.nc.flush()
+    await flushed(alone.nc)
 
     asked = [m.subject for m in requests.items if not m.subject.startswith("$JS.API.CONSUMER.MSG")]
     # pull_subscribe's own consumer info, then natsmw: one consumer info (the consumer's

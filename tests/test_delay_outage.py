@@ -16,7 +16,7 @@ import natsmw.delay.stores
 from natsmw import publish_not_before, with_delay_cap
 from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore, MemoryDeadlineStore
 from natsmw.errors import DeadlineStoreError
-from tests.conftest import Connection, Inbox, Stream
+from tests.conftest import Connection, Inbox, Stream, flushed
 from tests.delay_support import CAP, CallLog
 
 
@@ -35,11 +35,11 @@ async def test_an_unreachable_bucket_is_asked_once_not_once_per_waiting_read(
 
     results = await asyncio.gather(*(store.get(key) for _ in range(8)), return_exceptions=True)
     assert all(isinstance(result, DeadlineStoreError) for result in results), results
-    await conn.nc.flush()
+    await flushed(conn.nc)
     assert len(swallowed.items) == 1
     with pytest.raises(DeadlineStoreError, match="not asked again"):
         await store.put(key, Deferral(deadline=0.0))
-    await conn.nc.flush()
+    await flushed(conn.nc)
     assert len(swallowed.items) == 1
 
     # Past retry_after, on the store's clock only (asyncio keeps the real one).
@@ -49,7 +49,7 @@ async def test_an_unreachable_bucket_is_asked_once_not_once_per_waiting_read(
     )
     with pytest.raises(DeadlineStoreError, match="cannot open"):
         await store.get(key)
-    await conn.nc.flush()
+    await flushed(conn.nc)
     assert len(swallowed.items) == 2  # asked again once the pause is over
 
 

@@ -13,7 +13,7 @@ import natsmw.guards
 from natsmw.guards import SizeGuard, with_size_limit
 from natsmw.headers import Undecoded, original_name
 from natsmw.installation import installed
-from tests.conftest import AckSpy, Connection, Inbox, Stream, spy_acks
+from tests.conftest import AckSpy, Connection, Inbox, Stream, flushed, spy_acks
 
 
 @pytest.fixture
@@ -313,7 +313,7 @@ async def test_header_names_nats_py_cannot_send_are_copied_percent_encoded(
     await conn.nc._send_command(
         prot_command.hpub_cmd(stream.subject, "", block, b"too big")  # type: ignore[no-untyped-call]
     )
-    await conn.nc.flush()
+    await flushed(conn.nc)
     (copy,) = await dead_letters.wait_for(1)
 
     assert copy.headers is not None

@@ -25,7 +25,7 @@ from natsmw.headers import (
     peek_header,
 )
 from natsmw.installation import install, installed, uninstall
-from tests.conftest import Connection, Inbox, Stream, connect
+from tests.conftest import Connection, Inbox, Stream, connect, flushed
 
 _CLIENT = Client()
 LazyMsg = lazy_message_class(Msg)
@@ -297,8 +297,8 @@ async def test_raw_non_utf8_headers_from_the_wire_decode_as_nats_py_does(
     install(conn.nc)
     await conn.nc.subscribe("raw.headers", cb=lazy_seen.put)
     await plain.nc.subscribe("raw.headers", cb=plain_seen.put)
-    await conn.nc.flush()
-    await plain.nc.flush()
+    await flushed(conn.nc)
+    await flushed(plain.nc)
     block = (
         b"NATS/1.0\r\nK: \xff\xfe bytes\r\n\xe9t\xe9: value\r\nIn side: v\r\nDup: 1\r\n"
         b"Dup: 2\r\nNo colon here\r\nEmpty:\r\n\r\n"
@@ -402,7 +402,7 @@ async def test_undecoded_headers_of_real_messages_read_as_nats_py_dicts(
     install(conn.nc)
     await conn.nc.subscribe("mapping.check", cb=lazy_seen.put)
     await plain.nc.subscribe("mapping.check", cb=plain_seen.put)
-    await plain.nc.flush()
+    await flushed(plain.nc)
     sent = [{"A": "1", "B": "2"}, {"Nats-Msg-Id": "x", "K": "\u00e9", "Z": ""}]
     for headers in sent:
         await conn.nc.publish("mapping.check", b"body", headers=headers)

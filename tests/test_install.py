@@ -31,7 +31,7 @@ from natsmw import (
 from natsmw.delay import park
 from natsmw.headers import Undecoded, finish_now
 from natsmw.installation import install, installed, uninstall
-from tests.conftest import Connection, Inbox, Stream, spy_acks
+from tests.conftest import Connection, Inbox, Stream, flushed, spy_acks
 from tests.delay_support import CAP, LegacyHandler, fetch_and_handle
 
 
@@ -89,7 +89,7 @@ async def test_uninstall_leaves_new_subscriptions_unchained(conn: Connection) ->
     assert isinstance(during, MessageProxy)
     assert not isinstance(after, MessageProxy)
     assert "subscribe" not in vars(conn.nc)
-    await asyncio.wait_for(conn.nc.flush(), 5)
+    await asyncio.wait_for(flushed(conn.nc), 5)
 
 
 async def test_chain_runs_around_fetched_messages_until_the_caller_settles(

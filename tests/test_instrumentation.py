@@ -32,7 +32,7 @@ from natsmw import Handler, MessageProxy, Middleware, middleware
 from natsmw.installation import SUPPORTED_NATS_PY
 from natsmw.instrumentation import NatsmwInstrumentor
 from natsmw.server import NatsServer
-from tests.conftest import Connection, Inbox, NotifyingExporter, Stream, connect
+from tests.conftest import Connection, Inbox, NotifyingExporter, Stream, connect, flushed
 
 
 class Spans(NotifyingExporter):
@@ -497,7 +497,7 @@ async def test_a_handler_decorated_with_its_own_tracing_gets_one_span(
     await connection.nc.publish("instrumented.decorated", b"x")
     await received.wait_for(1)
     await telemetry.spans.wait_for(2)
-    await connection.nc.flush()
+    await flushed(connection.nc)
     assert sorted(s.name for s in telemetry.spans.get_finished_spans()) == [
         "process instrumented.decorated",
         "send instrumented.decorated",

@@ -31,7 +31,7 @@ from natsmw import (
 from natsmw.delay import PARK_STREAM, DueMsg
 from natsmw.delay.park import due_consumer_name
 from natsmw.server import NatsServer
-from tests.conftest import Connection, Stream, connect
+from tests.conftest import Connection, Stream, connect, flushed
 from tests.delay_support import CAP, ScriptedHandler
 
 PARK = 2.0  # a delay that parks (over CAP)
@@ -244,7 +244,7 @@ async def test_auto_ack_push_subscription_under_install(conn: Connection, stream
     assert calls[1][1] >= asked[0] + PARK
     # The due copy was acked by the auto-ack: nothing left to deliver, nothing pending. The
     # auto-ack is sent after the handler returns: flush it before asking.
-    await conn.nc.flush()
+    await flushed(conn.nc)
     assert await due_left(conn, stream.name, "auto") == (0, 0)
 
 
