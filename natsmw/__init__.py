@@ -1,6 +1,6 @@
 """natsmw: composable middlewares between nats-py and the message handlers you already have."""
 
-from natsmw.chain import Handler, Middleware, compose, middleware
+from natsmw.chain import Decorator, Handler, Middleware, compose, middleware
 from natsmw.delay import (
     DEADLINE_HEADER,
     DelayCap,
@@ -19,6 +19,7 @@ from natsmw.tracing import Tracing, publish, with_tracing
 
 __all__ = [
     "DEADLINE_HEADER",
+    "Decorator",
     "DelayCap",
     "Handler",
     "KeyValueDeadlineStore",

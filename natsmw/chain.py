@@ -14,26 +14,84 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from types import CoroutineType
+from typing import Any, TypeAlias, TypeVar, overload
 
 from nats.aio.msg import Msg
 
 from natsmw.message import MessageProxy
 
-__all__ = ["Handler", "Middleware", "Step", "compose", "middleware"]
+__all__ = ["Decorator", "Handler", "Middleware", "Step", "compose", "middleware"]
 
-Handler: TypeAlias = Callable[[Msg], Awaitable[None]]
+Handler: TypeAlias = Callable[[Msg], Coroutine[Any, Any, None]]
 """An async message handler, as nats-py calls it: ``async def handler(msg) -> None``."""
 
 Middleware: TypeAlias = Callable[[Handler], Handler]
 """Takes the next handler, returns a handler that wraps it."""
 
-Step: TypeAlias = Callable[[MessageProxy, Handler], Awaitable[None]]
+Step: TypeAlias = Callable[[MessageProxy, Handler], Coroutine[Any, Any, None]]
 """The body of a middleware: ``async def step(msg, call_next) -> None``."""
 
+_M = TypeVar("_M", bound=Msg)
+_S = TypeVar("_S")
 
-def compose(*middlewares: Middleware) -> Middleware:
+
+class Decorator:
+    """What natsmw's middlewares are: a handler decorator whose result keeps the handler's
+    shape for type checkers.
+
+    A handler may take its message as [`MessageProxy`][natsmw.MessageProxy] (what a decorated
+    handler receives: its ``nak`` takes a ``timedelta``) or as nats-py's ``Msg``. Decorated,
+    it takes nats-py's ``Msg``, as ``subscribe(cb=...)`` wants, and returns a coroutine, as
+    ``asyncio.create_task`` wants. A method ``async def on_msg(self, msg)`` stays a method.
+    """
+
+    @overload
+    def __call__(self, handler: Callable[[_M], Awaitable[None]], /) -> Handler: ...
+    @overload
+    def __call__(
+        self, handler: Callable[[_S, _M], Awaitable[None]], /
+    ) -> Callable[[_S, Msg], Coroutine[Any, Any, None]]: ...
+    def __call__(self, handler: Any, /) -> Any:
+        """Wrap ``handler``.
+
+        Raises:
+            TypeError: ``handler`` is a plain ``def``, not an ``async def`` handler.
+            ValueError: ``handler`` is already wrapped by a delay cap and this is another
+                one (also through other middlewares): two caps would keep two deadlines
+                under one record.
+        """
+        return self._wrap(handler)
+
+    def _wrap(self, handler: Handler) -> Handler:
+        raise NotImplementedError
+
+
+class _Composed(Decorator):
+    __slots__ = ("_middlewares",)
+
+    def __init__(self, middlewares: tuple[Middleware, ...]) -> None:
+        self._middlewares = middlewares
+
+    def _wrap(self, handler: Handler) -> Handler:
+        for applied in reversed(self._middlewares):
+            wrapped = applied(handler)
+            if not callable(wrapped):
+                raise TypeError(
+                    f"compose() got {applied!r}, which returned {wrapped!r} for a handler, "
+                    f"not a handler: a middleware takes the next handler and returns one "
+                    f"(for a step(msg, call_next), use middleware(step))"
+                )
+            handler = wrapped
+        return handler
+
+    def __repr__(self) -> str:
+        return f"compose({', '.join(map(repr, self._middlewares))})"
+
+
+def compose(*middlewares: Middleware) -> Decorator:
     """Return a decorator that applies ``middlewares``, the first one outermost.
 
     ``compose()`` with no middleware returns the handler unchanged.
@@ -58,38 +116,45 @@ def compose(*middlewares: Middleware) -> Middleware:
                     f"may have one"
                 )
             once[kind] = candidate
-
-    def decorate(handler: Handler) -> Handler:
-        for applied in reversed(middlewares):
-            wrapped = applied(handler)
-            if not callable(wrapped):
-                raise TypeError(
-                    f"compose() got {applied!r}, which returned {wrapped!r} for a handler, "
-                    f"not a handler: a middleware takes the next handler and returns one "
-                    f"(for a step(msg, call_next), use middleware(step))"
-                )
-            handler = wrapped
-        return handler
-
-    return decorate
+    return _Composed(middlewares)
 
 
-def middleware(step: Step) -> Middleware:
+def middleware(step: Step) -> Decorator:
     """Turn ``step(msg, call_next)`` into a middleware.
 
-    The step receives the message's single :class:`~natsmw.message.MessageProxy` (created on
+    The step receives the message's single [`MessageProxy`][natsmw.message.MessageProxy] (created on
     first use, shared by every middleware on the chain) and the next handler, which it may
     call, or not. The returned middleware keeps the wrapped handler's name, docstring and
     signature, so the result still reads as the user's handler in logs and tracebacks.
 
     Raises:
-        TypeError: when applied to something that is not an ``async def`` handler.
+        TypeError: ``step`` is not callable or cannot take ``(msg, call_next)``; when
+            applied, the handler is not an ``async def`` handler.
+        RuntimeError: on a message, the step called ``call_next(msg)`` without awaiting it
+            (the handler never ran; the message stays unsettled and comes back after the
+            consumer's ``ack_wait``).
     """
-
     _require_step(step)
+    return _Stepped(_awaiting(step))
 
-    def apply(handler: Handler) -> Handler:
+
+def layer(step: Step) -> Decorator:
+    """[`middleware`][middleware] for natsmw's own steps, which await what they call."""
+    return _Stepped(step)
+
+
+class _Stepped(Decorator):
+    __slots__ = ("_step",)
+
+    def __init__(self, step: Step) -> None:
+        self._step = step
+
+    def __repr__(self) -> str:
+        return f"middleware({getattr(self._step, '__wrapped__', self._step)!r})"
+
+    def _wrap(self, handler: Handler) -> Handler:
         _require_async(handler)
+        step = self._step
         # A natsmw layer right inside this one is entered at its step, without its own
         # coroutine: the message is a proxy already. Only that very layer: a wrapper of it
         # made with functools.wraps carries its attribute too, and must not be skipped.
@@ -110,7 +175,7 @@ def middleware(step: Step) -> Middleware:
                 msg = MessageProxy(msg) if plain or not isinstance(msg, MessageProxy) else msg
             await step(msg, then)
 
-        def enter(msg: Msg) -> Awaitable[None]:
+        def enter(msg: Msg) -> Coroutine[Any, Any, None]:
             if type(msg) is MessageProxy:
                 return step(msg, call_next)
             return handle(msg)  # a step handed on another message: proxy it as handle does
@@ -118,7 +183,39 @@ def middleware(step: Step) -> Middleware:
         setattr(handle, _ENTRY, (handle, enter))
         return handle
 
-    return apply
+
+def _awaiting(step: Step) -> Step:
+    """``step``, raising when it returns with the handler's coroutine never started and held
+    by nobody: ``call_next(msg)`` without ``await`` would otherwise pass for handled."""
+
+    @functools.wraps(step)
+    async def checked(msg: MessageProxy, call_next: Handler) -> None:
+        made: Coroutine[Any, Any, None] | None = None
+
+        def then(message: Msg) -> Coroutine[Any, Any, None]:
+            nonlocal made
+            made = coroutine = call_next(message)
+            return coroutine
+
+        await step(msg, then)
+        if (
+            type(made) is CoroutineType
+            and inspect.getcoroutinestate(made) == inspect.CORO_CREATED
+            and sys.getrefcount(made) <= _HELD_BY_NOBODY  # not a task's, not kept to await
+        ):
+            made.close()  # no "never awaited" warning on top of this error
+            raise RuntimeError(
+                f"the middleware step {step!r} called call_next(msg) without awaiting it: "
+                f"the handler never ran, and the message is left unsettled (it comes back "
+                f"after the consumer's ack_wait). Write 'await call_next(msg)'"
+            )
+
+    return checked
+
+
+# References to a coroutine that only ``checked`` holds, as sys.getrefcount counts them: its
+# closure cell and getrefcount's own argument.
+_HELD_BY_NOBODY = 2
 
 
 _ENTRY = "_natsmw_entry"  # on a layer's handler: (that handler, its step's entry)

@@ -28,7 +28,7 @@ def to_seconds(value: object, what: str) -> float:
 
 
 def to_positive_seconds(value: object, what: str) -> float:
-    """Like :func:`to_seconds`, and zero is refused too (``ValueError``)."""
+    """Like [`to_seconds`][to_seconds], and zero is refused too (``ValueError``)."""
     seconds = _finite_seconds(value, what)
     if seconds <= 0:
         raise ValueError(f"{what} must be more than zero seconds, got {value!r}")

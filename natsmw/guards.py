@@ -20,7 +20,7 @@ from typing import Literal
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
-from natsmw.chain import Handler, middleware
+from natsmw.chain import Decorator, Handler, layer
 from natsmw.delay.limits import ConsumerLimits
 from natsmw.duration import Duration, to_seconds
 from natsmw.headers import header_block_size, header_count, sendable_name
@@ -60,7 +60,7 @@ class Rejection:
 
 @dataclass
 class SizeGuardStats:
-    """What one :class:`SizeGuard` did: ``rejected`` in all, and what became of them.
+    """What one [`SizeGuard`][SizeGuard] did: ``rejected`` in all, and what became of them.
 
     ``stranded``: naked on their last allowed delivery (``max_deliver``) because no copy could
     be stored; they stay in their stream, but their consumer will not deliver them again.
@@ -111,8 +111,8 @@ def with_size_limit(
     )
 
 
-class SizeGuard:
-    """The size-guard middleware; build it with :func:`with_size_limit`."""
+class SizeGuard(Decorator):
+    """The size-guard middleware; build it with [`with_size_limit`][with_size_limit]."""
 
     def __init__(
         self,
@@ -172,8 +172,8 @@ class SizeGuard:
         """The most headers let through (``None``: any)."""
         return self._max_headers
 
-    def __call__(self, handler: Handler) -> Handler:
-        return middleware(self._step)(handler)
+    def _wrap(self, handler: Handler) -> Handler:
+        return layer(self._step)(handler)
 
     def check(self, msg: Msg) -> Rejection | None:
         """The first limit ``msg`` breaks, measured without decoding its headers; or ``None``."""
@@ -237,8 +237,8 @@ class SizeGuard:
 
         Every delivery counts toward the consumer's ``max_deliver``: a nak on the last one
         ends the message's life on this consumer. So the nak before the last delivery waits
-        long (:data:`LAST_CHANCE_DELAY`), and on the last one natsmw says, loudly, where the
-        message stays.
+        long ([`LAST_CHANCE_DELAY`][LAST_CHANCE_DELAY]), and on the last one natsmw says, loudly,
+        where the message stays.
         """
         stream, consumer, sequence, delivery = msg.position
         limits = await self._limits.read(

@@ -1,12 +1,12 @@
 """Lazy header decoding: a message's headers are parsed when someone reads them, not before.
 
 nats-py parses every message's headers in its read loop (``Client._process_headers``),
-before any handler runs: about 20 µs for 20 headers. With :func:`natsmw.install` a client
-keeps the raw header block instead, and ``msg.headers`` parses it on first access, with
+before any handler runs: about 20 µs for 20 headers. With [`natsmw.install`][natsmw.install] a
+client keeps the raw header block instead, and ``msg.headers`` parses it on first access, with
 nats-py's own parser, so the result is exactly what nats-py would have given: the same
 ``dict`` (or ``None``), keys, values and types.
 
-Middlewares that need a single header call :func:`peek_header`, which finds it in the raw
+Middlewares that need a single header call [`peek_header`][peek_header], which finds it in the raw
 block without decoding the rest.
 """
 
@@ -87,7 +87,7 @@ class Undecoded(Mapping[str, str]):
 
         Raises:
             RuntimeError: nats-py's parser suspended or is not a coroutine function: a
-                nats-py that :func:`natsmw.install` would have refused (it checks this).
+                nats-py that [`natsmw.install`][natsmw.install] would have refused (it checks this).
         """
         decoded = self._decoded
         if isinstance(decoded, _NotYet):
@@ -193,7 +193,7 @@ def unusable_parser(client: Client) -> str | None:
     natsmw relies on nats-py's read loop awaiting ``client._process_headers(raw)``, a
     coroutine function taking the raw block, and on the block starting with the protocol's
     ``NATS/1.0`` (nats-py's ``NATS_HDR_LINE``). A nats-py refactor of either would make
-    lazy decoding lose messages, so :func:`natsmw.install` asks this first.
+    lazy decoding lose messages, so [`natsmw.install`][natsmw.install] asks this first.
     """
     line = getattr(nats_client, "NATS_HDR_LINE", None)
     if line is None or bytes(line) != _HDR_LINE:
@@ -338,7 +338,7 @@ _UNSENDABLE_CHAR = re.compile(r"[^!#$&'*+\-.^_`|~0-9A-Za-z]")
 def sendable_name(name: str) -> str:
     """``name`` as a header name nats-py can send: characters it refuses, and ``%`` itself,
     percent-encoded (UTF-8). Names it can send (without ``%``) are returned unchanged, so
-    :func:`original_name` restores every name exactly."""
+    [`original_name`][original_name] restores every name exactly."""
     if _SENDABLE.fullmatch(name):
         return name
     return _UNSENDABLE_CHAR.sub(
@@ -347,5 +347,5 @@ def sendable_name(name: str) -> str:
 
 
 def original_name(name: str) -> str:
-    """The name :func:`sendable_name` encoded."""
+    """The name [`sendable_name`][sendable_name] encoded."""
     return urllib.parse.unquote(name) if "%" in name else name

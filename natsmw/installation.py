@@ -3,7 +3,7 @@
     install(nc)                                # lazy header decoding
     install(nc, chain=compose(with_delay_cap(60), with_size_limit(max_body=1 << 20)))
 
-``install`` changes one client, and :func:`uninstall` undoes it. In the style of the
+``install`` changes one client, and [`uninstall`][uninstall] undoes it. In the style of the
 OpenTelemetry instrumentations, the client's methods are wrapped with ``wrapt`` on the instance,
 so other clients in the process are untouched. JetStream contexts and pull subscriptions are
 covered whenever they were made: while any client has a chain installed, four methods of
@@ -159,7 +159,7 @@ def install(
 
     Before deferring decoding, ``install`` checks that this nats-py's internals are what lazy
     decoding relies on, and pushes a test header block through the installed hook as
-    nats-py's read loop would. If either fails (a nats-py outside :data:`SUPPORTED_NATS_PY`
+    nats-py's read loop would. If either fails (a nats-py outside `SUPPORTED_NATS_PY`
     that changed them), it takes the hook out again, leaves nats-py's own eager decoding as
     it is, and logs one warning (``natsmw.install``) naming the nats-py version and what
     failed; the chain, if any, is installed all the same.
@@ -267,7 +267,7 @@ def _while(installation: _Installation | _ClassPatches, wrapper: Any) -> Any:
 
 
 def uninstall(nc: Client) -> None:
-    """Undo :func:`install` on ``nc``; does nothing if natsmw is not installed there.
+    """Undo [`install`][install] on ``nc``; does nothing if natsmw is not installed there.
 
     New messages get nats-py's eager header decoding again; messages already received keep
     decoding on access, correctly. New subscriptions get the callback exactly as given.

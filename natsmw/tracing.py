@@ -39,7 +39,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from natsmw.chain import _UNBOUND, Handler, bound, middleware
+from natsmw.chain import _UNBOUND, Decorator, Handler, bound, layer
 from natsmw.headers import peek_header
 from natsmw.message import (
     _JS_ACK_PREFIX,
@@ -93,8 +93,8 @@ def with_tracing(
     return Tracing(tracer_provider=tracer_provider, meter_provider=meter_provider)
 
 
-class Tracing:
-    """The tracing middleware; build it with :func:`with_tracing`."""
+class Tracing(Decorator):
+    """The tracing middleware; build it with [`with_tracing`][with_tracing]."""
 
     def __init__(
         self,
@@ -137,7 +137,7 @@ class Tracing:
             )
         }
 
-    def __call__(self, handler: Handler) -> Handler:
+    def _wrap(self, handler: Handler) -> Handler:
         # Around a delay cap, a delivery's span opens only when the handler is about to run
         # (or something other than a hold happened): holds are settlements, not processing,
         # and a 3 h deferral at a 1 min cap would otherwise be 180 process spans.
@@ -147,7 +147,7 @@ class Tracing:
             step = self._fetched_step  # the user's handler runs after fetch: holds may come
         else:
             step = self._step
-        traced = middleware(step)(handler)
+        traced = layer(step)(handler)
         given = self._tracer_provider is not None or self._meter_provider is not None
 
         @functools.wraps(handler)
@@ -796,7 +796,7 @@ async def publish(
     """Publish with a PRODUCER span ``send {subject}``, its context injected into the headers.
 
     ``connection`` is a client (core NATS, returns ``None``) or a JetStream context (returns
-    the ``PubAck``). Consumers traced with :func:`with_tracing` link to this span.
+    the ``PubAck``). Consumers traced with [`with_tracing`][with_tracing] link to this span.
     Whatever ``publish`` of ``connection`` raises is raised as it is; the span records it.
     """
     tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)

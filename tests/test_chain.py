@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 
@@ -240,3 +241,55 @@ def test_mistakes_are_refused_when_the_chain_is_built_not_on_a_message() -> None
         middleware("not a step")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="print"):
         compose(recorder("a", []), print)(handler)  # type: ignore[arg-type]
+
+
+async def test_a_step_that_forgets_await_fails_loudly_and_the_handler_does_not_pass_for_run(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    ran: list[str] = []
+
+    async def forgetful(msg: MessageProxy, call_next: Handler) -> None:
+        call_next(msg)  # type: ignore[unused-coroutine]  # the mistake
+
+    @middleware(forgetful)
+    async def handler(msg: Msg) -> None:
+        ran.append("handler")
+
+    with pytest.raises(RuntimeError, match=r"forgetful.*without awaiting it.*await call_next"):
+        await handler(make_msg())
+    assert ran == []
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]  # closed, said once
+
+
+async def test_a_step_that_hands_the_handler_to_a_task_is_left_alone() -> None:
+    ran = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def in_background(msg: MessageProxy, call_next: Handler) -> None:
+        tasks.append(asyncio.create_task(call_next(msg)))
+
+    @middleware(in_background)
+    async def handler(msg: Msg) -> None:
+        ran.set()
+
+    await handler(make_msg())
+    await asyncio.wait_for(ran.wait(), 5)
+
+
+async def test_decorated_handlers_return_coroutines_for_create_task() -> None:
+    ran: list[str] = []
+
+    class Service:
+        @compose(recorder("a", []))
+        async def on_msg(self, msg: Msg) -> None:
+            ran.append("method")
+
+    @compose(recorder("a", []), recorder("b", []))
+    async def handler(msg: Msg) -> None:
+        ran.append("function")
+
+    await asyncio.gather(
+        asyncio.create_task(handler(make_msg())),
+        asyncio.create_task(Service().on_msg(make_msg())),
+    )
+    assert sorted(ran) == ["function", "method"]

@@ -9,6 +9,7 @@ tests/browser/, which ``.ci/run`` runs after installing Chromium.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,23 @@ def test_api_reference_documents_every_public_name(site: Path) -> None:
     assert 'id="natsmw.server.NatsServer"' in (site / "reference" / "server.html").read_text()
     instrumentation = (site / "reference" / "instrumentation.html").read_text()
     assert 'id="natsmw.instrumentation.NatsmwInstrumentor"' in instrumentation
+
+
+def test_cross_references_in_docstrings_render_as_links(site: Path) -> None:
+    pages = {page.name: page.read_text() for page in (site / "reference").glob("*.html")}
+    roles = [name for name, html in pages.items() if re.search(r":(class|meth|func|mod):`", html)]
+    assert not roles, f"reStructuredText roles shown as text in {roles}"
+    # A method's docstring names its class's other methods by their short names.
+    assert 'href="#natsmw.server.NatsServer.start"><code>start</code>' in pages["server.html"]
+
+
+def test_the_quickstart_program_runs_as_printed(tmp_path: Path) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "quickstart.md").read_text(), re.S)
+    program = tmp_path / "quickstart.py"
+    program.write_text(next(block for block in blocks if "asyncio.run(main())" in block))
+    result = subprocess.run(
+        [sys.executable, str(program)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "reminder for alice, call 2" in result.stdout
+    assert "parked=1, unparked=1" in result.stdout

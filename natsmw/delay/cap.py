@@ -4,14 +4,15 @@ A handler asks for ``nak(delay=3 * 3600)``. The server would keep the message in
 consumer's ack-pending set for three hours. Under ``@with_delay_cap(60)``:
 
 * **park** (nats-server 2.12+, a durable consumer whose due messages this process serves): the
-  message waits in the server's own scheduler (:mod:`natsmw.delay.park`) and the original is
-  acked: nothing sits in ack-pending, no delivery is spent until the deadline;
+  message waits in the server's own scheduler ([`natsmw.delay.park`][natsmw.delay.park]) and the
+  original is acked: nothing sits in ack-pending, no delivery is spent until the deadline;
 * **hold** (otherwise, and for delays up to ``park_after``): natsmw records the deadline and
   naks for at most the cap; every redelivery before the deadline is naked again for
   ``min(cap, remaining)`` without calling the handler.
 
 Either way the first delivery after the deadline reaches the handler. This module gathers
-what is known of a delivery, asks :mod:`natsmw.delay.decision` what to do, and does it.
+what is known of a delivery, asks [`natsmw.delay.decision`][natsmw.delay.decision] what to do, and
+does it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from nats.errors import Error as NatsError
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from natsmw.chain import Handler, middleware
+from natsmw.chain import Decorator, Handler, layer
 from natsmw.delay.clock import server_clock
 from natsmw.delay.deadline import DEADLINE_HEADER, format_deadline, parse_deadline
 from natsmw.delay.decision import (
@@ -93,7 +94,7 @@ _EARLY_WAIT = 2.0
 
 @dataclass
 class DelayCapStats:
-    """What one :class:`DelayCap` did, counted since it was created.
+    """What one [`DelayCap`][DelayCap] did, counted since it was created.
 
     Attributes:
         capped: handler naks longer than the cap that were sent capped.
@@ -283,10 +284,10 @@ def with_delay_cap(
     return DelayCap(cap, park_after=park_after, parking=parking, store=store, jitter=jitter)
 
 
-class DelayCap:
-    """The delay-cap middleware; build it with :func:`with_delay_cap`.
+class DelayCap(Decorator):
+    """The delay-cap middleware; build it with [`with_delay_cap`][with_delay_cap].
 
-    Apply it to a handler (``@with_delay_cap(60)``) or put it in :func:`~natsmw.compose`.
+    Apply it to a handler (``@with_delay_cap(60)``) or put it in [`compose`][natsmw.compose].
     ``stats`` counts what it did, across every handler it wraps.
     """
 
@@ -350,13 +351,7 @@ class DelayCap:
 
     one_per_chain = "delay cap"  # compose() refuses a second one
 
-    def __call__(self, handler: Handler) -> Handler:
-        """Wrap ``handler``.
-
-        Raises:
-            ValueError: ``handler`` is already wrapped by a delay cap (also through other
-                middlewares): two caps would keep two deadlines under one record.
-        """
+    def _wrap(self, handler: Handler) -> Handler:
         inner = getattr(handler, _CAPPED_BY, None)
         if inner is not None:
             raise ValueError(
@@ -365,7 +360,7 @@ class DelayCap:
                 f"overwrite each other. Keep one delay cap per chain (under install(chain=...), "
                 f"the chain's or the handler's own)"
             )
-        wrapped = middleware(self._step)(handler)
+        wrapped = layer(self._step)(handler)
         # functools.wraps copies this onto every wrapper made around it later, so a cap
         # further out sees it through other middlewares.
         setattr(wrapped, _CAPPED_BY, self)
@@ -1305,7 +1300,7 @@ class DelayCap:
         """Write the release in the background: the handler does not wait for bookkeeping
         (a slow store would make every due message wait in turn). It may land after a later
         deferral of the message (by this instance or another): stores write a release only
-        over the record of the deferral it releases (:func:`~natsmw.delay.stores.replaces`)."""
+        over the record of the deferral it releases ([`replaces`][natsmw.delay.stores.replaces])."""
         store = self._store_for(msg)
 
         async def write() -> None:
@@ -1324,7 +1319,7 @@ def handler_calls(msg: Msg) -> int:
     """How many times the handler has been called for ``msg``, this call included.
 
     ``msg.metadata.num_delivered`` counts every delivery, holds included; this does not.
-    Outside a :func:`with_delay_cap` chain it is ``num_delivered``.
+    Outside a [`with_delay_cap`][with_delay_cap] chain it is ``num_delivered``.
 
     Raises:
         nats.errors.NotJSMessageError: ``msg`` is not a JetStream message.

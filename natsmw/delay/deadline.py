@@ -102,8 +102,8 @@ async def publish_not_before(
     """Publish to JetStream a message that natsmw handlers see no earlier than ``not_before``.
 
     By default the message is stored at once with a ``Natsmw-Deadline`` header: consumers
-    wrapped in :func:`~natsmw.with_delay_cap` park or hold it until then; other consumers see
-    an ordinary message with one more header.
+    wrapped in [`with_delay_cap`][natsmw.with_delay_cap] park or hold it until then; other consumers
+    see an ordinary message with one more header.
 
     With ``schedule_subject``, the server's own scheduler (nats-server 2.12+) keeps it instead:
     a one-shot schedule is stored on ``schedule_subject`` and the server publishes the message
@@ -113,7 +113,7 @@ async def publish_not_before(
     a consumer whose filter matches it receives it at once. The stream must allow message
     schedules (``allow_msg_schedules``); natsmw checks that before publishing.
 
-    Like :func:`natsmw.publish`, it opens a PRODUCER span and propagates its context.
+    Like [`natsmw.publish`][natsmw.publish], it opens a PRODUCER span and propagates its context.
 
     Example::
 

@@ -90,9 +90,9 @@ class ConsumerLimits:
         *,
         max_age: float | None = None,
     ) -> Limits:
-        """The consumer's limits; :data:`UNKNOWN` if they could never be read.
+        """The consumer's limits; [`UNKNOWN`][UNKNOWN] if they could never be read.
 
-        ``max_age``: read them again if the cached value is older (see :meth:`cached`).
+        ``max_age``: read them again if the cached value is older (see [`cached`][cached]).
         """
         fresh = self.cached(client, stream, consumer, max_age)
         if fresh is not None:

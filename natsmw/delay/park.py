@@ -9,7 +9,7 @@ delivery until it is due.
 At the deadline the server publishes the parked copy to ``natsmw.due.<stream>.<consumer>...``
 in the same stream. A durable pull consumer of natsmw's, one per original durable consumer,
 hands each due message to one instance, which passes it through the same chain as a
-:class:`DueMsg`: the original subject, body, headers and identity, settled on the due copy.
+[`DueMsg`][DueMsg]: the original subject, body, headers and identity, settled on the due copy.
 
 Layout of ``natsmw_parked`` (work-queue retention, schedules and per-message TTL on):
 
@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -47,7 +47,6 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from natsmw.chain import Handler
 from natsmw.delay.clock import server_clock
 from natsmw.delay.deadline import format_deadline
 from natsmw.errors import ParkError
@@ -256,8 +255,8 @@ class ParkStream:
         return True
 
     async def measure_clock(self) -> None:
-        """Measure this host's clock against the server's (see :mod:`natsmw.delay.clock`),
-        if it is due and the stream is ready."""
+        """Measure this host's clock against the server's (see
+        [`natsmw.delay.clock`][natsmw.delay.clock]), if it is due and the stream is ready."""
         client = self._client()
         if client is not None and self._ready and server_clock.stale(client):
             await server_clock.measure(client, self._js(), PARK_STREAM, f"{_SCHEDULE}.clock")
@@ -460,7 +459,7 @@ _streams: weakref.WeakKeyDictionary[Client, ParkStream] = weakref.WeakKeyDiction
 
 
 def park_stream(client: Client, retention: float = DEFAULT_RETENTION) -> ParkStream:
-    """The :class:`ParkStream` of ``client`` (one per client)."""
+    """The [`ParkStream`][ParkStream] of ``client`` (one per client)."""
     stream = _streams.get(client)
     if stream is None:
         stream = _streams[client] = ParkStream(client, retention=retention)
@@ -538,13 +537,14 @@ _servings: set[ParkedServing] = set()  # running: asyncio keeps only weak refere
 
 
 async def stop_serving(client: Client) -> None:
-    """Stop every :class:`ParkedServing` of ``client``; due messages being handled finish."""
+    """Stop every [`ParkedServing`][ParkedServing] of ``client``; due messages being handled
+    finish."""
     mine = [serving for serving in _servings if serving._client() is client]
     await asyncio.gather(*(serving.stop() for serving in mine), return_exceptions=True)
 
 
 class ParkedServing:
-    """Serving the due messages of one durable consumer; from :func:`serve_parked`.
+    """Serving the due messages of one durable consumer; from [`serve_parked`][serve_parked].
 
     ``await serving.stop()`` (or ``async with``) ends it; parking for that consumer stops with
     it in this process, unless something else serves it too.
@@ -553,7 +553,7 @@ class ParkedServing:
     def __init__(
         self,
         client: Client,
-        handler: Handler,
+        handler: Callable[[Msg], Awaitable[None]],
         stream: str,
         consumer: str,
         *,
@@ -924,7 +924,7 @@ async def _readable(copy: Msg) -> DueMsg | None:
 
 async def serve_parked(
     connection: Client | JetStreamContext,
-    handler: Handler,
+    handler: Callable[[Msg], Awaitable[None]],
     *,
     stream: str,
     consumer: str,

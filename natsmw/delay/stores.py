@@ -174,8 +174,8 @@ def _optional(convert: Callable[[object], _T], value: object) -> _T | None:
 
 
 class DeadlineStore(Protocol):
-    """Keeps deferrals, keyed by :class:`DeadlineKey`. Implementations raise
-    :class:`~natsmw.errors.DeadlineStoreError` when they cannot answer."""
+    """Keeps deferrals, keyed by [`DeadlineKey`][DeadlineKey]. Implementations raise
+    `DeadlineStoreError` when they cannot answer."""
 
     async def get(self, key: DeadlineKey) -> Deferral | None:
         """The deferral recorded for ``key``, or ``None``."""
@@ -187,7 +187,7 @@ class DeadlineStore(Protocol):
         A *release* (``released_at`` set) is written in the background and may land late:
         it must replace only the record of the same deferral (same ``deadline`` and
         ``deferred_at``), never a later deferral another instance recorded meanwhile, or that
-        deferral's deadline is lost. See :func:`replaces`.
+        deferral's deadline is lost. See [`replaces`][replaces].
         """
         ...
 
@@ -246,11 +246,11 @@ class KeyValueDeadlineStore:
         domain: the JetStream domain ``js`` was made for, if any: a write the server stores
             in another domain is refused (a record there would never be found).
 
-    The bucket is created by the first :meth:`put`, never by a :meth:`get`. An existing
+    The bucket is created by the first `put`, never by a `get`. An existing
     bucket is checked when opened: it must allow per-message TTL.
 
-    Raises (from :meth:`get` and :meth:`put`):
-        DeadlinesLostError: (from :meth:`get`) the bucket does not exist, or was deleted.
+    Raises (from `get` and `put`):
+        DeadlinesLostError: (from `get`) the bucket does not exist, or was deleted.
         DeadlineStoreError: the bucket cannot be reached, created, read or written, or was
             made without per-message TTL (the message says what to change).
     """
@@ -399,7 +399,7 @@ class KeyValueDeadlineStore:
                 return found
 
     async def measure_clock(self, *, create: bool = False) -> None:
-        """Measure this host's clock against the server's (see :mod:`natsmw.delay.clock`)
+        """Measure this host's clock against the server's (see `natsmw.delay.clock`)
         with a probe entry, if it is due. ``create``: make the bucket first if missing (a
         write into it follows anyway); otherwise a missing bucket is not measured with.
         Never raises."""
