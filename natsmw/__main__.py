@@ -1,4 +1,4 @@
-"""The natsmw command line: ``python -m natsmw demo``."""
+"""The natsmw command line: natsmw demo, natsmw deferred list|show|release|cancel."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="natsmw", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="run the demo against an embedded nats-server")
+    from natsmw._deferred_cli import add_parser, run
+
+    add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "deferred":
+        return asyncio.run(run(args))
     if args.command == "demo":
         missing = _demo_missing()
         if missing:

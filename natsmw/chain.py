@@ -78,12 +78,7 @@ class _Composed(Decorator):
     def _wrap(self, handler: Handler) -> Handler:
         for applied in reversed(self._middlewares):
             wrapped = applied(handler)
-            if not callable(wrapped):
-                raise TypeError(
-                    f"compose() got {applied!r}, which returned {wrapped!r} for a handler, "
-                    f"not a handler: a middleware takes the next handler and returns one "
-                    f"(for a step(msg, call_next), use middleware(step))"
-                )
+            require_handler(wrapped, applied, "compose()")
             handler = wrapped
         return handler
 
@@ -103,11 +98,7 @@ def compose(*middlewares: Middleware) -> Decorator:
     """
     once: dict[str, object] = {}
     for position, candidate in enumerate(middlewares):
-        if not callable(candidate):
-            raise TypeError(
-                f"compose() argument {position} must be a middleware (a callable that takes "
-                f"a handler), got {candidate!r}"
-            )
+        require_middleware(candidate, f"compose() argument {position}")
         kind = getattr(candidate, "one_per_chain", None)
         if isinstance(kind, str):
             if kind in once:
@@ -117,6 +108,40 @@ def compose(*middlewares: Middleware) -> Decorator:
                 )
             once[kind] = candidate
     return _Composed(middlewares)
+
+
+def require_middleware(candidate: object, what: str) -> None:
+    """Refuse what cannot be a middleware, naming ``what`` it was given as.
+
+    Raises:
+        TypeError: ``candidate`` is not callable, or is one of natsmw's middleware factories
+            (``with_delay_cap``...) given without calling it.
+    """
+    if not callable(candidate):
+        raise TypeError(
+            f"{what} must be a middleware (a callable that takes a handler), got {candidate!r}"
+        )
+    name = getattr(candidate, "__name__", "")
+    if (
+        inspect.isfunction(candidate)
+        and candidate.__module__.startswith("natsmw.")
+        and name.startswith("with_")
+    ):
+        raise TypeError(f"{what} is {name} itself, which makes a middleware: call it, {name}(...)")
+
+
+def require_handler(wrapped: object, applied: object, what: str) -> None:
+    """Refuse what a middleware returned for a handler when it is not one.
+
+    Raises:
+        TypeError: ``wrapped`` is not callable (a middleware that forgot ``return``).
+    """
+    if not callable(wrapped):
+        raise TypeError(
+            f"{what} got {applied!r}, which returned {wrapped!r} for a handler, not a "
+            f"handler: a middleware takes the next handler and returns one (for a "
+            f"step(msg, call_next), use middleware(step))"
+        )
 
 
 def middleware(step: Step) -> Decorator:
@@ -132,7 +157,8 @@ def middleware(step: Step) -> Decorator:
             applied, the handler is not an ``async def`` handler.
         RuntimeError: on a message, the step called ``call_next(msg)`` without awaiting it
             (the handler never ran; the message stays unsettled and comes back after the
-            consumer's ``ack_wait``).
+            consumer's ``ack_wait``). ``TypeError`` when the step returned ``None`` (a plain
+            ``def``).
     """
     _require_step(step)
     return _Stepped(_awaiting(step))
@@ -197,7 +223,16 @@ def _awaiting(step: Step) -> Step:
             made = coroutine = call_next(message)
             return coroutine
 
-        await step(msg, then)
+        awaitable = step(msg, then)
+        if awaitable is None:  # a plain def: whatever it called cannot have been awaited
+            if type(made) is CoroutineType:
+                made.close()
+            raise TypeError(
+                f"the middleware step {step!r} returned None, not an awaitable: write it "
+                f"as async def step(msg, call_next) and await call_next(msg) (the message "
+                f"is left unsettled; it comes back after the consumer's ack_wait)"
+            )
+        await awaitable
         if (
             type(made) is CoroutineType
             and inspect.getcoroutinestate(made) == inspect.CORO_CREATED

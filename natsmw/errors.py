@@ -31,8 +31,8 @@ class ServerNotFoundError(ServerError):
 class DeadlineStoreError(NatsmwError):
     """A deadline store could not be read or written (for example, the server is unreachable).
 
-    The delay cap catches it and degrades safely (see the README); custom stores raise it for
-    any failure they want handled that way.
+    The delay cap catches it and degrades safely (see the guide to the hold tier); custom
+    stores raise it for any failure they want handled that way.
     """
 
 

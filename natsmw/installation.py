@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy
 
-from natsmw.chain import Handler, Middleware
+from natsmw.chain import Handler, Middleware, require_handler, require_middleware
 from natsmw.delay.park import (
     DEFAULT_RETENTION,
     DueFetcher,
@@ -176,8 +176,14 @@ def install(
         )
     if nc in _installed:
         raise NatsmwError(f"natsmw is already installed on {nc!r}; call uninstall(nc) first")
-    if chain is not None and not callable(chain):
-        raise TypeError(f"chain must be a middleware such as compose(...), got {chain!r}")
+    if chain is not None:
+        require_middleware(chain, "install(chain=...)")
+
+        async def probe(msg: Msg) -> None: ...
+
+        # Applied once now, to a handler of no consequence: a chain that returns no handler
+        # would otherwise leave every subscription without a callback.
+        require_handler(chain(probe), chain, "install(chain=...)")
     settle_timeout = to_seconds(fetch_settle_timeout, "fetch_settle_timeout")
     installation = _Installation(
         lazy_headers=lazy_headers,
@@ -377,7 +383,9 @@ def _chained(chain: Middleware, nc: Client, callback: Handler | None) -> Handler
         return callback  # nats-py's PubAck inbox for publish_async
     if getattr(callback, "__module__", "").startswith(_INTERNAL_MODULES):
         return callback
-    return chain(callback)
+    chained = chain(callback)
+    require_handler(chained, chain, "install(chain=...)")
+    return chained
 
 
 def _warn_unchained(nc: Client, sub: Any) -> None:

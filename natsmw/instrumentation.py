@@ -91,12 +91,14 @@ class NatsmwInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     Like every OpenTelemetry instrumentor, it is a singleton: ``NatsmwInstrumentor()`` is
     always the same object.
 
-    Example::
-
+    Example:
+        ```python
         NatsmwInstrumentor().instrument(tracer_provider=provider)
         nc = await nats.connect(url)          # consumers of nc are traced
         await nc.publish("orders.new", body)  # a PRODUCER span, its context in the headers
         NatsmwInstrumentor().uninstrument()
+        ```
+
     """
 
     _instrumentation: _Instrumentation | None = None

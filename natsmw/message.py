@@ -204,7 +204,8 @@ class MessageProxy(_Proxy):
     one proxy.
 
     Core NATS messages (no JetStream reply subject) are never intercepted: their settlement
-    calls reach nats-py directly and raise its own ``NotJSMessageError``.
+    calls reach nats-py directly (it raises ``NotJSMessageError`` without a reply subject; on
+    a core request, ``nak`` replies ``-NAK`` to the requester, and natsmw warns once).
     """
 
     # Per-message fields start as these class-level defaults and are set on first use:

@@ -140,6 +140,18 @@ class AckSpy(Inbox):
                 payloads.append(item.data or b"+ACK")
         return payloads
 
+    async def wait_for_settlement(
+        self, stream_sequence: int, payload: bytes, timeout: float = 15.0
+    ) -> None:
+        """Wait until ``payload`` (b"+TERM", b"-NAK"...) was sent for one stream message."""
+        async with self._arrived:
+            await asyncio.wait_for(
+                self._arrived.wait_for(
+                    lambda: any(p.startswith(payload) for p in self.settlements(stream_sequence))
+                ),
+                timeout,
+            )
+
     async def catch_up(self, nc: Client) -> None:
         """Wait until everything ``nc`` has sent so far has reached the spy.
 

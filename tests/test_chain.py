@@ -9,7 +9,7 @@ import inspect
 import pytest
 from nats.aio.msg import Msg
 
-from natsmw import Handler, MessageProxy, Middleware, compose, middleware
+from natsmw import Handler, MessageProxy, Middleware, compose, middleware, with_delay_cap
 
 
 def recorder(name: str, log: list[str]) -> Middleware:
@@ -241,6 +241,10 @@ def test_mistakes_are_refused_when_the_chain_is_built_not_on_a_message() -> None
         middleware("not a step")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="print"):
         compose(recorder("a", []), print)(handler)  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"argument 1 is with_delay_cap itself, .*: call it, with_delay_cap"
+    ):
+        compose(recorder("a", []), with_delay_cap)  # type: ignore[arg-type]
 
 
 async def test_a_step_that_forgets_await_fails_loudly_and_the_handler_does_not_pass_for_run(
@@ -259,6 +263,20 @@ async def test_a_step_that_forgets_await_fails_loudly_and_the_handler_does_not_p
         await handler(make_msg())
     assert ran == []
     assert not [w for w in recwarn if "never awaited" in str(w.message)]  # closed, said once
+
+
+async def test_a_plain_def_step_that_returns_nothing_is_named_on_the_first_message(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    def sync_step(msg: MessageProxy, call_next: Handler) -> None:
+        call_next(msg)  # type: ignore[unused-coroutine]  # the mistake
+
+    @middleware(sync_step)  # type: ignore[arg-type]
+    async def handler(msg: Msg) -> None: ...
+
+    with pytest.raises(TypeError, match=r"sync_step.*returned None.*async def step"):
+        await handler(make_msg())
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 
 async def test_a_step_that_hands_the_handler_to_a_task_is_left_alone() -> None:

@@ -464,3 +464,19 @@ async def test_a_jetstream_context_made_while_installed_serves_nothing_after_uni
 def test_install_on_something_that_is_not_a_client_says_so() -> None:
     with pytest.raises(TypeError, match="nats-py client"):
         install(None)  # type: ignore[arg-type]
+
+
+async def test_install_refuses_a_chain_that_returns_no_handler(conn: Connection) -> None:
+    def forgets_return(handler: Handler) -> Handler:
+        async def handle(msg: Msg) -> None:
+            await handler(msg)
+
+        return None  # type: ignore[return-value]  # the mistake: every message would be lost
+
+    with pytest.raises(
+        TypeError, match=r"install\(chain=...\) got .*forgets_return.*returned None"
+    ):
+        install(conn.nc, chain=forgets_return)
+    with pytest.raises(TypeError, match=r"with_size_limit itself, .*: call it"):
+        install(conn.nc, chain=with_size_limit)  # type: ignore[arg-type]
+    assert conn.nc not in natsmw.installation._installed  # nothing half-installed

@@ -99,6 +99,7 @@ async def test_cluster_node_stopped_mid_park(cluster: NatsCluster) -> None:
     cap = with_delay_cap(CAP)
     handle = cap(legacy)
     serving = await serve_parked(conn.js, handle, stream="HA", consumer="ha")
+    await asyncio.wait_for(serving.ready.wait(), 30)  # a fresh R3 park stream is slow
     async with pulling(conn.js, "ha.x", "ha", handle):
         await publish_until_stored(conn, "ha.x", b"x", msg_id="ha-1")
         await asyncio.wait_for(legacy.deferred.wait(), 10)

@@ -59,7 +59,13 @@ from natsmw.delay.park import (
     park_stream,
     serving,
 )
-from natsmw.delay.stores import DeadlineKey, DeadlineStore, Deferral, KeyValueDeadlineStore
+from natsmw.delay.stores import (
+    RECHECK_HELD,
+    DeadlineKey,
+    DeadlineStore,
+    Deferral,
+    KeyValueDeadlineStore,
+)
 from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlinesLostError, DeadlineStoreError, ParkError
 from natsmw.headers import peek_header
@@ -239,7 +245,7 @@ async def _list(store: DeadlineStore, stream: str, consumer: str) -> set[int] | 
 
 _YOUNG = 64
 _LIMITS_AGE_FLOOR = 0.1  # seconds a reading of a consumer's limits is trusted, at least
-MIN_CAP = 0.001  # seconds: the shortest cap with_delay_cap takes
+MIN_CAP = 0.01  # seconds: the shortest cap with_delay_cap takes (1 ms: 90 holds/s a message)
 # How long a consumer's creation time is trusted before it is read again (at most one
 # consumer-info request per consumer this often, while first deliveries come in): a consumer
 # deleted and made again is noticed within this, or at once when its sequences go back.
@@ -260,16 +266,18 @@ def with_delay_cap(
 ) -> DelayCap:
     """Never send a ``nak(delay)`` longer than ``cap``; run the handler at the real deadline.
 
-    Example::
-
+    Example:
+        ```python
         @with_delay_cap(timedelta(minutes=1))
         async def handle(msg):
             await msg.nak(delay=3 * 3600)   # parked until then, or held with 1-minute naks
+        ```
 
     Args:
         cap: the longest nak delay sent to the server (seconds or ``timedelta``).
         park_after: delays longer than this are parked in the server's scheduler (when the
-            message can be: see the README); shorter ones are held. By default the cap itself.
+            message can be: see the guide to the park tier); shorter ones are held. By
+            default the cap itself.
         parking: ``False`` never parks: every long delay is held.
         store: where deadlines of held messages are kept; by default a JetStream key-value
             bucket ``natsmw_deadlines`` on the message's own connection.
@@ -278,8 +286,9 @@ def with_delay_cap(
 
     Raises:
         TypeError: ``cap`` or ``park_after`` is not a number of seconds or a ``timedelta``.
-        ValueError: ``cap`` is zero, negative, NaN or infinite; ``park_after`` is shorter than
-            ``cap``; or ``jitter`` is not in [0, 1).
+        ValueError: ``cap`` is under 10 ms (a shorter nak only makes the server redeliver
+            in a loop), NaN or infinite; ``park_after`` is shorter than ``cap``; or
+            ``jitter`` is not in [0, 1).
     """
     return DelayCap(cap, park_after=park_after, parking=parking, store=store, jitter=jitter)
 
@@ -334,6 +343,7 @@ class DelayCap(Decorator):
         self._stores: dict[int, dict[str | None, KeyValueDeadlineStore]] = {}
         # A held message comes back within a cap: unused for two caps, it is not coming.
         self._memory = Deliveries(idle=max(60.0, 2 * self.cap))
+        self._recheck_held = RECHECK_HELD
         self._limits = ConsumerLimits()
         # max_deliver can be lowered while messages are held. Read at most half a hold ago,
         # a consumer's limits are read again between any two holds of one message, so a
@@ -468,9 +478,34 @@ class DelayCap(Decorator):
             now = server_clock.now(real._client)
             if entry.deferral.deadline > now:
                 # The usual hold, on the instance that deferred the message: only a handler
-                # run can move a deadline, and none ran since this instance last saw it.
-                return _Found(entry.deferral, recorded=True, entry=entry, now=now)
+                # run or an operator can move a deadline, no handler ran since this instance
+                # last saw it, and operators are read again every RECHECK_HELD seconds.
+                if time.monotonic() - entry.checked < self._recheck_held:
+                    return _Found(entry.deferral, recorded=True, entry=entry, now=now)
+                return await self._recheck(msg, key, entry, now)
         return await self._find(msg, key, delivery, header, entry)
+
+    async def _recheck(
+        self, msg: MessageProxy, key: DeadlineKey, entry: Remembered, now: float
+    ) -> _Found:
+        """Read a held message's record again: an operator may have released or cancelled it
+        (``natsmw deferred``). Anything else read keeps what this instance knows."""
+        remembered = entry.deferral
+        assert remembered is not None
+        entry.checked = time.monotonic()
+        try:
+            stored = await self._store_for(msg).get(key)
+        except DeadlineStoreError:
+            stored = None  # unreachable now: the deadline known here stands
+        if (
+            stored is not None
+            and stored.released_at is None
+            and stored.deferred_at == remembered.deferred_at
+            and (stored.cancelled or stored.deadline != remembered.deadline)
+        ):
+            entry.deferral = stored
+            return _Found(stored, recorded=True, entry=entry)
+        return _Found(remembered, recorded=True, entry=entry, now=now)
 
     async def _first_of_older(
         self, msg: MessageProxy, key: DeadlineKey, numbers: tuple[int, float] | None
@@ -657,6 +692,9 @@ class DelayCap(Decorator):
         if found.known:
             if deferral is None:
                 return False
+            if deferral.cancelled:
+                await self._cancelled(msg, key)
+                return True
             now = found.now  # read just before, with no await since: the hold's hot path
             if now is None:
                 now = server_clock.now(msg.__wrapped__._client)
@@ -1227,6 +1265,7 @@ class DelayCap(Decorator):
             stored_at=msg.metadata.timestamp.timestamp(),
             traceparent=traceparent,
             consumer_created=limits.created,
+            subject=msg.subject,
         )
         # Remembered even if the store refuses it: this instance then knows the deadline,
         # and that the whole delay went to the server, so it will not hold the redelivery blind.
@@ -1264,6 +1303,15 @@ class DelayCap(Decorator):
                  "natsmw.delay.nak_s": decision.nak, "natsmw.delay.deadline": _iso(deadline)},
             )  # fmt: skip
         return await send(Settlement("nak", delay=decision.nak))
+
+    async def _cancelled(self, msg: MessageProxy, key: DeadlineKey) -> None:
+        """An operator cancelled this deferred message: it never reaches the handler."""
+        log.warning(
+            "%s seq %s: cancelled by an operator (natsmw deferred cancel): terminating it "
+            "without calling the handler", msg.subject, key.sequence,
+        )  # fmt: skip
+        self._memory.gone(key, msg.__wrapped__._client)
+        await msg.term()
 
     async def _uncapped(
         self, msg: MessageProxy, delivery: int, delay: float, send: Settle, why: str

@@ -115,11 +115,12 @@ async def publish_not_before(
 
     Like [`natsmw.publish`][natsmw.publish], it opens a PRODUCER span and propagates its context.
 
-    Example::
-
+    Example:
+        ```python
         await publish_not_before(js, "invoices.remind", body, not_before=timedelta(hours=3))
         await publish_not_before(js, "invoices.remind", body, not_before=timedelta(hours=3),
                                  schedule_subject="invoices.scheduled.4711")
+        ```
 
     Whatever ``js.publish`` raises is raised as it is.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -16,12 +17,14 @@ _IDLE = 60.0
 
 @dataclass(slots=True)
 class Remembered:
-    """What this instance knows of one message: its deferral, the last delivery it saw, and
-    the sweep in which it was last used."""
+    """What this instance knows of one message: its deferral, the last delivery it saw, the
+    sweep in which it was last used, and when (monotonic) its deferral was last written or
+    read from the store (``inf``: only this instance knows it; never read again)."""
 
     deferral: Deferral | None
     last_delivery: int
     used: int
+    checked: float
 
 
 # (id(client), stream, consumer): the same names may exist on two servers. The entries of a
@@ -90,8 +93,10 @@ class Deliveries:
         record of that deadline: a redelivery that comes early, after a server restart, must
         still be held)."""
         ahead = 0  # sweeps to keep it through however unused
+        checked = time.monotonic()
         if force and deferral is not None:
             ahead = int(max(deferral.deadline - time.time(), 0.0) / self._idle) + 2
+            checked = math.inf
         name = (id(client), key.stream, key.consumer)
         group = self._groups.get(name)
         if group is not None:
@@ -100,6 +105,7 @@ class Deliveries:
                 entry.deferral = deferral
                 entry.last_delivery = delivery
                 entry.used = self._sweep + ahead
+                entry.checked = checked
                 return
         if time.monotonic() >= self._next_sweep:
             self._forget_unused()
@@ -114,7 +120,7 @@ class Deliveries:
                 self._clients.add(name[0])
                 weakref.finalize(client, _forget_client, weakref.ref(self), name[0])
             group = self._groups[name] = {}
-        group[key.sequence] = Remembered(deferral, delivery, self._sweep + ahead)
+        group[key.sequence] = Remembered(deferral, delivery, self._sweep + ahead, checked)
         self._count += 1
 
     def held(self, entry: Remembered | None, key: DeadlineKey, client: object,

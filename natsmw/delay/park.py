@@ -92,7 +92,9 @@ class Parked:
     """What natsmw keeps with a parked message: where it came from and where it stands.
 
     Attributes:
-        stream, consumer, sequence: the original's stream, durable consumer and stream sequence.
+        stream: the original's stream.
+        consumer: the original's durable consumer.
+        sequence: the original's stream sequence.
         subject: the original's subject.
         deadline: Unix time before which the handler must not see it.
         calls: handler calls made for it so far.
@@ -180,11 +182,7 @@ def due_message(copy: Msg) -> DueMsg:
     if value is None:
         raise ValueError(f"{copy.subject} has no {PARKED_HEADER} header: not a parked message")
     parked = Parked.from_header(value)
-    original: dict[str, str] = {}
-    for name, header in headers.items():
-        if name == PARKED_HEADER or name in _SERVER_ADDED:
-            continue
-        original[original_name(name[len(_KEPT) :]) if name.startswith(_KEPT) else name] = header
+    original = restored_headers(headers)
     meta = copy.metadata
     due = DueMsg(
         _client=copy._client,
@@ -208,6 +206,20 @@ def due_message(copy: Msg) -> DueMsg:
         parked.stream, parked.consumer, parked.sequence, parked.delivered + meta.num_delivered
     )
     return due
+
+
+def restored_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """The original's headers, from those of its schedule or due copy (``None``: it had none).
+
+    Every ``Nats-*`` header of the original travels renamed, so a bare one was added on the
+    way (the schedule's, the scheduler's, a message id) and is not the original's.
+    """
+    original: dict[str, str] = {}
+    for name, header in headers.items():
+        if name == PARKED_HEADER or name in _SERVER_ADDED or name.startswith("Nats-"):
+            continue
+        original[original_name(name[len(_KEPT) :]) if name.startswith(_KEPT) else name] = header
+    return original or None
 
 
 def _kept_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -339,6 +351,7 @@ class ParkStream:
                 retention=RetentionPolicy.WORK_QUEUE,
                 allow_msg_schedules=True,
                 allow_msg_ttl=True,
+                allow_direct=True,  # natsmw.ops lists it a thousand messages per request
                 num_replicas=replicas,
             )
             try:
@@ -939,10 +952,11 @@ async def serve_parked(
     delay cap parks messages of ``stream``/``consumer`` only while this process serves them,
     so nothing is parked that nobody brings back.
 
-    Example::
-
+    Example:
+        ```python
         await js.subscribe("orders.>", durable="worker", cb=handle)
         serving = await serve_parked(js, handle, stream="ORDERS", consumer="worker")
+        ```
 
     Args:
         connection: the client, or a JetStream context of it.

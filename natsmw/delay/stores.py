@@ -29,6 +29,7 @@ from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlinesLostError, DeadlineStoreError
 
 __all__ = [
+    "RECHECK_HELD",
     "DeadlineKey",
     "DeadlineStore",
     "Deferral",
@@ -40,6 +41,11 @@ __all__ = [
 log = logging.getLogger("natsmw.delay")
 _T = TypeVar("_T")
 _RECHECK = 30.0
+
+RECHECK_HELD = 30.0
+"""How often (seconds) an instance holding a message reads its record again, at most: an
+operator's release or cancel (``natsmw deferred``) of a held message takes effect at its first
+delivery after that."""
 _WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed expected-last-sequence
 
 
@@ -82,6 +88,9 @@ class Deferral:
         consumer_created: when the consumer that recorded it was created (Unix time): the
             delivery counts above are that consumer generation's.
         calls_before: handler calls made under earlier consumers of the same name.
+        subject: the message's subject, for operators (``natsmw deferred list``).
+        cancelled: an operator cancelled it (``natsmw deferred cancel``): the next delivery
+            that reads this record terminates the message instead of running the handler.
     """
 
     deadline: float
@@ -93,6 +102,8 @@ class Deferral:
     traceparent: str | None = None
     consumer_created: float | None = None
     calls_before: int = 0
+    subject: str | None = None
+    cancelled: bool = False
 
     def skipped(self, delivery: int) -> int:
         """How many deliveries up to ``delivery`` natsmw held instead of calling the handler."""
@@ -117,6 +128,8 @@ class Deferral:
             consumer_created=created,
             # The calls that consumer made: its deliveries up to the last call, less holds.
             calls_before=self.calls_before + last_delivery - self.skipped(last_delivery),
+            subject=self.subject,
+            cancelled=self.cancelled,
         )
 
     def fits(self, delivery: int, stored_at: float) -> bool:
@@ -145,6 +158,8 @@ class Deferral:
                 traceparent=_optional(_text, fields.get("traceparent")),
                 consumer_created=_optional(_number, fields.get("consumer_created")),
                 calls_before=_count(fields.get("calls_before", 0)),
+                subject=_optional(_text, fields.get("subject")),
+                cancelled=fields.get("cancelled", False) is True,
             )
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise ValueError(f"not a natsmw deferral record: {data[:100]!r}") from error
@@ -609,7 +624,9 @@ class KeyValueDeadlineStore:
                 )  # fmt: skip
             try:
                 return await asyncio.wait_for(
-                    self._js.create_key_value(KeyValueConfig(bucket=self.bucket, replicas=count)),
+                    self._js.create_key_value(
+                        KeyValueConfig(bucket=self.bucket, replicas=count, direct=True)
+                    ),
                     self._timeout,
                 )
             except (NatsError, asyncio.TimeoutError, OSError) as error:

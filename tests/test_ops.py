@@ -1,0 +1,303 @@
+"""``natsmw deferred`` as an operator runs it (a subprocess against a real server), and
+natsmw.ops under it: list, show, release and cancel held and parked messages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pty
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from nats.aio.msg import Msg
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from natsmw import DelayCap, handler_calls, ops, serve_parked, with_delay_cap
+from natsmw.server import NatsCluster, NatsServer
+from tests.conftest import Connection, Stream, connect, spy_acks
+
+CAP = 0.3
+LONG = 120.0  # a delay no test waits for
+
+
+def natsmw_cli(*args: str, url: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "natsmw", "deferred", *args, "--server", url],
+        capture_output=True, text=True, timeout=60, input=stdin,
+        env={**os.environ, "NATS_URL": ""},
+    )  # fmt: skip
+
+
+def json_lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@dataclass
+class Deferring:
+    """A legacy handler: naks each message for LONG on its first call, acks it after."""
+
+    calls: list[tuple[bytes, int]] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def __call__(self, msg: Msg) -> None:
+        calls = handler_calls(msg)
+        if calls == 1:
+            await msg.nak(delay=LONG)
+        else:
+            await msg.ack()
+        async with self.changed:
+            self.calls.append((msg.data, calls))
+            self.changed.notify_all()
+
+    async def wait(self, body: bytes, calls: int, timeout: float = 15.0) -> None:
+        async with self.changed:
+            await asyncio.wait_for(
+                self.changed.wait_for(lambda: (body, calls) in self.calls), timeout
+            )
+
+
+async def recorded(conn: Connection, stream: str) -> None:
+    """Wait until the held message's record and the parked one's schedule are stored: both
+    are written right after the handler's nak."""
+    for _ in range(500):
+        kv = await conn.js.stream_info("KV_natsmw_deadlines", subjects_filter=f"$KV.*.{stream}.>")
+        parked = await conn.js.stream_info("natsmw_parked", subjects_filter=f"*.*.{stream}.>")
+        if kv.state.subjects and parked.state.subjects:
+            return
+        await asyncio.sleep(0.01)  # between two questions to the server
+    raise AssertionError("the deferrals were never stored")
+
+
+@contextlib.asynccontextmanager
+async def deferred_both_ways(
+    conn: Connection, stream: Stream
+) -> AsyncIterator[tuple[Deferring, DelayCap, DelayCap]]:
+    """``held`` deferred by consumer "holder" (no parking), ``parked`` by "parker"."""
+    handler = Deferring()
+    holding = with_delay_cap(CAP, parking=False)
+    holding._recheck_held = 0.2  # an operator's change is read again within 0.2 s, not 30
+    parking = with_delay_cap(CAP)
+    held, parked = holding(handler), parking(handler)
+    held_sub = await conn.js.subscribe(
+        f"{stream.name.lower()}.held", durable="holder", cb=held, manual_ack=True
+    )
+    parked_sub = await conn.js.subscribe(
+        f"{stream.name.lower()}.parked", durable="parker", cb=parked, manual_ack=True
+    )
+    serving = await serve_parked(conn.js, parked, stream=stream.name, consumer="parker")
+    await conn.js.publish(f"{stream.name.lower()}.held", b"held", headers={"X-Order": "1"})
+    await conn.js.publish(f"{stream.name.lower()}.parked", b"parked", headers={"X-Order": "2"})
+    await handler.wait(b"held", 1)
+    await handler.wait(b"parked", 1)
+    await recorded(conn, stream.name)
+    try:
+        yield handler, holding, parking
+    finally:
+        await serving.stop()
+        await held_sub.unsubscribe()
+        await parked_sub.unsubscribe()
+
+
+async def test_list_shows_held_and_parked_messages_with_a_summary_per_consumer(
+    conn: Connection, stream: Stream, nats_server: NatsServer
+) -> None:
+    async with deferred_both_ways(conn, stream):
+        lines = json_lines(
+            natsmw_cli("list", "--stream", stream.name, "--json", url=nats_server.url)
+        )
+    messages = {line["consumer"]: line for line in lines if line["type"] == "message"}
+    assert set(messages) == {"holder", "parker"}
+    held, parked = messages["holder"], messages["parker"]
+    assert (held["tier"], held["subject"], held["handler_calls"]) == (
+        "held", f"{stream.name.lower()}.held", 1)  # fmt: skip
+    assert (parked["tier"], parked["subject"], parked["handler_calls"]) == (
+        "parked", f"{stream.name.lower()}.parked", 1)  # fmt: skip
+    for line in (held, parked):
+        assert LONG - 10 < line["due_in"] <= LONG
+        assert line["requested"] == LONG
+    summaries = {line["consumer"]: line for line in lines if line["type"] == "consumer"}
+    assert (summaries["holder"]["held"], summaries["parker"]["parked"]) == (1, 1)
+    assert summaries["parker"]["overdue_for"] is None
+
+    overdue = json_lines(natsmw_cli("list", "--overdue", "--json", url=nats_server.url))
+    assert not [line for line in overdue if line.get("stream") == stream.name]
+
+
+async def test_show_gives_headers_body_size_and_record(
+    conn: Connection, stream: Stream, nats_server: NatsServer
+) -> None:
+    async with deferred_both_ways(conn, stream):
+        for consumer, sequence, order in (("holder", 1, "1"), ("parker", 2, "2")):
+            result = natsmw_cli(
+                "show", stream.name, consumer, str(sequence), "--json", url=nats_server.url
+            )
+            shown = json_lines(result)[0]
+            assert shown["headers"] == {"X-Order": order}
+            assert shown["body_size"] == len(b"held" if consumer == "holder" else b"parked")
+            assert shown["record"]["deadline"] == pytest.approx(shown["message"]["deadline"])
+            human = natsmw_cli("show", stream.name, consumer, str(sequence), url=nats_server.url)
+            assert "X-Order: " + order in human.stdout
+            assert "due in" in human.stdout
+
+
+async def test_release_runs_a_parked_message_now_and_a_held_one_at_its_next_delivery(
+    conn: Connection, stream: Stream, nats_server: NatsServer
+) -> None:
+    async with deferred_both_ways(conn, stream) as (handler, holding, _):
+        started = time.monotonic()
+        result = natsmw_cli("release", stream.name, "parker", "2", url=nats_server.url)
+        assert result.returncode == 0, result.stderr
+        assert "released" in result.stdout
+        await handler.wait(b"parked", 2)
+        result = natsmw_cli("release", stream.name, "holder", "1", url=nats_server.url)
+        assert result.returncode == 0, result.stderr
+        await handler.wait(b"held", 2)
+        assert time.monotonic() - started < LONG / 4  # not at the deadline
+        assert holding.stats.holds >= 1
+        left = json_lines(
+            natsmw_cli("list", "--stream", stream.name, "--json", url=nats_server.url)
+        )
+        assert not [line for line in left if line["type"] == "message"]
+
+
+async def test_cancel_deletes_a_parked_message_and_terminates_a_held_one(
+    conn: Connection, stream: Stream, nats_server: NatsServer
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    async with deferred_both_ways(conn, stream) as (handler, _, _):
+        refused = natsmw_cli("cancel", stream.name, "parker", "2", url=nats_server.url, stdin="")
+        assert refused.returncode == 2
+        assert "--yes" in refused.stderr
+        for consumer, sequence in (("parker", "2"), ("holder", "1")):
+            result = natsmw_cli(
+                "cancel", stream.name, consumer, sequence, "--yes", url=nats_server.url
+            )
+            assert result.returncode == 0, result.stderr
+        await spy.wait_for_settlement(1, b"+TERM")
+        left = json_lines(
+            natsmw_cli("list", "--stream", stream.name, "--json", url=nats_server.url)
+        )
+        assert not [line for line in left if line["type"] == "message"]
+        # The parked one's schedule is gone: it can never fire.
+        info = await conn.js.stream_info(
+            "natsmw_parked", subjects_filter=f"natsmw.*.{stream.name}.>"
+        )
+        assert not info.state.subjects
+    assert sorted(handler.calls) == [(b"held", 1), (b"parked", 1)]
+
+
+async def test_errors_name_the_problem_with_exit_codes_scripts_can_rely_on(
+    conn: Connection, stream: Stream, nats_server: NatsServer
+) -> None:
+    async with NatsServer() as empty:
+        nothing = natsmw_cli("list", url=empty.url)
+        assert nothing.returncode == 3
+        assert "no natsmw data on this server" in nothing.stderr
+    async with deferred_both_ways(conn, stream):
+        unknown = natsmw_cli("list", "--stream", "NO_SUCH", url=nats_server.url)
+        assert (unknown.returncode, "stream 'NO_SUCH' does not exist" in unknown.stderr) == (
+            3,
+            True,
+        )
+        not_deferred = natsmw_cli("show", stream.name, "holder", "99", url=nats_server.url)
+        assert not_deferred.returncode == 3
+        assert "is not deferred" in not_deferred.stderr
+        usage = natsmw_cli("list", "--consumer", "holder", url=nats_server.url)
+        assert usage.returncode == 2
+        down = natsmw_cli("list", url="nats://127.0.0.1:1")
+        assert down.returncode == 1
+        assert "cannot connect" in down.stderr
+
+
+async def test_human_output_reads_at_80_columns_in_a_terminal(
+    conn: Connection, stream: Stream, nats_server: NatsServer
+) -> None:
+    async with deferred_both_ways(conn, stream):
+        controller, terminal = pty.openpty()
+        process = subprocess.Popen(  # noqa: ASYNC220 (the test waits for nothing else)
+            [sys.executable, "-m", "natsmw", "deferred", "list", "--server", nats_server.url],
+            stdout=terminal, stderr=terminal, stdin=terminal,
+            env={**os.environ, "COLUMNS": "80", "TERM": "xterm"},
+        )  # fmt: skip
+        os.close(terminal)
+        output = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(controller, 4096):
+                output += chunk
+        os.close(controller)
+        assert process.wait(timeout=60) == 0
+    lines = output.decode().splitlines()
+    assert lines[0].split() == ["TIER", "STREAM/CONSUMER", "SEQ", "DUE", "IN", "CALLS", "SUBJECT"]
+    assert all(len(line) <= 80 for line in lines), lines
+    ours = [line for line in lines if stream.name in line]
+    assert any(line.startswith("held ") for line in ours)
+    assert any(line.startswith("parked ") for line in ours)
+    assert f"{stream.name}/parker: 0 held, 1 parked, 0 due; next in" in "\n".join(ours)
+
+
+async def test_on_a_three_node_cluster() -> None:
+    async with NatsCluster() as cluster:
+        conn = await connect(*cluster.urls)
+        try:
+            await conn.js.add_stream(name="C", subjects=["c.>"], num_replicas=3)
+            async with deferred_both_ways(conn, Stream("C", "c.work")) as (handler, _, _):
+                url = cluster.urls[1]
+                lines = json_lines(natsmw_cli("list", "--json", url=url))
+                tiers = sorted(line["tier"] for line in lines if line["type"] == "message")
+                assert tiers == ["held", "parked"]
+                result = natsmw_cli("release", "C", "parker", "2", url=cluster.urls[2])
+                assert result.returncode == 0, result.stderr
+                await handler.wait(b"parked", 2)
+        finally:
+            await conn.nc.drain()
+
+
+def gauge_values(reader: InMemoryMetricReader) -> dict[tuple[str, ...], float]:
+    values: dict[tuple[str, ...], float] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:  # type: ignore[union-attr]
+                    attributes = point.attributes or {}
+                    labels = (metric.name, *(str(v) for v in attributes.values()))
+                    values[labels] = point.value  # type: ignore[union-attr]
+    return values
+
+
+async def test_gauges_count_deferred_messages_and_show_a_stranded_one(
+    conn: Connection, stream: Stream
+) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    async with (
+        deferred_both_ways(conn, stream),
+        ops.DeferredGauges(conn.nc, every=60, meter_provider=provider),
+    ):
+        values = gauge_values(reader)
+    assert values[("natsmw.deferred.messages", stream.name, "held")] == 1
+    assert values[("natsmw.deferred.messages", stream.name, "parked")] == 1
+    assert values[("natsmw.deferred.oldest_overdue", stream.name)] == 0
+
+    # Nothing serves "parker" any more: released, its due copy is stranded.
+    await ops.release(conn.nc, stream.name, "parker", 2)
+    reader = InMemoryMetricReader()
+    gauges = ops.DeferredGauges(conn.nc, meter_provider=MeterProvider(metric_readers=[reader]))
+    for _ in range(200):
+        await gauges.refresh()
+        values = gauge_values(reader)
+        if values.get(("natsmw.deferred.messages", stream.name, "due")) == 1:
+            break
+        await asyncio.sleep(0.05)  # the scheduler fires within a few ticks of 250 ms
+    assert values[("natsmw.deferred.messages", stream.name, "due")] == 1
+    assert values[("natsmw.deferred.messages", stream.name, "parked")] == 0
+    assert values[("natsmw.deferred.oldest_overdue", stream.name)] > 0
