@@ -1,9 +1,9 @@
-"""``natsmw deferred``: list, show, release and cancel deferred messages (wraps natsmw.ops).
+"""natsmw deferred: list, show, release and cancel deferred messages (wraps natsmw.ops).
 
 Exit status: 0 done; 1 the server refused or could not be read; 2 a usage error (including a
 cancel not confirmed); 3 what was named does not exist (stream, consumer, deferred message,
-or any natsmw data on the server). ``--json`` prints JSON Lines: one object per message
-(``"type": "message"``), then one per consumer (``"type": "consumer"``).
+or any natsmw data on the server). --json prints JSON Lines: one object per message
+("type": "message"), then one per consumer ("type": "consumer").
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from types import CoroutineType
-from typing import Any, TypeAlias, TypeVar, overload
+from typing import Any, TypeAlias, TypeVar, cast, overload
 
 from nats.aio.msg import Msg
 
@@ -28,10 +29,10 @@ __all__ = ["Decorator", "Handler", "Middleware", "Step", "compose", "middleware"
 Handler: TypeAlias = Callable[[Msg], Coroutine[Any, Any, None]]
 """An async message handler, as nats-py calls it: ``async def handler(msg) -> None``."""
 
-Middleware: TypeAlias = Callable[[Handler], Handler]
+Middleware: TypeAlias = Callable[[Handler], Callable[[Msg], Awaitable[None]]]
 """Takes the next handler, returns a handler that wraps it."""
 
-Step: TypeAlias = Callable[[MessageProxy, Handler], Coroutine[Any, Any, None]]
+Step: TypeAlias = Callable[[MessageProxy, Handler], Awaitable[None]]
 """The body of a middleware: ``async def step(msg, call_next) -> None``."""
 
 _M = TypeVar("_M", bound=Msg)
@@ -63,6 +64,12 @@ class Decorator:
                 one (also through other middlewares): two caps would keep two deadlines
                 under one record.
         """
+        if isinstance(handler, (staticmethod, classmethod)):
+            # Decorated over @staticmethod or @classmethod: the function inside is wrapped,
+            # and the result is the same kind of method, so that it binds as before.
+            kind: Any = type(handler)
+            inside: Any = handler.__func__
+            return kind(self._wrap(inside))
         return self._wrap(handler)
 
     def _wrap(self, handler: Handler) -> Handler:
@@ -76,10 +83,34 @@ class _Composed(Decorator):
         self._middlewares = middlewares
 
     def _wrap(self, handler: Handler) -> Handler:
+        chained = self._apply(handler)
+        if all(isinstance(applied, Decorator) for applied in self._middlewares):
+            return chained  # natsmw's own layers bind as methods by themselves
+        # A middleware of the user's own knows nothing of methods: called as a method
+        # (``handle(instance, msg)``), the chain goes around the bound method, made once per
+        # instance.
+        apply = self._apply
+        per_instance: weakref.WeakKeyDictionary[object, Handler] = weakref.WeakKeyDictionary()
+
+        @functools.wraps(chained)
+        async def handle(msg: Msg, bound_msg: Msg = _UNBOUND) -> None:
+            if bound_msg is _UNBOUND:
+                await chained(msg)
+                return
+            instance: object = msg
+            try:
+                method = per_instance.get(instance)
+                if method is None:
+                    method = per_instance[instance] = apply(bound(handler, instance))
+            except TypeError:  # not weakly referenceable, or unhashable: made each time
+                method = apply(bound(handler, instance))
+            await method(bound_msg)
+
+        return handle
+
+    def _apply(self, handler: Handler) -> Handler:
         for applied in reversed(self._middlewares):
-            wrapped = applied(handler)
-            require_handler(wrapped, applied, "compose()")
-            handler = wrapped
+            handler = require_handler(applied(handler), applied, "compose()")
         return handler
 
     def __repr__(self) -> str:
@@ -122,6 +153,11 @@ def require_middleware(candidate: object, what: str) -> None:
             f"{what} must be a middleware (a callable that takes a handler), got {candidate!r}"
         )
     name = getattr(candidate, "__name__", "")
+    if isinstance(candidate, type) and issubclass(candidate, Decorator):
+        raise TypeError(
+            f"{what} is the class {name}, not a middleware: make one with its function, "
+            f"for example with_delay_cap(60), with_size_limit(...) or with_tracing()"
+        )
     if (
         inspect.isfunction(candidate)
         and candidate.__module__.startswith("natsmw.")
@@ -130,8 +166,8 @@ def require_middleware(candidate: object, what: str) -> None:
         raise TypeError(f"{what} is {name} itself, which makes a middleware: call it, {name}(...)")
 
 
-def require_handler(wrapped: object, applied: object, what: str) -> None:
-    """Refuse what a middleware returned for a handler when it is not one.
+def require_handler(wrapped: object, applied: object, what: str) -> Handler:
+    """``wrapped``, what a middleware returned for a handler, if it can be one.
 
     Raises:
         TypeError: ``wrapped`` is not callable (a middleware that forgot ``return``).
@@ -142,6 +178,9 @@ def require_handler(wrapped: object, applied: object, what: str) -> None:
             f"handler: a middleware takes the next handler and returns one (for a "
             f"step(msg, call_next), use middleware(step))"
         )
+    # A coroutine function, or a callable returning an awaitable, which nats-py and the
+    # layers around it await alike.
+    return cast(Handler, wrapped)
 
 
 def middleware(step: Step) -> Decorator:
@@ -201,7 +240,7 @@ class _Stepped(Decorator):
                 msg = MessageProxy(msg) if plain or not isinstance(msg, MessageProxy) else msg
             await step(msg, then)
 
-        def enter(msg: Msg) -> Coroutine[Any, Any, None]:
+        def enter(msg: Msg) -> Awaitable[None]:
             if type(msg) is MessageProxy:
                 return step(msg, call_next)
             return handle(msg)  # a step handed on another message: proxy it as handle does

@@ -20,6 +20,7 @@ from typing import Literal
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
+from natsmw._throttle import Throttled
 from natsmw.chain import Decorator, Handler, layer
 from natsmw.delay.limits import ConsumerLimits
 from natsmw.duration import Duration, to_seconds
@@ -155,6 +156,7 @@ class SizeGuard(Decorator):
         self.nak_delay = to_seconds(nak_delay, "nak_delay")
         self.stats = SizeGuardStats()
         self._limits = ConsumerLimits()
+        self._warnings = Throttled(log)
 
     # Read-only: the fast path of _step keeps what these were when the guard was built.
     @property
@@ -242,8 +244,11 @@ class SizeGuard(Decorator):
         """
         stream, consumer, sequence, delivery = msg.position
         limits = await self._limits.read(
-            msg.message._client, stream, consumer, msg.metadata.domain or None, max_age=0.0
-        )
+            msg.message._client, stream, consumer, msg.metadata.domain or None,
+            # fresh enough to see max_deliver lowered between two naks of one message, and
+            # shared by the messages of the consumer: not one request per delivery
+            max_age=max(self.nak_delay / 2, 0.1),
+        )  # fmt: skip
         left = None if limits.max_deliver is None else limits.max_deliver - delivery
         delay = self.nak_delay
         if left is not None and left <= 0:
@@ -265,7 +270,9 @@ class SizeGuard(Decorator):
                 what, _where(msg), delay, _describe(rejection), limits.max_deliver,
             )  # fmt: skip
         else:
-            log.warning("%s %s for %.1fs: %s", what, _where(msg), delay, _describe(rejection))
+            self._warnings.warning(
+                "kept", "%s %s for %.1fs: %s", what, _where(msg), delay, _describe(rejection)
+            )
         await msg.nak(delay)
         self.stats.naked += 1
 

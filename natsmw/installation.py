@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import types
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,12 +82,11 @@ class _Installation:
     active: bool = True
     # What install put on the client: name -> (our wrapper, whether the client had its own
     # attribute of that name before, which our wrapper wraps).
-    wrappers: dict[str, tuple[Any, bool]] = field(default_factory=dict)
-    # Subscriptions made before install whose callback it chained in place: sub -> (the
-    # callback before, the chained one), put back by uninstall.
-    covered: weakref.WeakKeyDictionary[Any, tuple[Handler, Handler]] = field(
-        default_factory=weakref.WeakKeyDictionary
-    )
+    # Weakly: an installation kept in _installed must not keep its client alive.
+    wrappers: dict[str, tuple[weakref.ref[Any], bool]] = field(default_factory=dict)
+    # Subscriptions made before install whose callback it chained in place. They keep the
+    # chain after uninstall.
+    covered: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
     # Pull subscriptions made before install, chained at their first fetch while installed.
     pulls: weakref.WeakKeyDictionary[Any, _CoveredPull] = field(
         default_factory=weakref.WeakKeyDictionary
@@ -201,6 +201,9 @@ def install(
         _patch_classes()
     _installed[nc] = installation
     if chain is not None:
+        # A client dropped without uninstall takes its installation with it, and with the
+        # last one that has a chain, nats-py's classes are as they were.
+        weakref.finalize(nc, _client_gone, installation)
         _cover_subscriptions(nc, installation, coverage)
 
 
@@ -258,7 +261,7 @@ def _wrap(nc: Client, installation: _Installation, name: str, wrapper: Any) -> N
     had_own = name in vars(nc)
     ours = wrapt.FunctionWrapper(getattr(nc, name), wrapper)
     setattr(nc, name, ours)
-    installation.wrappers[name] = (ours, had_own)
+    installation.wrappers[name] = (weakref.ref(ours), had_own)
 
 
 def _while(installation: _Installation | _ClassPatches, wrapper: Any) -> Any:
@@ -277,12 +280,11 @@ def uninstall(nc: Client) -> None:
 
     New messages get nats-py's eager header decoding again; messages already received keep
     decoding on access, correctly. New subscriptions get the callback exactly as given.
-    Subscriptions made while installed keep the chain around their callback (and their pull's
-    ``fetch``) until they are unsubscribed: a chain in the middle of a delay hold must not be
-    dropped silently. Subscriptions made before install get back what they had: their own
-    callback, nats-py's own ``fetch``; natsmw stops serving their parked messages (whoever
-    serves the consumer next, an install or ``serve_parked``, serves them). With the last
-    installation that has a chain, nats-py's JetStream classes are as they were.
+    Subscriptions the chain reached, made while installed or before, keep it around their
+    callback (and their pull's ``fetch``), and their parked messages served, until they are
+    unsubscribed: a chain in the middle of a delay hold must not be dropped silently, or the
+    handler would run before the deadline. A later install does not chain them again. With
+    the last installation that has a chain, nats-py's JetStream classes are as they were.
     """
     installation = _installed.pop(nc, None)
     if installation is None:
@@ -292,20 +294,24 @@ def uninstall(nc: Client) -> None:
         _unwrap(nc, name, ours, had_own)
     if installation.lazy_headers:
         _restore_message_class(nc, installation)
-    for sub, (callback, chained) in list(installation.covered.items()):
-        if sub._cb is chained:
-            sub._cb = callback
+    # Subscriptions made before install keep the chain too, as those made while installed:
+    # one in the middle of a delay hold would otherwise run its handler before the deadline.
+    for sub in list(installation.covered):
+        _chained_subscriptions.add(sub)
     installation.covered.clear()
-    for pull in list(installation.pulls.values()):
-        _close_soon(pull.dues)
+    for psub, pull in list(installation.pulls.items()):
+        _keep_chained_pull(psub, pull)
     installation.pulls.clear()
-    if not any(other.chain is not None for other in _installed.values()):
+    if not any(other.active and other.chain is not None for other in _installed.values()):
         _unpatch_classes()
 
 
-def _unwrap(nc: Client, name: str, ours: Any, had_own: bool) -> None:
-    """Take our wrapper ``ours`` of ``nc.<name>`` out, unless someone wrapped it since (then
-    it stays, and passes calls straight through once the installation is inactive)."""
+def _unwrap(nc: Client, name: str, mine: weakref.ref[Any], had_own: bool) -> None:
+    """Take our wrapper of ``nc.<name>`` out, unless someone wrapped it since (then it
+    stays, and passes calls straight through once the installation is inactive)."""
+    ours = mine()
+    if ours is None:
+        return  # replaced meanwhile, and gone
     before = ours.__wrapped__  # what was there before install
     instance = vars(nc)
     if instance.get(name) is not ours:
@@ -383,9 +389,7 @@ def _chained(chain: Middleware, nc: Client, callback: Handler | None) -> Handler
         return callback  # nats-py's PubAck inbox for publish_async
     if getattr(callback, "__module__", "").startswith(_INTERNAL_MODULES):
         return callback
-    chained = chain(callback)
-    require_handler(chained, chain, "install(chain=...)")
-    return chained
+    return require_handler(chain(callback), chain, "install(chain=...)")
 
 
 def _warn_unchained(nc: Client, sub: Any) -> None:
@@ -425,9 +429,9 @@ def _cover_subscriptions(
 ) -> None:
     """Chain the callbacks of subscriptions made before install, in place (nats-py reads
     ``sub._cb`` for each message), and serve the parked messages of the JetStream ones."""
-    for sub, callback, chained in coverage:
+    for sub, _, chained in coverage:
         sub._cb = chained
-        installation.covered[sub] = (callback, chained)
+        installation.covered.add(sub)
         _serve_existing(nc, installation, sub, chained)
     for sub in list(getattr(nc, "_subs", {}).values()):
         if sub._cb is None:
@@ -454,7 +458,7 @@ def _serve_existing(nc: Client, installation: _Installation, sub: Any, chained: 
     ParkedServing(
         nc, chained, psub._stream, psub._consumer,
         manual_ack=True, retention=DEFAULT_RETENTION, concurrency=1,
-        alive=lambda: installation.active and sub._id in subs,
+        alive=lambda: sub._id in subs,  # until unsubscribed, uninstall or not
     )  # fmt: skip
 
 
@@ -482,6 +486,12 @@ def _patch_classes() -> None:
         ours: Any = wrapt.wrap_function_wrapper(owner, name, _while(patches, wrapper))
         patches.patches.append((owner, name, ours))
     _class_patches = patches
+
+
+def _client_gone(installation: _Installation) -> None:
+    installation.active = False
+    if not any(other.active and other.chain is not None for other in _installed.values()):
+        _unpatch_classes()
 
 
 def _unpatch_classes() -> None:
@@ -525,7 +535,9 @@ async def _serving_subscribe(
     if not isinstance(sub, JetStreamContext.PushSubscription):
         return sub
     if sub._cb is None:
-        _warn_unchained(nc, sub._sub)
+        subject = args[0] if args else kwargs.get("subject", "")
+        if not str(subject).startswith(("$O.", "$KV.")):  # nats-py's object store reads
+            _warn_unchained(nc, sub._sub)
         return sub
     # Due messages of this consumer go to the same (chained) callback. It is the one
     # nats-py subscribed with: with manual_ack=False it acks them itself.
@@ -592,6 +604,27 @@ async def _cover_pull(
         weakref.finalize(psub, dues.close)
         covered = installation.pulls[psub] = _CoveredPull(dues, _chained_fetch(chain, dues, wait))
     return covered
+
+
+def _keep_chained_pull(psub: Any, pull: _CoveredPull) -> None:
+    """Keep the chain around ``fetch`` of a pull subscription made before install, as one
+    made while installed keeps it: on the subscription itself, over nats-py's own methods."""
+    owner = JetStreamContext.PullSubscription
+    psub.fetch = wrapt.FunctionWrapper(
+        types.MethodType(_nats_py_own(owner, "fetch"), psub), pull.fetch
+    )
+    psub.unsubscribe = wrapt.FunctionWrapper(
+        types.MethodType(_nats_py_own(owner, "unsubscribe"), psub), _closing(pull.dues)
+    )
+    _chained_pulls.add(psub)
+
+
+def _nats_py_own(owner: type, name: str) -> Any:
+    """nats-py's own function ``owner.<name>``, under natsmw's class patch if there is one."""
+    for patched_owner, patched_name, ours in _class_patches.patches if _class_patches else ():
+        if (patched_owner, patched_name) == (owner, name):
+            return ours.__wrapped__
+    return vars(owner)[name]
 
 
 async def _uncovering_unsubscribe(

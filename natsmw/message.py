@@ -59,6 +59,9 @@ SettlementKind: TypeAlias = Literal["ack", "ack_sync", "nak", "term", "in_progre
 _JS_ACK_PREFIX = "$JS.ACK."
 
 SPAN_KEY = "natsmw.span"
+"""``msg.state`` key of the message's process span, set by tracing. A settlement may come
+from code outside the span's context (a pull worker settling what ``fetch`` returned), so
+middlewares that need the span look here rather than at the current context."""
 # On a handler wrapped by a delay cap, and (functools.wraps copies it) on every wrapper
 # made around it later: the delay cap itself.
 CAPPED_BY = "__natsmw_delay_cap__"
@@ -66,9 +69,21 @@ CAPPED_BY = "__natsmw_delay_cap__"
 # fetch: the chain ends when fetch returns the message): tracing there cannot cover the
 # run, and waits to see whether the delivery was a hold.
 RUNS_ELSEWHERE = "__natsmw_runs_elsewhere__"
-"""``msg.state`` key of the message's process span, set by tracing. A settlement may come
-from code outside the span's context (a pull worker settling what ``fetch`` returned), so
-middlewares that need the span look here rather than at the current context."""
+
+
+def capped_by(handler: object) -> Any:
+    """The delay cap that wraps ``handler`` (through other middlewares too), or ``None``;
+    also seen through nats-py's auto-ack wrapper of a JetStream push callback."""
+    found = getattr(handler, CAPPED_BY, None)
+    if found is None and getattr(handler, "__qualname__", "").startswith(_AUTO_ACK):
+        for cell in getattr(handler, "__closure__", None) or ():
+            found = getattr(cell.cell_contents, CAPPED_BY, None)
+            if found is not None:
+                break
+    return found
+
+
+_AUTO_ACK = "JetStreamContext._auto_ack_callback."
 _T = TypeVar("_T")
 
 

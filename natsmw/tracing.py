@@ -43,7 +43,6 @@ from natsmw.chain import _UNBOUND, Decorator, Handler, bound, layer
 from natsmw.headers import peek_header
 from natsmw.message import (
     _JS_ACK_PREFIX,
-    CAPPED_BY,
     RUNS_ELSEWHERE,
     SPAN_KEY,
     MessageProxy,
@@ -51,6 +50,7 @@ from natsmw.message import (
     Settle,
     Settlement,
     StandInMsg,
+    capped_by,
     remove_last,
 )
 
@@ -141,7 +141,7 @@ class Tracing(Decorator):
         # Around a delay cap, a delivery's span opens only when the handler is about to run
         # (or something other than a hold happened): holds are settlements, not processing,
         # and a 3 h deferral at a 1 min cap would otherwise be 180 process spans.
-        if getattr(handler, CAPPED_BY, None) is not None:
+        if capped_by(handler) is not None:
             step = self._deferred_step
         elif getattr(handler, RUNS_ELSEWHERE, False):
             step = self._fetched_step  # the user's handler runs after fetch: holds may come

@@ -311,3 +311,43 @@ async def test_decorated_handlers_return_coroutines_for_create_task() -> None:
         asyncio.create_task(Service().on_msg(make_msg())),
     )
     assert sorted(ran) == ["function", "method"]
+
+
+def users_own(call_next: Handler) -> Handler:
+    """A middleware written by hand, the documented ``Middleware`` shape."""
+
+    async def handle(msg: Msg) -> None:
+        await call_next(msg)
+
+    return handle
+
+
+class _Service:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[tuple[str, bytes]] = []
+
+    @compose(users_own)
+    async def on_msg(self, msg: Msg) -> None:
+        self.seen.append((self.name, msg.data))
+
+    @compose(recorder("outer", []), users_own)
+    async def mixed(self, msg: Msg) -> None:
+        self.seen.append((f"mixed {self.name}", msg.data))
+
+    @with_delay_cap(1)
+    @classmethod
+    async def over_classmethod(cls, msg: Msg) -> None:
+        _STATIC_SEEN.append(("over", cls, msg.data))
+
+
+async def test_a_users_middleware_in_compose_binds_methods_to_their_own_instance() -> None:
+    first, second = _Service("first"), _Service("second")
+    await first.on_msg(make_msg())
+    await second.on_msg(make_msg())
+    await second.mixed(make_msg())
+    await _Service.over_classmethod(make_msg())  # through the class, not an instance
+
+    assert first.seen == [("first", b"x")]
+    assert second.seen == [("second", b"x"), ("mixed second", b"x")]
+    assert ("over", _Service, b"x") in _STATIC_SEEN

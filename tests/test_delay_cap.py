@@ -558,6 +558,8 @@ def test_a_cap_too_short_or_a_store_that_is_not_one_is_refused_at_once() -> None
             with_delay_cap(too_short)
     with pytest.raises(TypeError, match="DeadlineStore"):
         with_delay_cap(1, store="kv")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="DeadlineStore"):
+        with_delay_cap(1, store=MemoryDeadlineStore)  # type: ignore[arg-type]  # the class
 
 
 async def test_a_nak_on_a_core_request_is_said_once(

@@ -355,3 +355,23 @@ def test_a_guards_limits_are_read_only() -> None:
     with pytest.raises(AttributeError):
         guard.max_body = 10  # type: ignore[misc]
     assert guard.max_body == 1000
+
+
+async def test_naks_of_many_oversized_messages_log_a_few_lines_not_one_per_delivery(
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    guard = with_size_limit(max_body=1, on_oversize="nak", nak_delay=0.1)
+
+    @guard
+    async def handler(msg: Msg) -> None: ...
+
+    with caplog.at_level(logging.WARNING, logger="natsmw.guards"):
+        await conn.js.subscribe(stream.subject, durable="flood", cb=handler, manual_ack=True)
+        for _ in range(20):
+            await conn.js.publish(stream.subject, b"too big")
+        await spy.wait_for(60)  # about three naks of each of the twenty
+
+    kept = [r for r in caplog.records if "naked" in r.getMessage()]
+    assert guard.stats.naked >= 60
+    assert 1 <= len(kept) <= 3, [r.getMessage() for r in kept]

@@ -480,3 +480,24 @@ async def test_install_refuses_a_chain_that_returns_no_handler(conn: Connection)
     with pytest.raises(TypeError, match=r"with_size_limit itself, .*: call it"):
         install(conn.nc, chain=with_size_limit)  # type: ignore[arg-type]
     assert conn.nc not in natsmw.installation._installed  # nothing half-installed
+
+
+async def test_a_second_delay_cap_is_refused_behind_nats_py_auto_ack_too(
+    conn: Connection, stream: Stream
+) -> None:
+    """nats-py wraps a push callback in its own auto-ack function (manual_ack false): the
+    handler's cap inside it is still seen, before and after install."""
+
+    @with_delay_cap(10)
+    async def capped(msg: Msg) -> None: ...
+
+    early = await conn.js.subscribe(stream.subject, durable="early-auto", cb=capped)
+    with pytest.raises(ValueError, match="two delay caps"):
+        install(conn.nc, chain=compose(with_delay_cap(1)))
+    await early.unsubscribe()
+    install(conn.nc, chain=compose(with_delay_cap(1)))
+    try:
+        with pytest.raises(ValueError, match="two delay caps"):
+            await conn.js.subscribe(stream.subject, durable="late-auto", cb=capped)
+    finally:
+        uninstall(conn.nc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 from datetime import timedelta
 
@@ -12,7 +14,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from natsmw import Handler, MessageProxy, Middleware, compose, middleware, with_delay_cap
 from natsmw.delay import park
 from natsmw.installation import install, uninstall
-from tests.conftest import Connection, Inbox, Stream
+from natsmw.server import NatsServer
+from tests.conftest import Connection, Inbox, Stream, connect
 
 NATS_PY_METHODS = {
     (JetStreamContext, "subscribe"): JetStreamContext.subscribe,
@@ -56,10 +59,11 @@ async def test_a_pull_subscription_made_before_install_gets_the_chain_at_fetch(
     assert seen == [stream.subject]
     assert cap.stats.capped == 1
     uninstall(conn.nc)
-    (again,) = await psub.fetch(batch=1, timeout=5)  # the hold's short nak brought it back
-    assert not isinstance(again, MessageProxy)  # nats-py's own fetch again
-    assert seen == [stream.subject]
-    await again.ack()
+    # The chain stays through uninstall: the hold goes on, nothing runs before the deadline.
+    with pytest.raises(asyncio.TimeoutError):
+        await psub.fetch(batch=1, timeout=2)
+    assert cap.stats.holds >= 1
+    assert len(seen) >= 2  # its redeliveries went through the chain, and were held
     await psub.unsubscribe()
     assert_nats_py_classes_untouched()
 
@@ -94,7 +98,7 @@ async def test_a_context_made_before_install_gets_chained_pull_and_push_subscrip
     assert_nats_py_classes_untouched()
 
 
-async def test_callback_subscriptions_made_before_install_are_chained_until_uninstall(
+async def test_callback_subscriptions_made_before_install_keep_the_chain_after_uninstall(
     conn: Connection, stream: Stream
 ) -> None:
     seen: list[str] = []
@@ -115,11 +119,17 @@ async def test_callback_subscriptions_made_before_install_are_chained_until_unin
 
     assert isinstance(core_during, MessageProxy)
     assert isinstance(pushed_during, MessageProxy)
-    assert seen == ["before.core", stream.subject]
-    assert not isinstance(core_after, MessageProxy)  # their own callbacks again
-    assert not isinstance(pushed_after, MessageProxy)
-    assert core_sub._cb == core.put  # a bound method: equal, not identical
-    assert push_sub._sub._cb is push_callback
+    # Kept, as for subscriptions made while installed: a hold may be under way.
+    assert isinstance(core_after, MessageProxy)
+    assert isinstance(pushed_after, MessageProxy)
+    assert seen == ["before.core", stream.subject] * 2
+    assert push_sub._sub._cb is not push_callback
+    install(conn.nc, chain=tagging(seen))  # not chained a second time
+    await conn.nc.publish("before.core", b"5")
+    await core.wait_for(3)
+    uninstall(conn.nc)
+    assert seen == ["before.core", stream.subject] * 2 + ["before.core"]
+    await core_sub.unsubscribe()
     assert_nats_py_classes_untouched()
 
 
@@ -143,15 +153,15 @@ async def test_nothing_is_chained_twice(conn: Connection, stream: Stream) -> Non
     await two.ack()
 
     uninstall(conn.nc)
-    install(conn.nc, chain=tagging(second))  # subscriptions made under the first keep it
+    install(conn.nc, chain=tagging(second))  # subscriptions the first reached keep it
     await conn.js.publish(stream.subject, b"2")
-    (three,) = await early.fetch(1, timeout=5)  # made before this install: the second chain
+    (three,) = await early.fetch(1, timeout=5)  # made before the first install: the first
     (four,) = await late.fetch(1, timeout=5)  # made under the first: the first chain only
     await pushed.wait_for(2)
     uninstall(conn.nc)
 
-    assert first == [stream.subject] * 5
-    assert second == [stream.subject]
+    assert first == [stream.subject] * 6
+    assert second == []
     await three.ack()
     await four.ack()
     await early.unsubscribe()
@@ -167,7 +177,11 @@ async def test_a_subscription_read_without_a_callback_is_named_in_a_warning(
     with caplog.at_level(logging.WARNING, logger="natsmw.install"):
         install(conn.nc, chain=tagging([]))
         await conn.js.subscribe(stream.subject, durable="iterated")
+        store = await conn.js.create_object_store("files")
+        await store.put("report", b"x" * 10)
+        assert await store.get("report")  # nats-py's own subscription inside: not named
     uninstall(conn.nc)
+    await conn.js.delete_object_store("files")
 
     warnings = [r.getMessage() for r in caplog.records if r.name == "natsmw.install"]
     assert len(warnings) == 2
@@ -175,3 +189,17 @@ async def test_a_subscription_read_without_a_callback_is_named_in_a_warning(
     assert "no callback" in warnings[0]
     assert "cb=" in warnings[0]
     assert "_INBOX." in warnings[1]  # the push subscription's deliver subject
+
+
+async def test_a_client_dropped_without_uninstall_leaves_nats_py_classes_as_they_were(
+    nats_server: NatsServer,
+) -> None:
+    dropped = await connect(nats_server.url)
+    install(dropped.nc, chain=tagging([]))
+    assert (
+        vars(JetStreamContext)["subscribe"] is not NATS_PY_METHODS[(JetStreamContext, "subscribe")]
+    )
+    await dropped.nc.close()
+    del dropped
+    gc.collect()
+    assert_nats_py_classes_untouched()

@@ -301,3 +301,22 @@ async def test_gauges_count_deferred_messages_and_show_a_stranded_one(
     assert values[("natsmw.deferred.messages", stream.name, "due")] == 1
     assert values[("natsmw.deferred.messages", stream.name, "parked")] == 0
     assert values[("natsmw.deferred.oldest_overdue", stream.name)] > 0
+
+
+async def test_release_all_of_one_consumer_leaves_the_others(
+    conn: Connection, stream: Stream, nats_server: NatsServer
+) -> None:
+    async with deferred_both_ways(conn, stream) as (handler, _, _):
+        result = natsmw_cli(
+            "release", "--all", "--stream", stream.name, "--consumer", "parker", "--json",
+            url=nats_server.url,
+        )  # fmt: skip
+        released = json_lines(result)
+        assert [(line["consumer"], line["sequence"]) for line in released] == [("parker", 2)]
+        await handler.wait(b"parked", 2)
+        left = json_lines(
+            natsmw_cli("list", "--stream", stream.name, "--json", url=nats_server.url)
+        )
+        assert [line["consumer"] for line in left if line["type"] == "message"] == ["holder"]
+        both = natsmw_cli("cancel", stream.name, "holder", url=nats_server.url)
+        assert both.returncode == 2  # a message is named in full, or --all selects

@@ -14,12 +14,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = """
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from natsmw import MessageProxy, compose, middleware, with_delay_cap, with_size_limit
+from natsmw import (
+    MessageProxy,
+    compose,
+    install,
+    middleware,
+    with_delay_cap,
+    with_size_limit,
+)
 
 
 async def step(msg: MessageProxy, call_next: Handler) -> None:
@@ -46,7 +54,26 @@ class Service:
     async def static(msg: Msg) -> None: ...
 
 
+def users_middleware(
+    call_next: Callable[[Msg], Awaitable[None]],
+) -> Callable[[Msg], Awaitable[None]]:
+    async def handle(msg: Msg) -> None:
+        await call_next(msg)
+
+    return handle
+
+
+async def users_step(msg: Msg, call_next: Callable[[Msg], Awaitable[None]]) -> None:
+    await call_next(msg)
+
+
+@compose(users_middleware, middleware(users_step), with_delay_cap(60))
+async def with_users_own(msg: Msg) -> None: ...
+
+
 async def use(nc: Client, msg: Msg) -> None:
+    install(nc, chain=users_middleware)
+    install(nc, chain=compose(users_middleware, with_delay_cap(60)))
     reveal_type(plain)
     reveal_type(proxied)
     reveal_type(Service().on_msg)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import random
@@ -35,6 +36,7 @@ from nats.errors import Error as NatsError
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from natsmw._throttle import Throttled
 from natsmw.chain import Decorator, Handler, layer
 from natsmw.delay.clock import server_clock
 from natsmw.delay.deadline import DEADLINE_HEADER, format_deadline, parse_deadline
@@ -77,6 +79,7 @@ from natsmw.message import (
     Settle,
     Settlement,
     SettlementKind,
+    capped_by,
     remove_last,
 )
 
@@ -315,8 +318,11 @@ class DelayCap(Decorator):
                 f"cap must be at least {MIN_CAP}s, got {cap!r}: a shorter nak only makes the "
                 f"server redeliver in a loop"
             )
-        if store is not None and not all(
-            callable(getattr(store, name, None)) for name in ("get", "put")
+        if store is not None and (
+            isinstance(store, type)  # the class, not a store: MemoryDeadlineStore()
+            or not all(
+                inspect.iscoroutinefunction(getattr(store, name, None)) for name in ("get", "put")
+            )
         ):
             raise TypeError(
                 f"store must be a DeadlineStore (async get(key) and put(key, deferral)), for "
@@ -353,7 +359,7 @@ class DelayCap(Decorator):
         self._limits_age = max(self.cap * (1 - self.jitter) / 2, _LIMITS_AGE_FLOOR)
         self._unserved_warned: set[tuple[str, str]] = set()
         self._lost_said_until = 0.0
-        self._warned: dict[str, tuple[float, int]] = {}  # kind: (quiet until, held back)
+        self._warnings = Throttled(log, _WARN_EVERY)
         self._no_bucket_warned = False
         # By id(client), then (stream, consumer); read on every first delivery.
         self._generations: dict[int, dict[tuple[str, str], _Generation]] = {}
@@ -362,7 +368,7 @@ class DelayCap(Decorator):
     one_per_chain = "delay cap"  # compose() refuses a second one
 
     def _wrap(self, handler: Handler) -> Handler:
-        inner = getattr(handler, _CAPPED_BY, None)
+        inner = capped_by(handler)
         if inner is not None:
             raise ValueError(
                 f"{self!r} would wrap a handler that {inner!r} already caps: two delay caps "
@@ -853,16 +859,7 @@ class DelayCap(Decorator):
     def _warn(self, kind: str, message: str, *args: object) -> None:
         """Log a warning of this kind at most once every few seconds: an outage touches every
         message, and one line each would drown the log (``stats`` count them all)."""
-        now = time.monotonic()
-        until, held = self._warned.get(kind, (0.0, 0))
-        if now < until:
-            self._warned[kind] = (until, held + 1)
-            return
-        self._warned[kind] = (now + _WARN_EVERY, 0)
-        if held:
-            message += " (and %d more like it in the last %.0fs)"
-            args = (*args, held, _WARN_EVERY)
-        log.warning(message, *args)
+        self._warnings.warning(kind, message, *args)
 
     def _deadline_lost(self, key: DeadlineKey, delivery: int, why: str) -> None:
         """The record that may have held this delivery back is gone: say so, loudly."""
@@ -899,7 +896,8 @@ class DelayCap(Decorator):
             deadline = parse_deadline(value).timestamp()
         except ValueError as error:
             self.stats.malformed_headers += 1
-            log.warning("ignoring the deadline of %s seq %s: %s", msg.subject, _seq(msg), error)
+            self._warn("malformed", "ignoring the deadline of %s seq %s: %s", msg.subject,
+                       _seq(msg), error)  # fmt: skip
             return None
         if deadline <= stored_at:
             return None  # due before the message was even stored: nothing to hold
