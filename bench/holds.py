@@ -57,7 +57,7 @@ from natsmw.delay import DelayCap
 from natsmw.delay.memory import Deliveries
 from natsmw.server import NatsServer
 
-CAP = 0.001  # a redelivery delay short enough that the client, not the delay, sets the rate
+CAP = 0.01  # the shortest cap natsmw takes: the client, not the delay, sets the rate
 READS = ("$JS.API.DIRECT.GET.", "$JS.API.STREAM.MSG.GET.")  # a deadline read from the bucket
 REQUESTS = ("$JS.API.CONSUMER.INFO.", *READS, "$KV.")  # every request natsmw makes
 RAW = "raw nak"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +20,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "deferred":
-        return asyncio.run(run(args))
+        try:
+            return asyncio.run(run(args))
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:  # list | head: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
     if args.command == "demo":
         missing = _demo_missing()
         if missing:

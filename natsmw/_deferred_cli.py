@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import ssl
 import sys
 import time
@@ -24,7 +25,6 @@ from nats.aio.client import Client
 from natsmw import ops
 
 OK, FAILED, USAGE, NOT_FOUND = 0, 1, 2, 3
-WIDTH = 80
 
 
 def add_parser(commands: Any) -> None:
@@ -89,7 +89,11 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
     """Run one ``natsmw deferred`` action; return the exit status."""
     if args.action in ("release", "cancel"):
         named = args.message_stream is not None
-        if named == args.all or (named and args.sequence is None):
+        if named and args.all:
+            print(f"natsmw deferred {args.action}: give STREAM CONSUMER SEQ or --all, not both",
+                  file=err)  # fmt: skip
+            return USAGE
+        if (not named and not args.all) or (named and args.sequence is None):
             print(f"natsmw deferred {args.action}: give STREAM CONSUMER SEQ, or --all "
                   f"(with --stream/--consumer to narrow it)", file=err)  # fmt: skip
             return USAGE
@@ -97,8 +101,13 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
         print("natsmw deferred: --consumer needs --stream (a consumer is named in its stream)",
               file=err)  # fmt: skip
         return USAGE
+    denied: list[str] = []
     try:
-        nc = await _connect(args)
+        nc = await _connect(args, denied)
+    except ModuleNotFoundError as error:
+        print(f"natsmw deferred: --creds needs {error.name!r}: pip install 'nats-py[nkeys]'",
+              file=err)  # fmt: skip
+        return FAILED
     except Exception as error:  # whatever nats-py raises: say it and stop
         print(f"natsmw deferred: cannot connect to {args.server}: {error!r}", file=err)
         return FAILED
@@ -112,13 +121,16 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
         print(f"natsmw deferred: {error}", file=err)
         return NOT_FOUND
     except ops.OpsError as error:
-        print(f"natsmw deferred: {error}", file=err)
+        if denied:  # the server said why the request went unanswered
+            print(f"natsmw deferred: no permission: {denied[-1]} ({error})", file=err)
+        else:
+            print(f"natsmw deferred: {error}", file=err)
         return FAILED
     finally:
         await nc.close()
 
 
-async def _connect(args: argparse.Namespace) -> Client:
+async def _connect(args: argparse.Namespace, denied: list[str]) -> Client:
     options: dict[str, Any] = {
         "servers": args.server.split(","),
         "connect_timeout": args.timeout,
@@ -137,7 +149,10 @@ async def _connect(args: argparse.Namespace) -> Client:
         options["tls"] = context
 
     async def quiet(error: Exception) -> None:
-        pass  # reported by the command itself
+        # Reported by the command itself; a permission violation says why a request of its
+        # went unanswered.
+        if "permissions violation" in str(error).lower():
+            denied.append(str(error))
 
     # nats-py may keep trying a server that refuses: the timeout is the operator's.
     return await asyncio.wait_for(nats.connect(error_cb=quiet, **options), args.timeout + 1)
@@ -160,7 +175,7 @@ async def _list(nc: Client, args: argparse.Namespace, out: TextIO) -> int:
         else:
             if shown == 0:
                 out.write(_HEADER + "\n")
-            out.write(_line(message, now) + "\n")
+            out.write(_line(message, now, _terminal_width(out)) + "\n")
         shown += 1
     for summary in summaries.values():
         if args.json:
@@ -209,8 +224,8 @@ async def _show(nc: Client, args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"{name:>14}: {value}\n")
     out.write(f"{'headers':>14}:" + ("" if shown.headers else " (none)") + "\n")
     for name, value in (shown.headers or {}).items():
-        out.write(_clip(f"{'':>16}{name}: {value}", WIDTH) + "\n")
-    out.write(f"{'record':>14}: {_clip(json.dumps(shown.record), WIDTH - 16)}\n")
+        out.write(f"{'':>16}{name}: {value}\n")
+    out.write(f"{'record':>14}: {json.dumps(shown.record)}\n")
     return OK
 
 
@@ -226,14 +241,24 @@ async def _change(nc: Client, args: argparse.Namespace, out: TextIO, err: TextIO
         if not targets:
             out.write("no deferred messages selected\n")
             return OK
-    if args.action == "cancel" and not args.yes:
+    if (args.action == "cancel" or args.all) and not args.yes:
         if not sys.stdin.isatty():
-            print("natsmw deferred cancel: not run from a terminal: confirm with --yes", file=err)
+            print(f"natsmw deferred {args.action}: not run from a terminal: confirm with --yes",
+                  file=err)  # fmt: skip
             return USAGE
-        question = f"Cancel {len(targets)} deferred message(s)? They will never run. [y/N] "
-        answer = await asyncio.to_thread(input, question)
+        for stream, consumer, sequence in targets[:10]:
+            out.write(f"  {stream}/{consumer} seq {sequence}\n")
+        if len(targets) > 10:
+            out.write(f"  ... and {len(targets) - 10} more\n")
+        effect = "They will never run." if args.action == "cancel" else "They run now."
+        question = f"{args.action.capitalize()} these {len(targets)} message(s)? {effect} [y/N] "
+        try:
+            answer = await asyncio.to_thread(input, question)
+        except EOFError:
+            answer = ""
         if answer.strip().lower() not in ("y", "yes"):
-            print("nothing cancelled", file=err)
+            print(f"nothing {args.action}d" if args.action == "release" else "nothing cancelled",
+                  file=err)  # fmt: skip
             return USAGE
     failed = 0
     for stream, consumer, sequence in targets:
@@ -249,6 +274,8 @@ async def _change(nc: Client, args: argparse.Namespace, out: TextIO, err: TextIO
             out.write(json.dumps({"type": args.action, **before.as_json()}) + "\n")
         else:
             verb = "released" if args.action == "release" else "cancelled"
+            if args.action == "release" and before.tier == "due":
+                verb = "nothing to release: already due, waiting for its consumer:"
             out.write(f"{verb} {stream}/{consumer} seq {sequence} ({_TIERS[before.tier]})\n")
     return FAILED if failed else OK
 
@@ -257,14 +284,18 @@ _TIERS = {"held": "held", "parked": "parked", "due": "due, waiting for its consu
 _HEADER = f"{'TIER':<6} {'STREAM/CONSUMER':<24} {'SEQ':>8} {'DUE IN':>10} {'CALLS':>5} SUBJECT"
 
 
-def _line(message: ops.DeferredMessage, now: float) -> str:
-    where = _clip(f"{message.stream}/{message.consumer}", 24)
+def _line(message: ops.DeferredMessage, now: float, width: int | None) -> str:
+    # Names are never cut (an operator copies them into show or release); only the subject,
+    # last, is cut to a terminal's width.
+    where = f"{message.stream}/{message.consumer}"
     line = (
         f"{message.tier:<6} {where:<24} {message.sequence:>8} "
         f"{_due(message.deadline - now, short=True):>10} {message.handler_calls:>5} "
         f"{message.subject or '-'}"
     )
-    return _clip(line, WIDTH)
+    if width is None or len(line) <= width:
+        return line
+    return _clip(line, max(width, len(line) - len(message.subject or "-") + 12))
 
 
 def _summary_line(summary: ops.ConsumerSummary, now: float) -> str:
@@ -275,7 +306,7 @@ def _summary_line(summary: ops.ConsumerSummary, now: float) -> str:
     stranded = (
         "" if summary.oldest_overdue is None else f"; overdue {_span(now - summary.oldest_overdue)}"
     )
-    return _clip(f"{summary.stream}/{summary.consumer}: {counts}{upcoming}{stranded}", WIDTH)
+    return f"{summary.stream}/{summary.consumer}: {counts}{upcoming}{stranded}"
 
 
 def _due(seconds: float, *, short: bool = False) -> str:
@@ -296,6 +327,14 @@ def _span(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{seconds:02d}s"
     return f"{seconds}s"
+
+
+def _terminal_width(out: TextIO) -> int | None:
+    """The terminal's width when ``out`` is one (lines are cut to it), else ``None``."""
+    try:
+        return shutil.get_terminal_size().columns if out.isatty() else None
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _clip(text: str, width: int) -> str:

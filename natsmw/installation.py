@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import inspect
 import logging
 import types
 import weakref
@@ -382,14 +383,34 @@ def _chained_subscribe(chain: Middleware) -> Any:
 
 
 def _chained(chain: Middleware, nc: Client, callback: Handler | None) -> Handler | None:
-    """``chain(callback)``, or ``callback`` itself where it is nats-py's or natsmw's own."""
+    """``chain(callback)``, or ``callback`` itself where it is nats-py's or natsmw's own, or
+    synchronous: nats-py then refuses it, as it always did."""
     if callback is None or callback == nc._request_sub_callback:
+        return callback
+    if _sync(callback):
         return callback
     if getattr(callback, "__func__", None) is JetStreamContext._handle_async_reply:
         return callback  # nats-py's PubAck inbox for publish_async
     if getattr(callback, "__module__", "").startswith(_INTERNAL_MODULES):
         return callback
     return require_handler(chain(callback), chain, "install(chain=...)")
+
+
+def _sync(callback: object) -> bool:
+    """Whether ``callback`` is synchronous (a ``def``, a partial of one, an object with a
+    plain ``__call__``): nats-py refuses it, and a chain around it could only fail on every
+    message. An object with an ``async def __call__``, which nats-py refuses too, works in a
+    chain, and gets one."""
+    target = getattr(callback, "func", callback)  # a functools.partial: what it calls
+    if inspect.iscoroutinefunction(target):
+        return False
+    call = getattr(type(target), "__call__", None)  # noqa: B004  (the method, to test it)
+    return not (
+        call is not None
+        and not inspect.isfunction(target)
+        and not inspect.ismethod(target)
+        and inspect.iscoroutinefunction(call)
+    )
 
 
 def _warn_unchained(nc: Client, sub: Any) -> None:

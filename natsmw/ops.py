@@ -572,8 +572,8 @@ def _held(copy: Msg, bucket: str) -> DeferredMessage | None:
         deferral = Deferral.from_bytes(copy.data)
     except ValueError:
         return None
-    if deferral.released_at is not None:
-        return None
+    if deferral.released_at is not None or deferral.cancelled:
+        return None  # handled, or cancelled: it will not run as a deferred message
     return _held_message(key, deferral)
 
 

@@ -11,6 +11,7 @@ from natsmw.delay.decision import (
     Park,
     Run,
     Send,
+    blind_hold,
     delivery_decision,
     hold_for,
     nak_decision,
@@ -98,3 +99,16 @@ def test_the_last_hold_never_exceeds_the_cap(remaining: float) -> None:
     )
     assert isinstance(decision, Hold)
     assert remaining <= decision.nak <= 1.0
+
+
+def test_blind_holds_start_at_a_second_and_double_up_to_the_cap() -> None:
+    """A redelivery whose deadline cannot be read was most likely never deferred (a handler
+    error, ack_wait, a backoff): its first blind hold is short, not the whole cap."""
+
+    def held(delivery: int) -> object:
+        return delivery_decision(None, cap=60.0, park_after=None, jitter=0.0, draw=0.0,
+                                 delivery=delivery, limits=UNLIMITED)  # fmt: skip
+
+    holds = [held(delivery) for delivery in (2, 3, 4, 5, 8, 9, 10_000)]
+    assert holds == [Hold(1.0), Hold(2.0), Hold(4.0), Hold(8.0), Hold(60.0), Hold(60.0), Hold(60.0)]
+    assert blind_hold(0.5, 2) == 0.5  # never over the cap

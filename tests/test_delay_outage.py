@@ -6,17 +6,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
 
 import natsmw.delay.stores
 from natsmw import publish_not_before, with_delay_cap
 from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore, MemoryDeadlineStore
+from natsmw.delay.decision import BLIND_HOLD
 from natsmw.errors import DeadlineStoreError
-from tests.conftest import Connection, Inbox, Stream, flushed
+from natsmw.server import NatsServer
+from tests.conftest import Connection, Inbox, Stream, connect, flushed
 from tests.delay_support import CAP, CallLog
 
 
@@ -128,3 +133,83 @@ async def test_an_error_the_server_answers_at_once_does_not_open_the_breaker(
         with pytest.raises(DeadlineStoreError) as raised:
             await store.get(key)
         assert "did not answer a moment ago" not in str(raised.value)
+
+
+class UnreachableStore:
+    """A deadline store that can be neither read nor written until ``back`` is set (an
+    outage), and holds nothing after it."""
+
+    def __init__(self) -> None:
+        self.back = asyncio.Event()
+        self.failed_twice = asyncio.Event()
+        self._failed = 0
+
+    async def get(self, key: DeadlineKey) -> Deferral | None:
+        if not self.back.is_set():
+            self._failed += 1
+            if self._failed >= 2:
+                self.failed_twice.set()
+            raise DeadlineStoreError("unreachable")
+        return None
+
+    async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
+        raise DeadlineStoreError("unreachable")
+
+
+class FailsOnce:
+    """A legacy handler that raises on its first call (no ack: ack_wait redelivers it)."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+        self.done = asyncio.Event()
+
+    async def __call__(self, msg: Msg) -> None:
+        self.calls.append(time.monotonic())
+        if len(self.calls) == 1:
+            raise RuntimeError("a handler error, not a deferral")
+        await msg.ack()
+        self.done.set()
+
+
+async def test_a_redelivery_nobody_deferred_waits_a_second_not_the_cap_when_blind(
+    conn: Connection, stream: Stream
+) -> None:
+    """Held blind while the store is out (never early), but a second, then two: once the
+    store is back, it runs within a few seconds, not after the rest of a 60 s cap."""
+    handler = FailsOnce()
+    store = UnreachableStore()
+    cap = with_delay_cap(60, parking=False, store=store)
+    await conn.js.subscribe(
+        stream.subject, durable="blind", cb=cap(handler), manual_ack=True,
+        config=ConsumerConfig(ack_wait=1),
+    )  # fmt: skip
+    await conn.js.publish(stream.subject, b"x")
+    await asyncio.wait_for(store.failed_twice.wait(), 10)  # held 1 s, then 2 s, blind
+    store.back.set()
+    back_at = time.monotonic()
+    await asyncio.wait_for(handler.done.wait(), 15)
+
+    assert len(handler.calls) == 2
+    assert handler.calls[1] - back_at < 2 * BLIND_HOLD + 1  # the hold under way, then it runs
+
+
+async def test_a_redelivery_never_creates_the_deadline_bucket() -> None:
+    async with NatsServer() as server:
+        conn = await connect(server.url)
+        await conn.js.add_stream(name="OWN", subjects=["own.>"])
+        handler = FailsOnce()
+        await conn.js.subscribe(
+            "own.x", durable="own", cb=with_delay_cap(60)(handler), manual_ack=True,
+            config=ConsumerConfig(ack_wait=1),
+        )  # fmt: skip
+        await conn.js.publish("own.x", b"x")
+        await asyncio.wait_for(handler.done.wait(), 15)
+        names = [info.config.name async for info in _streams(conn)]
+        await conn.nc.drain()
+    assert "KV_natsmw_deadlines" not in names  # nothing was deferred: nothing to read
+    assert handler.calls[1] - handler.calls[0] < 5  # no blind hold: no bucket, no deadline
+
+
+async def _streams(conn: Connection) -> AsyncIterator[Any]:
+    for info in await conn.js.streams_info():
+        yield info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import inspect
 import logging
@@ -11,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 import wrapt
 from nats.aio import client as nats_client
@@ -499,5 +501,28 @@ async def test_a_second_delay_cap_is_refused_behind_nats_py_auto_ack_too(
     try:
         with pytest.raises(ValueError, match="two delay caps"):
             await conn.js.subscribe(stream.subject, durable="late-auto", cb=capped)
+    finally:
+        uninstall(conn.nc)
+
+
+class _SyncCallable:
+    def __call__(self, msg: Msg) -> None: ...
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [lambda msg: None, functools.partial(lambda msg, n: None, n=1), _SyncCallable()],
+    ids=["def", "partial", "callable object"],
+)
+async def test_a_callback_nats_py_refuses_is_refused_by_nats_py_under_install_too(
+    conn: Connection, callback: Any
+) -> None:
+    """Handed to nats-py as it is: nats-py's own error, at subscribe, as without natsmw."""
+    with pytest.raises(nats.errors.Error, match="must use coroutine"):
+        await conn.nc.subscribe("refused.plain", cb=callback)
+    install(conn.nc, chain=compose(with_delay_cap(1)))
+    try:
+        with pytest.raises(nats.errors.Error, match="must use coroutine"):
+            await conn.nc.subscribe("refused.installed", cb=callback)
     finally:
         uninstall(conn.nc)

@@ -178,10 +178,11 @@ async def test_cancel_deletes_a_parked_message_and_terminates_a_held_one(
         assert refused.returncode == 2
         assert "--yes" in refused.stderr
         for consumer, sequence in (("parker", "2"), ("holder", "1")):
-            result = natsmw_cli(
-                "cancel", stream.name, consumer, sequence, "--yes", url=nats_server.url
-            )
+            cancel = ("cancel", stream.name, consumer, sequence, "--yes")
+            result = natsmw_cli(*cancel, url=nats_server.url)
             assert result.returncode == 0, result.stderr
+            again = natsmw_cli(*cancel, url=nats_server.url)
+            assert again.returncode == 3  # not deferred any more, held or parked alike
         await spy.wait_for_settlement(1, b"+TERM")
         left = json_lines(
             natsmw_cli("list", "--stream", stream.name, "--json", url=nats_server.url)
@@ -308,7 +309,7 @@ async def test_release_all_of_one_consumer_leaves_the_others(
 ) -> None:
     async with deferred_both_ways(conn, stream) as (handler, _, _):
         result = natsmw_cli(
-            "release", "--all", "--stream", stream.name, "--consumer", "parker", "--json",
+            "release", "--all", "--stream", stream.name, "--consumer", "parker", "--json", "--yes",
             url=nats_server.url,
         )  # fmt: skip
         released = json_lines(result)
@@ -320,3 +321,5 @@ async def test_release_all_of_one_consumer_leaves_the_others(
         assert [line["consumer"] for line in left if line["type"] == "message"] == ["holder"]
         both = natsmw_cli("cancel", stream.name, "holder", url=nats_server.url)
         assert both.returncode == 2  # a message is named in full, or --all selects
+        unconfirmed = natsmw_cli("release", "--all", url=nats_server.url, stdin="")
+        assert (unconfirmed.returncode, "--yes" in unconfirmed.stderr) == (2, True)

@@ -12,6 +12,7 @@ from typing import TypeAlias
 from natsmw.delay.limits import Limits
 
 __all__ = [
+    "BLIND_HOLD",
     "RESTORE_MARGIN",
     "SLACK",
     "Hold",
@@ -19,6 +20,7 @@ __all__ = [
     "Park",
     "Run",
     "Send",
+    "blind_hold",
     "delivery_decision",
     "hold_for",
     "nak_decision",
@@ -110,6 +112,25 @@ def hold_for(
     return Hold(remaining + SLACK if stretched else min(remaining + SLACK, cap), stretched)
 
 
+BLIND_HOLD = 1.0
+"""The first blind hold (seconds): a redelivery whose deadline cannot be read (the store is
+unreachable) is held this long, then twice as long at each delivery, up to the cap. Most
+such redeliveries were never deferred (a handler error, ``ack_wait``, a consumer's
+``backoff``): they wait a second or two, not a whole cap."""
+
+
+def blind_hold(cap: float, delivery: int) -> float:
+    """How long to hold delivery ``delivery`` of a message whose deadline is unknown.
+
+    >>> [blind_hold(60.0, d) for d in (2, 3, 4, 9, 500)]
+    [1.0, 2.0, 4.0, 60.0, 60.0]
+    """
+    doublings = max(delivery - 2, 0)
+    if doublings >= 32:
+        return cap
+    return min(cap, BLIND_HOLD * 2.0**doublings)
+
+
 def delivery_decision(
     remaining: float | None,
     *,
@@ -123,13 +144,15 @@ def delivery_decision(
     """What to do with a delivery whose deadline is ``remaining`` seconds away.
 
     ``remaining`` is zero or less when the deadline has passed (or there is none), ``None``
-    when it is unknown (the store is unreachable: hold for the cap, blind). ``park_after`` is
+    when it is unknown (the store is unreachable: hold blind, see `blind_hold`). ``park_after`` is
     ``None`` when this message cannot be parked.
     """
     if remaining is not None and remaining <= 0:
         return _RUN
     if remaining is not None and park_after is not None and remaining > park_after:
         return _PARK
+    if remaining is None:
+        cap = blind_hold(cap, delivery)  # held this long, as if that were the time left
     hold = hold_for(
         cap if remaining is None else remaining,
         cap=cap,
