@@ -1,4 +1,4 @@
-"""Run every benchmark: ``python -m bench`` (about three quarters of an hour), or
+"""Run every benchmark: ``python -m bench`` (about fifty minutes), or
 ``python -m bench --quick`` (a minute: small sizes, to check that they still run; the figures
 mean little).
 
@@ -20,6 +20,7 @@ FULL = {
     "soak": ["--cap", "30"],
     "park": [],
     "churn": [],
+    "deferred": [],
 }
 QUICK = {
     "micro": ["--messages", "200", "--rounds", "1"],
@@ -29,6 +30,7 @@ QUICK = {
     "soak": ["--messages", "1000", "--cycles", "2", "--cap", "1"],
     "park": ["--messages", "200", "--delay", "3", "--cap", "1"],
     "churn": ["--clients", "10", "--consumers", "2"],
+    "deferred": ["--messages", "200", "--rounds", "1"],
 }
 
 

@@ -413,57 +413,59 @@ async def _scan(nc: Client, stream: str, pattern: str) -> AsyncIterator[Msg]:
     """The messages of ``stream`` on subjects matching ``pattern``, in order, a batch of
     direct gets at a time; one ``STREAM.MSG.GET`` at a time where the stream does not allow
     direct gets (natsmw's own streams do, from this version)."""
+    batch: list[Msg] = []
+    ended = asyncio.Event()
+
+    async def collect(answer: Msg) -> None:
+        # A callback, not next_msg(): a third of the cost per message at 100k.
+        batch.append(answer)
+        if answer.headers and "Status" in answer.headers:
+            ended.set()  # the end of the batch, or an error: the last answer of a request
+
     inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    sub = await nc.subscribe(inbox, cb=collect)
     try:
         sequence = 1
-        direct = True
         while True:
-            if direct:
-                request = {"seq": sequence, "next_by_subj": pattern, "batch": _BATCH}
-                await nc.publish(
-                    f"{_API}.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
-                )
-                got = 0
-                while True:
-                    copy = await _next(sub, stream)
-                    status = (copy.headers or {}).get("Status")
-                    if status == "503" and got == 0:
-                        direct = False  # no responders: direct gets are off on this stream
-                        break
-                    if status == "404":
-                        return
-                    if status == "204":  # end of this batch
-                        if got == 0 or (copy.headers or {}).get("Nats-Num-Pending") == "0":
-                            return
-                        break
-                    if status is not None:
-                        raise OpsError(f"cannot read {stream!r}: status {status} {copy.headers}")
-                    got += 1
-                    headers = copy.headers or {}
-                    sequence = int(headers["Nats-Sequence"]) + 1
-                    # A direct get answers on the inbox: the message's own subject is a header.
-                    yield Msg(_client=nc, subject=headers["Nats-Subject"], data=copy.data,
-                              headers=headers)  # fmt: skip
-                continue
-            found = await _msg_get(nc, stream, {"seq": sequence, "next_by_subj": pattern})
-            if found is None:
+            batch.clear()
+            ended.clear()
+            request = {"seq": sequence, "next_by_subj": pattern, "batch": _BATCH}
+            await nc.publish(f"{_API}.DIRECT.GET.{stream}", json.dumps(request).encode(),
+                             reply=inbox)  # fmt: skip
+            try:
+                await asyncio.wait_for(ended.wait(), _TIMEOUT)
+            except asyncio.TimeoutError:
+                raise OpsError(f"cannot read {stream!r}: no answer in {_TIMEOUT:.0f}s") from None
+            *found, last = batch
+            status = (last.headers or {}).get("Status")
+            if status == "503" and not found:  # no responders: direct gets are off here
+                async for copy in _scan_one_by_one(nc, stream, pattern, sequence):
+                    yield copy
                 return
-            copy, sequence = found
-            sequence += 1
-            yield copy
+            if status not in ("204", "404"):
+                raise OpsError(f"cannot read {stream!r}: status {status} {last.headers}")
+            for copy in found:
+                headers = copy.headers or {}
+                sequence = int(headers["Nats-Sequence"]) + 1
+                # A direct get answers on the inbox: the message's own subject is a header.
+                yield Msg(_client=nc, subject=headers["Nats-Subject"], data=copy.data,
+                          headers=headers)  # fmt: skip
+            if status == "404" or not found or (last.headers or {}).get("Nats-Num-Pending") == "0":
+                return
     finally:
         await sub.unsubscribe()
 
 
-async def _next(sub: Any, stream: str) -> Msg:
-    try:
-        message: Msg = await sub.next_msg(timeout=_TIMEOUT)
-    except NatsError as error:
-        raise OpsError(
-            f"cannot read {stream!r}: no answer in {_TIMEOUT:.0f}s ({error!r})"
-        ) from None
-    return message
+async def _scan_one_by_one(
+    nc: Client, stream: str, pattern: str, sequence: int
+) -> AsyncIterator[Msg]:
+    while True:
+        found = await _msg_get(nc, stream, {"seq": sequence, "next_by_subj": pattern})
+        if found is None:
+            return
+        copy, sequence = found
+        sequence += 1
+        yield copy
 
 
 async def _msg_get(nc: Client, stream: str, request: Mapping[str, Any]) -> tuple[Msg, int] | None:

@@ -323,3 +323,20 @@ async def test_release_all_of_one_consumer_leaves_the_others(
         assert both.returncode == 2  # a message is named in full, or --all selects
         unconfirmed = natsmw_cli("release", "--all", url=nats_server.url, stdin="")
         assert (unconfirmed.returncode, "--yes" in unconfirmed.stderr) == (2, True)
+
+
+async def test_a_stream_without_direct_gets_is_read_one_message_at_a_time(
+    conn: Connection, stream: Stream
+) -> None:
+    """natsmw's streams made by an older natsmw do not allow direct gets: listing still
+    reads them, slower. With direct gets, batches of a thousand."""
+    for i in range(5):
+        await conn.js.publish(stream.subject, str(i).encode())
+    slow = [m.data async for m in ops._scan(conn.nc, stream.name, f"{stream.name.lower()}.>")]
+    await conn.js.add_stream(name="DIRECT", subjects=["direct.>"], allow_direct=True)
+    for i in range(2500):
+        await conn.js.publish("direct.x", str(i).encode())
+    fast = [m.data async for m in ops._scan(conn.nc, "DIRECT", "direct.>")]
+    await conn.js.delete_stream("DIRECT")
+    assert slow == [str(i).encode() for i in range(5)]
+    assert fast == [str(i).encode() for i in range(2500)]
