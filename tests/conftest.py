@@ -10,6 +10,7 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -201,7 +202,12 @@ async def wait_for_consumer(conn: Connection, stream: str, consumer: str) -> Non
 
 
 async def publish_until_stored(
-    conn: Connection, subject: str, data: bytes, *, msg_id: str | None = None
+    conn: Connection,
+    subject: str,
+    data: bytes,
+    *,
+    msg_id: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> PubAck:
     """Publish to JetStream, retrying while a clustered stream elects its leader.
 
@@ -210,7 +216,7 @@ async def publish_until_stored(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 15
-    headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+    headers = {**(headers or {}), **({"Nats-Msg-Id": msg_id} if msg_id else {})} or None
     while True:
         try:
             return await conn.js.publish(subject, data, timeout=2, headers=headers)
@@ -218,6 +224,21 @@ async def publish_until_stored(
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.1)  # back off between attempts; the deadline bounds the wait
+
+
+async def add_stream_when_ready(conn: Connection, **config: Any) -> None:
+    """Add a stream, retrying while a cluster just started elects its meta leader (under
+    load that takes longer than nats-py's 5 s request timeout)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        try:
+            await conn.js.add_stream(**config)
+            return
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.2)  # back off between attempts; the deadline bounds the wait
 
 
 class NotifyingExporter(InMemorySpanExporter):

@@ -22,7 +22,14 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from natsmw import DelayCap, handler_calls, ops, serve_parked, with_delay_cap
 from natsmw.server import NatsCluster, NatsServer
-from tests.conftest import Connection, Stream, connect, spy_acks
+from tests.conftest import (
+    Connection,
+    Stream,
+    add_stream_when_ready,
+    connect,
+    publish_until_stored,
+    spy_acks,
+)
 
 CAP = 0.3
 LONG = 120.0  # a delay no test waits for
@@ -94,8 +101,12 @@ async def deferred_both_ways(
         f"{stream.name.lower()}.parked", durable="parker", cb=parked, manual_ack=True
     )
     serving = await serve_parked(conn.js, parked, stream=stream.name, consumer="parker")
-    await conn.js.publish(f"{stream.name.lower()}.held", b"held", headers={"X-Order": "1"})
-    await conn.js.publish(f"{stream.name.lower()}.parked", b"parked", headers={"X-Order": "2"})
+    await asyncio.wait_for(serving.ready.wait(), 30)  # else the first long nak is held
+    for order, kind in ((1, "held"), (2, "parked")):
+        await publish_until_stored(
+            conn, f"{stream.name.lower()}.{kind}", kind.encode(), msg_id=f"{stream.name}-{kind}",
+            headers={"X-Order": str(order)},
+        )  # fmt: skip
     await handler.wait(b"held", 1)
     await handler.wait(b"parked", 1)
     await recorded(conn, stream.name)
@@ -141,7 +152,9 @@ async def test_show_gives_headers_body_size_and_record(
                 "show", stream.name, consumer, str(sequence), "--json", url=nats_server.url
             )
             shown = json_lines(result)[0]
-            assert shown["headers"] == {"X-Order": order}
+            kind = "held" if consumer == "holder" else "parked"
+            # the original's headers, its Nats-Msg-Id too (a parked one's restored)
+            assert shown["headers"] == {"X-Order": order, "Nats-Msg-Id": f"{stream.name}-{kind}"}
             assert shown["body_size"] == len(b"held" if consumer == "holder" else b"parked")
             assert shown["record"]["deadline"] == pytest.approx(shown["message"]["deadline"])
             human = natsmw_cli("show", stream.name, consumer, str(sequence), url=nats_server.url)
@@ -249,7 +262,7 @@ async def test_on_a_three_node_cluster() -> None:
     async with NatsCluster() as cluster:
         conn = await connect(*cluster.urls)
         try:
-            await conn.js.add_stream(name="C", subjects=["c.>"], num_replicas=3)
+            await add_stream_when_ready(conn, name="C", subjects=["c.>"], num_replicas=3)
             async with deferred_both_ways(conn, Stream("C", "c.work")) as (handler, _, _):
                 url = cluster.urls[1]
                 lines = json_lines(natsmw_cli("list", "--json", url=url))
