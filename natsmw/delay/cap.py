@@ -248,7 +248,7 @@ async def _list(store: DeadlineStore, stream: str, consumer: str) -> set[int] | 
 
 _YOUNG = 64
 _LIMITS_AGE_FLOOR = 0.1  # seconds a reading of a consumer's limits is trusted, at least
-MIN_CAP = 0.01  # seconds: the shortest cap with_delay_cap takes (1 ms: 90 holds/s a message)
+MIN_CAP = 0.01  # seconds: the shortest cap with_delay_cap takes; 1 ms still made a nak loop
 # How long a consumer's creation time is trusted before it is read again (at most one
 # consumer-info request per consumer this often, while first deliveries come in): a consumer
 # deleted and made again is noticed within this, or at once when its sequences go back.
