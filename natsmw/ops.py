@@ -371,11 +371,13 @@ class DeferredGauges:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the background refreshes."""
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            # On Python 3.10 and 3.11, asyncio.wait_for may swallow a cancel that lands as
+            # its request is answered (nats-py's request is one): cancel until it stops.
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
 
     async def __aenter__(self) -> DeferredGauges:
         await self.start()
@@ -453,7 +455,8 @@ async def _scan(nc: Client, stream: str, pattern: str) -> AsyncIterator[Msg]:
             if status == "404" or not found or (last.headers or {}).get("Nats-Num-Pending") == "0":
                 return
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(NatsError):  # the connection may be closed already
+            await sub.unsubscribe()
 
 
 async def _scan_one_by_one(

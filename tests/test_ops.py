@@ -50,15 +50,16 @@ def json_lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]
 
 @dataclass
 class Deferring:
-    """A legacy handler: naks each message for LONG on its first call, acks it after."""
+    """A legacy handler: naks each message for ``delay`` on its first call, acks it after."""
 
+    delay: float = LONG
     calls: list[tuple[bytes, int]] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def __call__(self, msg: Msg) -> None:
         calls = handler_calls(msg)
         if calls == 1:
-            await msg.nak(delay=LONG)
+            await msg.nak(delay=self.delay)
         else:
             await msg.ack()
         async with self.changed:
@@ -70,6 +71,16 @@ class Deferring:
             await asyncio.wait_for(
                 self.changed.wait_for(lambda: (body, calls) in self.calls), timeout
             )
+
+
+async def recorded_held(conn: Connection, stream: str) -> None:
+    """Wait until a held message's record is stored (it is written right after the nak)."""
+    for _ in range(500):
+        kv = await conn.js.stream_info("KV_natsmw_deadlines", subjects_filter=f"$KV.*.{stream}.>")
+        if kv.state.subjects:
+            return
+        await asyncio.sleep(0.01)  # between two questions to the server
+    raise AssertionError("the deferral was never stored")
 
 
 async def recorded(conn: Connection, stream: str) -> None:
@@ -353,3 +364,21 @@ async def test_a_stream_without_direct_gets_is_read_one_message_at_a_time(
     await conn.js.delete_stream("DIRECT")
     assert slow == [str(i).encode() for i in range(5)]
     assert fast == [str(i).encode() for i in range(2500)]
+
+
+async def test_a_held_message_cancelled_just_before_its_deadline_never_runs(
+    conn: Connection, stream: Stream
+) -> None:
+    """The holding instance re-reads a record every RECHECK_HELD; a cancel after its last
+    re-read must still stop the run: a held message coming due reads its record once."""
+    spy = await spy_acks(conn.nc, stream.name)
+    handler = Deferring(delay=3.0)
+    holding = with_delay_cap(CAP, parking=False, jitter=0.0)
+    holding._recheck_held = 3600  # no re-read while it is held: only the one when due
+    await conn.js.subscribe(stream.subject, durable="late", cb=holding(handler), manual_ack=True)
+    await conn.js.publish(stream.subject, b"x")
+    await handler.wait(b"x", 1)
+    await recorded_held(conn, stream.name)
+    await ops.cancel(conn.nc, stream.name, "late", 1)
+    await spy.wait_for_settlement(1, b"+TERM", timeout=10)
+    assert handler.calls == [(b"x", 1)]

@@ -505,9 +505,13 @@ class DelayCap(Decorator):
             stored = None  # unreachable now: the deadline known here stands
         if (
             stored is not None
-            and stored.released_at is None
             and stored.deferred_at == remembered.deferred_at
-            and (stored.cancelled or stored.deadline != remembered.deadline)
+            # cancelled, released early, or run by another instance since
+            and (
+                stored.cancelled
+                or stored.deadline != remembered.deadline
+                or stored.released_at is not None
+            )
         ):
             entry.deferral = stored
             return _Found(stored, recorded=True, entry=entry)
@@ -791,7 +795,15 @@ class DelayCap(Decorator):
             return _Found(entry.deferral, recorded=True, entry=entry)
         if entry is not None and entry.last_delivery == delivery - 1:
             # This instance saw every delivery since it last looked: nobody else ran the
-            # handler, so what it knows is all there is.
+            # handler, so what it knows is all there is, but for an operator's cancel: a
+            # held message coming due reads its record once before it runs.
+            deferral = entry.deferral
+            if (
+                deferral is not None
+                and deferral.released_at is None
+                and not math.isinf(entry.checked)
+            ):
+                return await self._recheck(msg, key, entry, now)
             return _Found(entry.deferral or header, recorded=entry.deferral is not None)
         if entry is None and delivery == 1:
             return _Found(header, recorded=False)  # records are written when a handler naks
