@@ -690,20 +690,8 @@ async def _change(
         now = time.time()
         changed = replace(deferral, cancelled=True) if cancel else replace(deferral, deadline=now)
         ttl = max(changed.deadline - now, 0.0) + 24 * 3600
-        try:
-            await js.publish(
-                copy.subject,
-                changed.to_bytes(),
-                msg_ttl=ttl,
-                headers={"Nats-Expected-Last-Subject-Sequence": str(at)},
-                timeout=_TIMEOUT,
-            )
-        except APIError as error:
-            raise OpsError(f"the record of {stream}/{consumer} {sequence} changed meanwhile "
-                           f"or cannot be written: {error.description}") from None  # fmt: skip
-        except (NatsError, asyncio.TimeoutError) as error:
-            raise OpsError(f"cannot write the record of {stream}/{consumer} {sequence}: "
-                           f"{error!r}") from None  # fmt: skip
+        what = f"the record of {stream}/{consumer} {sequence}"
+        await _replace(js, copy.subject, changed.to_bytes(), {}, at, what, msg_ttl=ttl)
         return message
     if cancel:
         await _delete(js, at)
@@ -725,21 +713,35 @@ async def _change(
     }
     headers[PARKED_HEADER] = released.to_header()
     headers["Nats-Schedule"] = f"@at {_utc(now)}"
-    headers["Nats-Expected-Last-Subject-Sequence"] = str(at)
-    try:
-        await js.publish(
-            copy.subject,  # the schedule's own: a re-publish there replaces it
-            copy.data,
-            headers=headers,
-            timeout=_TIMEOUT,
-        )
-    except APIError as error:
-        raise OpsError(f"{stream}/{consumer} {sequence} fired or changed meanwhile, or its "
-                       f"schedule cannot be rewritten: {error.description}") from None  # fmt: skip
-    except (NatsError, asyncio.TimeoutError) as error:
-        raise OpsError(f"cannot rewrite the schedule of {stream}/{consumer} {sequence}: "
-                       f"{error!r}") from None  # fmt: skip
+    # the schedule's own subject: a re-publish there replaces it
+    what = f"the schedule of {stream}/{consumer} {sequence}"
+    await _replace(js, copy.subject, copy.data, headers, at, what)
     return message
+
+
+async def _replace(
+    js: Any,
+    subject: str,
+    data: bytes,
+    headers: dict[str, str],
+    at: int,
+    what: str,
+    **options: Any,
+) -> None:
+    """Publish ``data`` to ``subject`` in place of its message at sequence ``at`` only (a
+    compare-and-set: one that changed or fired meanwhile is left as it is).
+
+    Raises:
+        OpsError: it changed meanwhile, or cannot be written.
+    """
+    headers = {**headers, "Nats-Expected-Last-Subject-Sequence": str(at)}
+    try:
+        await js.publish(subject, data, headers=headers, timeout=_TIMEOUT, **options)
+    except APIError as error:
+        raise OpsError(f"{what} changed (or fired) meanwhile, or cannot be written: "
+                       f"{error.description}") from None  # fmt: skip
+    except (NatsError, asyncio.TimeoutError) as error:
+        raise OpsError(f"cannot write {what}: {error!r}") from None
 
 
 async def _delete(js: Any, sequence: int) -> None:
