@@ -22,7 +22,7 @@ from typing import Any, TypeAlias, TypeVar, cast, overload
 
 from nats.aio.msg import Msg
 
-from natsmw.message import MessageProxy
+from natsmw.message import PROXY_TYPES, MessageProxy
 
 __all__ = ["Decorator", "Handler", "Middleware", "Step", "compose", "middleware"]
 
@@ -234,15 +234,16 @@ class _Stepped(Decorator):
                 then = bound(handler, msg)
                 msg = bound_msg
             # Inner layers get the proxy itself: type() tells at no call's cost. The outer
-            # one makes it (what MessageProxy.of does, without its call).
-            if type(msg) is not MessageProxy:
-                plain = type(msg) is Msg  # nats-py's own class: no isinstance() needed
-                msg = MessageProxy(msg) if plain or not isinstance(msg, MessageProxy) else msg
-            await step(msg, then)
+            # one makes it (for nats-py's own class, what MessageProxy.of does, without its
+            # call).
+            kind = type(msg)
+            if kind not in PROXY_TYPES:
+                msg = MessageProxy(msg) if kind is Msg else MessageProxy.of(msg)
+            await step(msg, then)  # type: ignore[arg-type]  # a proxy, by PROXY_TYPES
 
         def enter(msg: Msg) -> Awaitable[None]:
-            if type(msg) is MessageProxy:
-                return step(msg, call_next)
+            if type(msg) in PROXY_TYPES:
+                return step(msg, call_next)  # type: ignore[arg-type]  # a proxy
             return handle(msg)  # a step handed on another message: proxy it as handle does
 
         setattr(handle, _ENTRY, (handle, enter))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -199,21 +200,24 @@ class SizeGuard(Decorator):
             return Rejection("header_count", count, self.max_headers)
         return None
 
-    async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
+    def _step(self, msg: MessageProxy, call_next: Handler) -> Awaitable[None]:
+        # Not a coroutine itself: a message that passes is handed on as the next layer's
+        # awaitable, without a frame of its own (on every message).
         real = msg.__wrapped__
         if type(real) is Msg and self._counts_only:
             # A plain nats-py message's headers are a dict already: most messages pass on
-            # two len() calls, without _check's (on every message).
+            # two len() calls, without _check's.
             headers = real.headers
             if len(real.data) <= self._body_limit and (
                 not headers or len(headers) <= self._count_limit
             ):
-                await call_next(msg)
-                return
+                return call_next(msg)
         rejection = self._check(real)
         if rejection is None:
-            await call_next(msg)
-            return
+            return call_next(msg)
+        return self._reject(msg, rejection)
+
+    async def _reject(self, msg: MessageProxy, rejection: Rejection) -> None:
         self.stats.rejected += 1
         action = self.on_oversize if msg.is_jetstream else "drop"
         msg.report(

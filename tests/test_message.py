@@ -165,9 +165,10 @@ def test_position_is_read_from_the_reply_once_and_again_when_it_changes() -> Non
     reply = "$JS.ACK.S.C.{}.5.{}.1700000000000000000.0"
     proxy = MessageProxy.of(Msg(_client=None, subject="s", reply=reply.format(1, 5)))  # type: ignore[arg-type]
     assert proxy.position == Position("S", "C", 5, 1)
-    proxy.message.reply = reply.format(3, 7)  # behind the proxy's back: the first read stands
-    assert proxy.position == Position("S", "C", 5, 1)
-    proxy.reply = reply.format(2, 6)  # through the proxy: read again
+    proxy.message.reply = reply.format(3, 7)  # on the message: the proxy shares its fields
+    assert proxy.position == Position("S", "C", 5, 3)
+    proxy.reply = reply.format(2, 6)  # through the proxy: the message sees it too
+    assert proxy.message.reply == reply.format(2, 6)
     assert proxy.position == Position("S", "C", 5, 2)
 
 
@@ -334,3 +335,27 @@ async def test_one_interceptor_registered_twice_leaves_the_outer_one_in_place(
     await asyncio.wait_for(done.wait(), 5)
 
     assert seen == ["middle", "same"]
+
+
+def test_the_proxy_shares_the_message_fields_and_keeps_its_own_state_to_itself() -> None:  # pure
+    from natsmw.delay.park import DueMsg
+
+    msg = Msg(_client=None, subject="s", reply="$JS.ACK.S.C.1.5.5.1700000000000000000.0", data=b"x")  # type: ignore[arg-type]
+    proxy = MessageProxy.of(msg)
+    assert proxy == msg
+    assert MessageProxy.of(proxy) is proxy
+    proxy.data = b"rewritten"  # a middleware that rewrites the body: the handler behind sees it
+    assert msg.data == b"rewritten"
+    msg.headers = {"A": "1"}
+    assert proxy.headers == {"A": "1"}
+    proxy.state["mine"] = 1
+    assert not [name for name in vars(msg) if "self" in name or "state" in name]
+    assert MessageProxy.of(msg) is not proxy
+    assert MessageProxy.of(msg).state == {}
+
+    due = DueMsg(_client=None, subject="orders", reply="$JS.ACK.P.C.1.9.9.1700000000000000000.0")  # type: ignore[arg-type]
+    due_proxy = MessageProxy.of(due)
+    assert isinstance(due_proxy, DueMsg)
+    assert isinstance(due_proxy, MessageProxy)
+    assert due_proxy.subject == "orders"
+    assert type(MessageProxy.of(due)) is type(due_proxy)

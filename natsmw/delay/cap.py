@@ -25,6 +25,7 @@ import math
 import random
 import time
 import weakref
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
@@ -389,21 +390,15 @@ class DelayCap(Decorator):
 
     # -- one delivery: gather, decide, act ----------------------------------------------------
 
-    async def _step(self, msg: MessageProxy, call_next: Handler) -> None:
+    def _step(self, msg: MessageProxy, call_next: Handler) -> Awaitable[None]:
+        # Not a coroutine itself: a delivery with nothing to look up goes straight to _run's
+        # coroutine, without a frame of its own (on every message).
         real = msg.__wrapped__
         reply = real.reply
         if not reply or not reply.startswith(_JS_ACK_PREFIX):
-            opening = msg._self_on_run
-            after = opening() if opening is not None else None
-            try:
-                await call_next(msg)  # core NATS: nothing to defer
-            finally:
-                if after is not None:
-                    after()
-            return
+            return self._core(msg, call_next)
         if real.__class__ is DueMsg:
-            await self._due(msg, real, call_next)
-            return
+            return self._due(msg, real, call_next)
         # Every message comes here: its reply subject is read once, in place (no metadata).
         tokens = reply.split(".")  # $JS.ACK.<stream>.<consumer>.<n>.<sseq>.<cseq>.<ns>.<pending>
         plain = len(tokens) == 9
@@ -427,14 +422,34 @@ class DelayCap(Decorator):
                 real, stream, consumer, sequence, int(tokens[6]), int(tokens[7]) / 1e9
             )
         ):
-            found = _NOTHING
-        else:
-            found = await self._gather(msg, key, delivery, header)
-            if found is not _NOTHING and await self._kept_back(msg, key, found, delivery):
-                return
+            return self._run(msg, key, delivery, None, call_next, calls_before=0, shown=delivery)
+        return self._looked_up(msg, key, delivery, header, call_next)
+
+    async def _looked_up(
+        self,
+        msg: MessageProxy,
+        key: DeadlineKey,
+        delivery: int,
+        header: Deferral | None,
+        call_next: Handler,
+    ) -> None:
+        """A delivery whose deadline may be ahead: held or parked if it is, run if not."""
+        found = await self._gather(msg, key, delivery, header)
+        if found is not _NOTHING and await self._kept_back(msg, key, found, delivery):
+            return
         await self._run(
             msg, key, delivery, found.deferral, call_next, calls_before=0, shown=delivery
         )
+
+    async def _core(self, msg: MessageProxy, call_next: Handler) -> None:
+        """A core NATS message: nothing to defer."""
+        opening = msg._self_on_run
+        after = opening() if opening is not None else None
+        try:
+            await call_next(msg)
+        finally:
+            if after is not None:
+                after()
 
     def _first_of_own(
         self, real: Msg, stream: str, consumer: str, sequence: int, cseq: int, stored_at: float
