@@ -1,6 +1,7 @@
 """natsmw: composable middlewares between nats-py and the message handlers you already have."""
 
 from natsmw.chain import Decorator, Handler, Middleware, compose, middleware
+from natsmw.claim import CLAIM_HEADER, Claim, ClaimCheck, ClaimResolver, with_claim_check
 from natsmw.delay import (
     DEADLINE_HEADER,
     DelayCap,
@@ -18,7 +19,11 @@ from natsmw.message import MessageProxy, Report, Settlement
 from natsmw.tracing import Tracing, publish, with_tracing
 
 __all__ = [
+    "CLAIM_HEADER",
     "DEADLINE_HEADER",
+    "Claim",
+    "ClaimCheck",
+    "ClaimResolver",
     "Decorator",
     "DelayCap",
     "Handler",
@@ -40,6 +45,7 @@ __all__ = [
     "publish_not_before",
     "serve_parked",
     "uninstall",
+    "with_claim_check",
     "with_delay_cap",
     "with_size_limit",
     "with_tracing",

@@ -18,8 +18,15 @@ class Throttled:
         self._said: dict[str, tuple[float, int]] = {}  # kind: (quiet until, held back)
 
     def warning(self, kind: str, message: str, *args: object) -> None:
-        """Log ``message % args`` unless a warning of ``kind`` was logged less than
+        """Log ``message % args`` unless a message of ``kind`` was logged less than
         ``every`` seconds ago; the next one that is logged says how many were held back."""
+        self._say(logging.WARNING, kind, message, args)
+
+    def error(self, kind: str, message: str, *args: object) -> None:
+        """As [`warning`][warning], at the ``ERROR`` level."""
+        self._say(logging.ERROR, kind, message, args)
+
+    def _say(self, level: int, kind: str, message: str, args: tuple[object, ...]) -> None:
         now = time.monotonic()
         until, held = self._said.get(kind, (0.0, 0))
         if now < until:
@@ -29,4 +36,4 @@ class Throttled:
         if held:
             message += " (and %d more like it in the last %.0fs)"
             args = (*args, held, self._every)
-        self._log.warning(message, *args)
+        self._log.log(level, message, *args)

@@ -12,6 +12,7 @@ they are dropped, with a log line and a counter.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from collections.abc import Awaitable
@@ -25,7 +26,7 @@ from natsmw._throttle import Throttled
 from natsmw.chain import Decorator, Handler, layer
 from natsmw.delay.limits import ConsumerLimits
 from natsmw.duration import Duration, to_seconds
-from natsmw.headers import header_block_size, header_count, sendable_name
+from natsmw.headers import header_block_size, header_count, peek_header, sendable_name
 from natsmw.message import MessageProxy
 
 __all__ = [
@@ -49,13 +50,18 @@ copied: an hour for an operator to fix the cause (say, a missing dead-letter str
 # The original's own Nats-* headers (Msg-Id, TTL, Rollup, Expected-*, ...) would make the
 # server refuse, expire, deduplicate or roll up the copy: they travel renamed.
 _SERVER_HEADER = "nats-"
+CLAIM_HEADER = "Natsmw-Claim"  # natsmw.claim's: a body sent by reference
 
 
 @dataclass(frozen=True)
 class Rejection:
     """Why a message was refused: which ``limit``, the measured ``size`` and the ``maximum``."""
 
-    limit: Literal["body", "header_bytes", "header_count"]
+    limit: Literal[
+        "body", "header_bytes", "header_count",
+        # from with_claim_check: a body sent by reference that cannot be had
+        "claim_size", "claim_missing", "claim_corrupt", "claim_invalid", "claim_unreachable",
+    ]  # fmt: skip
     size: int
     maximum: int
 
@@ -85,6 +91,7 @@ def with_size_limit(
     on_oversize: OversizeAction = "dead_letter",
     dead_letter_subject: str = "natsmw.dead_letter.{stream}",
     nak_delay: Duration = 30.0,
+    measure_referenced: bool = True,
 ) -> SizeGuard:
     """Keep messages over a size limit away from the handler.
 
@@ -97,6 +104,10 @@ def with_size_limit(
         dead_letter_subject: where copies go; ``{stream}``, ``{consumer}`` and ``{subject}``
             are filled in. A stream must capture it, or copies fail and originals are naked.
         nak_delay: the delay of the naks above (seconds or ``timedelta``).
+        measure_referenced: for a message whose body travels by reference (a
+            ``Natsmw-Claim`` header, see [`with_claim_check`][natsmw.with_claim_check]), hold
+            ``max_body`` against the size of the referenced body, which the handler will
+            get, rather than the near-empty body on the wire.
 
     Raises:
         ValueError: no limit given, a negative limit, an unknown ``on_oversize``, or a
@@ -110,6 +121,7 @@ def with_size_limit(
         on_oversize=on_oversize,
         dead_letter_subject=dead_letter_subject,
         nak_delay=nak_delay,
+        measure_referenced=measure_referenced,
     )
 
 
@@ -125,6 +137,7 @@ class SizeGuard(Decorator):
         on_oversize: OversizeAction,
         dead_letter_subject: str,
         nak_delay: Duration,
+        measure_referenced: bool = True,
     ) -> None:
         limits = {"max_body": max_body, "max_header_bytes": max_header_bytes}
         limits["max_headers"] = max_headers
@@ -149,6 +162,8 @@ class SizeGuard(Decorator):
         self._max_body = max_body
         self._max_header_bytes = max_header_bytes
         self._max_headers = max_headers
+        # A body by reference is measured from its claim header: only with a body limit.
+        self._referenced = measure_referenced and max_body is not None
         self._counts_only = max_header_bytes is None
         self._body_limit = math.inf if max_body is None else max_body
         self._count_limit = math.inf if max_headers is None else max_headers
@@ -186,6 +201,10 @@ class SizeGuard(Decorator):
 
     def _check(self, msg: Msg) -> Rejection | None:
         body = len(msg.data)
+        if self._referenced:
+            claim = peek_header(msg, CLAIM_HEADER)
+            if claim is not None:
+                body = max(body, _claimed_size(claim))
         if self.max_body is not None and body > self.max_body:
             return Rejection("body", body, self.max_body)
         if self.max_header_bytes is not None:
@@ -209,7 +228,11 @@ class SizeGuard(Decorator):
             # two len() calls, without _check's.
             headers = real.headers
             if len(real.data) <= self._body_limit and (
-                not headers or len(headers) <= self._count_limit
+                not headers
+                or (
+                    len(headers) <= self._count_limit
+                    and not (self._referenced and CLAIM_HEADER in headers)
+                )
             ):
                 return call_next(msg)
         rejection = self._check(real)
@@ -327,6 +350,15 @@ class SizeGuard(Decorator):
         log.warning("moved %s to %s: %s", _where(msg), subject, _describe(rejection))
 
 
+def _claimed_size(value: str) -> int:
+    # The size field alone; a header that is not a claim is with_claim_check's to refuse.
+    try:
+        size = json.loads(value).get("size")
+    except (ValueError, AttributeError):
+        return 0
+    return size if type(size) is int else 0
+
+
 def _renamed(name: str) -> str:
     if name.lower().startswith(_SERVER_HEADER):
         return f"Natsmw-Original-{name[len(_SERVER_HEADER) :]}"
@@ -339,4 +371,6 @@ def _where(msg: MessageProxy) -> str:
 
 
 def _describe(rejection: Rejection) -> str:
+    if rejection.limit.startswith("claim_"):
+        return f"{rejection.limit}: its body of {rejection.size} bytes by reference cannot be had"
     return f"{rejection.limit} {rejection.size} over the limit of {rejection.maximum}"

@@ -21,13 +21,15 @@ Attributes beyond the conventions, all under ``natsmw.*``:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from opentelemetry import context as otel_context
@@ -39,6 +41,8 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+if TYPE_CHECKING:
+    from natsmw.claim import ClaimCheck
 from natsmw.chain import _UNBOUND, Decorator, Handler, bound, layer
 from natsmw.headers import peek_header
 from natsmw.message import (
@@ -768,6 +772,7 @@ async def publish(
     *,
     headers: Mapping[str, str] | None = ...,
     tracer_provider: TracerProvider | None = ...,
+    claim_check: ClaimCheck | None = ...,
     **publish_options: Any,
 ) -> PubAck: ...
 
@@ -780,6 +785,7 @@ async def publish(
     *,
     headers: Mapping[str, str] | None = ...,
     tracer_provider: TracerProvider | None = ...,
+    claim_check: ClaimCheck | None = ...,
     **publish_options: Any,
 ) -> None: ...
 
@@ -791,6 +797,7 @@ async def publish(
     *,
     headers: Mapping[str, str] | None = None,
     tracer_provider: TracerProvider | None = None,
+    claim_check: ClaimCheck | None = None,
     **publish_options: Any,
 ) -> PubAck | None:
     """Publish with a PRODUCER span ``send {subject}``, its context injected into the headers.
@@ -798,6 +805,14 @@ async def publish(
     ``connection`` is a client (core NATS, returns ``None``) or a JetStream context (returns
     the ``PubAck``). Consumers traced with [`with_tracing`][with_tracing] link to this span.
     Whatever ``publish`` of ``connection`` raises is raised as it is; the span records it.
+
+    With ``claim_check`` (a [`ClaimCheck`][natsmw.ClaimCheck]), a body over its threshold is
+    stored in the object store first and the message carries a ``Natsmw-Claim`` header and
+    an empty body; if the message then cannot be published, the object is deleted again.
+
+    Raises:
+        nats.errors.Error, asyncio.TimeoutError: with ``claim_check``, the body could not be
+            stored (nothing was published).
     """
     tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
     destination = _destination(subject)
@@ -814,13 +829,26 @@ async def publish(
     with tracer.start_as_current_span(
         f"send {destination}", kind=SpanKind.PRODUCER, attributes=attributes
     ) as span:
+        claim = js = None
+        if claim_check is not None and len(payload) > claim_check.threshold:
+            js = connection if isinstance(connection, JetStreamContext) else connection.jetstream()
+            payload, carrier, claim = await claim_check.check_in(js, subject, payload, carrier)
+            if claim is not None:
+                span.set_attribute("natsmw.claim.bucket", claim.bucket)
         propagate.inject(carrier)
-        if isinstance(connection, JetStreamContext):
-            ack: PubAck = await connection.publish(
-                subject, payload, headers=carrier, **publish_options
-            )
-            span.set_attribute("natsmw.stream.name", ack.stream)
-            span.set_attribute("natsmw.message.stream_sequence", ack.seq)
-            return ack
-        await connection.publish(subject, payload, headers=carrier or None, **publish_options)
-        return None
+        try:
+            if isinstance(connection, JetStreamContext):
+                ack: PubAck = await connection.publish(
+                    subject, payload, headers=carrier, **publish_options
+                )
+                span.set_attribute("natsmw.stream.name", ack.stream)
+                span.set_attribute("natsmw.message.stream_sequence", ack.seq)
+                return ack
+            await connection.publish(subject, payload, headers=carrier or None, **publish_options)
+            return None
+        except Exception as error:
+            # A timeout may come after the server stored the message: its object stays.
+            stored_maybe = isinstance(error, (asyncio.TimeoutError, NatsTimeoutError))
+            if claim is not None and claim_check is not None and js and not stored_maybe:
+                await claim_check.discard(js, claim)
+            raise
