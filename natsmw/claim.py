@@ -19,7 +19,8 @@ body's SHA-256). A consumer without natsmw reads the body with nats-py alone::
 from __future__ import annotations
 
 import asyncio
-import io
+import base64
+import hashlib
 import json
 import logging
 import time
@@ -34,13 +35,8 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig
-from nats.js.errors import (
-    BucketNotFoundError,
-    DigestMismatchError,
-    NotFoundError,
-    ObjectNotFoundError,
-)
-from nats.js.object_store import ObjectStore
+from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
 
 from natsmw import guards
 from natsmw._throttle import Throttled
@@ -380,26 +376,34 @@ class ClaimResolver(Decorator):
                 f"{info.digest}, the claim says {claim.size} bytes with {claim.digest} "
                 f"(replaced since)",
             )
-        buffer = io.BytesIO()
-        try:
-            # writeinto: chunks are appended, not concatenated into a new bytes each time
-            await store.get(claim.name, writeinto=buffer)
-        except DigestMismatchError:
-            raise _ClaimError(
-                "claim_corrupt", f"object {claim.name!r} in {claim.bucket!r}: digest mismatch"
-            ) from None
-        except (ObjectNotFoundError, NotFoundError):
-            raise _ClaimError(
-                "claim_missing", f"object {claim.name!r} in {claim.bucket!r} went while read"
-            ) from None
-        data = buffer.getvalue()
-        if len(data) != claim.size:
-            raise _ClaimError(
-                "claim_corrupt",
-                f"object {claim.name!r} in {claim.bucket!r}: read {len(data)} bytes, the claim "
-                f"says {claim.size}",
-            )
-        return data
+        # Read chunk by chunk here rather than through ObjectStore.get: a read cut short (a
+        # timeout) must not leave its subscription behind, filling with the rest of the
+        # chunks; and the digest is checked against the claim itself.
+        chunks: list[bytes] = []
+        if claim.size:
+            got = 0
+            digest = hashlib.sha256()
+            subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=claim.bucket, obj=info.nuid)
+            sub = await client.jetstream().subscribe(subject, ordered_consumer=True)
+            try:
+                async for chunk in sub.messages:
+                    got += len(chunk.data)
+                    if got > claim.size:
+                        break
+                    digest.update(chunk.data)
+                    chunks.append(chunk.data)
+                    if chunk.metadata.num_pending == 0:
+                        break
+            finally:
+                await sub.unsubscribe()
+            read = "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode()
+            if got != claim.size or read.lower() != claim.digest.lower():
+                raise _ClaimError(
+                    "claim_corrupt",
+                    f"object {claim.name!r} in {claim.bucket!r}: read {got} bytes with "
+                    f"digest {read}, the claim says {claim.size} bytes with {claim.digest}",
+                )
+        return b"".join(chunks)
 
     @property
     def stats(self) -> SizeGuardStats:

@@ -355,3 +355,30 @@ async def test_on_a_cluster_a_node_stopped_during_the_fetch_costs_a_retry_not_th
                 await reader.nc.close()
         finally:
             await conn.nc.close()
+
+
+async def test_a_read_cut_short_by_its_timeout_leaves_no_subscription_behind(
+    conn: Connection, stream: Stream
+) -> None:
+    check = ClaimCheck(threshold=MB, bucket=unique_bucket())
+    await natsmw.publish(conn.js, stream.subject, os.urandom(20 * MB), claim_check=check)
+    spy = await spy_acks(conn.nc, stream.name)
+    resolver = with_claim_check(timeout=0.02, nak_delay=0.05)
+
+    @resolver
+    async def handle(msg: Msg) -> None:
+        raise AssertionError("a 20 MB read cannot take 20 ms here")
+
+    before = len(conn.nc._subs)
+    # max_deliver=3: the second nak waits an hour (the last delivery is spared), so nothing
+    # is being read once two naks are in.
+    await conn.js.subscribe(
+        stream.subject, durable="short", cb=handle, manual_ack=True,
+        config=ConsumerConfig(max_deliver=3),
+    )  # fmt: skip
+    settlements = await naks_of(spy, conn, 2)
+    assert all(s.startswith(b"-NAK") for s in settlements)
+    assert resolver.stats.naked == 2
+    assert len(conn.nc._subs) == before + 1  # the consumer's: each read's own went with it
+    await conn.js.delete_consumer(stream.name, "short")
+    await conn.js.delete_object_store(check.bucket)
