@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -226,6 +227,33 @@ class ClaimCheck:
             raise last from None
 
 
+_leaving: set[asyncio.Task[None]] = set()
+
+
+async def _subscribed(js: JetStreamContext, subject: str) -> JetStreamContext.PushSubscription:
+    """An ordered consumer on ``subject``; if the read is cancelled while it is being made,
+    it is unsubscribed once made, rather than left filling with chunks nobody reads."""
+    making = asyncio.ensure_future(js.subscribe(subject, ordered_consumer=True))
+    try:
+        return await asyncio.shield(making)
+    except asyncio.CancelledError:
+        making.add_done_callback(_unsubscribe_when_made)
+        raise
+
+
+def _unsubscribe_when_made(making: asyncio.Future[JetStreamContext.PushSubscription]) -> None:
+    if making.cancelled() or making.exception() is not None:
+        return
+    leaving = asyncio.ensure_future(_quietly_unsubscribe(making.result()))
+    _leaving.add(leaving)
+    leaving.add_done_callback(_leaving.discard)
+
+
+async def _quietly_unsubscribe(sub: JetStreamContext.PushSubscription) -> None:
+    with contextlib.suppress(NatsError):
+        await sub.unsubscribe()
+
+
 class _ClaimError(Exception):
     def __init__(self, limit: str, detail: str) -> None:
         super().__init__(detail)
@@ -384,7 +412,7 @@ class ClaimResolver(Decorator):
             got = 0
             digest = hashlib.sha256()
             subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=claim.bucket, obj=info.nuid)
-            sub = await client.jetstream().subscribe(subject, ordered_consumer=True)
+            sub = await _subscribed(client.jetstream(), subject)
             try:
                 async for chunk in sub.messages:
                     got += len(chunk.data)
@@ -395,7 +423,7 @@ class ClaimResolver(Decorator):
                     if chunk.metadata.num_pending == 0:
                         break
             finally:
-                await sub.unsubscribe()
+                await _quietly_unsubscribe(sub)
             read = "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode()
             if got != claim.size or read.lower() != claim.digest.lower():
                 raise _ClaimError(
