@@ -37,7 +37,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
-from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, VALID_BUCKET_RE, ObjectStore
 
 from natsmw import guards
 from natsmw._throttle import Throttled
@@ -45,7 +45,7 @@ from natsmw.chain import Decorator, Handler, layer
 from natsmw.duration import Duration, to_seconds
 from natsmw.guards import Rejection, SizeGuard, SizeGuardStats
 from natsmw.headers import peek_header
-from natsmw.message import MessageProxy
+from natsmw.message import WIRE_BODY, MessageProxy, capped_by
 
 __all__ = [
     "CLAIM_HEADER",
@@ -141,16 +141,21 @@ class ClaimCheck:
         if threshold < 0:
             raise ValueError(f"threshold must be zero or more, got {threshold!r}")
         if replicas is not None and (
-            isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1
+            isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5
         ):
-            raise ValueError(f"replicas must be 1 or more, got {replicas!r}")
+            raise ValueError(f"replicas must be 1 to 5 (the server's most), got {replicas!r}")
+        if not isinstance(bucket, str) or VALID_BUCKET_RE.match(bucket) is None:
+            raise ValueError(
+                f"bucket must be an object store name (letters, digits, '-' and '_'), "
+                f"got {bucket!r}"
+            )
         self.threshold = threshold
         self.bucket = bucket
         self.ttl = None if ttl is None else to_seconds(ttl, "ttl")
         if self.ttl == 0:
             raise ValueError("ttl must be more than zero (None keeps objects until deleted)")
         self.replicas = replicas
-        self.timeout = to_seconds(timeout, "timeout")
+        self.timeout = _positive(timeout, "timeout")
         self._stores: weakref.WeakKeyDictionary[Client, ObjectStore] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
@@ -166,8 +171,11 @@ class ClaimCheck:
             nats.errors.Error, asyncio.TimeoutError: the object could not be stored; nothing
                 was published.
         """
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
         if len(payload) <= self.threshold:
             return payload, dict(headers), None
+        payload = bytes(payload)  # nats-py's object store takes bytes, not views
         store = await self._store(js)
         name = f"{subject}/{uuid.uuid4().hex}"
         info = await asyncio.wait_for(store.put(name, payload), self.timeout)
@@ -254,6 +262,13 @@ async def _quietly_unsubscribe(sub: JetStreamContext.PushSubscription) -> None:
         await sub.unsubscribe()
 
 
+def _positive(value: Duration, what: str) -> float:
+    seconds = to_seconds(value, what)
+    if seconds <= 0:
+        raise ValueError(f"{what} must be more than zero, got {value!r}")
+    return seconds
+
+
 class _ClaimError(Exception):
     def __init__(self, limit: str, detail: str) -> None:
         super().__init__(detail)
@@ -317,6 +332,10 @@ class ClaimResolver(Decorator):
         dead_letter_subject: str,
         timeout: Duration,
     ) -> None:
+        if isinstance(max_size, bool) or not isinstance(max_size, int):
+            raise TypeError(f"max_size must be a number of bytes (int), got {max_size!r}")
+        if max_size < 0:
+            raise ValueError(f"max_size must be zero or more, got {max_size!r}")
         if on_error not in _ACTIONS:
             raise ValueError(f"on_error must be one of {_ACTIONS}, got {on_error!r}")
         # The size guard's ways of keeping a message (the nak that spares the last delivery,
@@ -331,7 +350,7 @@ class ClaimResolver(Decorator):
         )
         self.max_size = max_size
         self.on_error = on_error
-        self.timeout = to_seconds(timeout, "timeout")
+        self.timeout = _positive(timeout, "timeout")
         self._stores: weakref.WeakKeyDictionary[Client, dict[str, ObjectStore]] = (
             weakref.WeakKeyDictionary()
         )
@@ -341,6 +360,12 @@ class ClaimResolver(Decorator):
         return f"with_claim_check(max_size={self.max_size}, on_error={self.on_error!r})"
 
     def _wrap(self, handler: Handler) -> Handler:
+        if capped_by(handler) is not None:
+            log.warning(
+                "with_claim_check() wraps a handler that is already delay-capped: it reads "
+                "every body again on each held delivery. Put it inside the cap: "
+                "compose(..., with_delay_cap(...), with_claim_check())"
+            )
         return layer(self._step)(handler)
 
     def _step(self, msg: MessageProxy, call_next: Handler) -> Awaitable[None]:
@@ -370,7 +395,10 @@ class ClaimResolver(Decorator):
             )
             await self._refuse(msg, refused, size, keep=True)
             return
-        msg.data = data  # the proxy shares the message's fields: both see the body
+        # The proxy shares the message's fields: both see the body. What came on the wire
+        # (the reference) is kept for a parked copy, which must not carry the body.
+        setattr(msg, WIRE_BODY, msg.data)
+        msg.data = data
         msg.report(
             "natsmw.claim.fetched",
             {"natsmw.claim.bucket": claim.bucket, "natsmw.claim.size": len(data),
@@ -435,8 +463,9 @@ class ClaimResolver(Decorator):
 
     @property
     def stats(self) -> SizeGuardStats:
-        """What became of the messages whose body could not be had: ``rejected`` in all,
-        ``naked``, ``dead_lettered``, ``stranded`` (as a size guard counts them)."""
+        """The messages whose body could not be had (successful reads are not counted):
+        ``rejected`` in all, ``naked``, ``dead_lettered``, ``stranded``, as a size guard
+        counts them."""
         return self._keeper.stats
 
     async def _refuse(

@@ -139,6 +139,8 @@ class SizeGuard(Decorator):
         nak_delay: Duration,
         measure_referenced: bool = True,
     ) -> None:
+        if not isinstance(measure_referenced, bool):
+            raise TypeError(f"measure_referenced must be True or False, got {measure_referenced!r}")
         limits = {"max_body": max_body, "max_header_bytes": max_header_bytes}
         limits["max_headers"] = max_headers
         for name, value in limits.items():

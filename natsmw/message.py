@@ -487,6 +487,17 @@ PROXY_TYPES: set[type] = {MessageProxy}
 """The classes of proxies: ``type(msg) in PROXY_TYPES`` tells a proxy at a set lookup's cost."""
 _PROXY_CLASSES: dict[type, type[MessageProxy]] = {}
 
+WIRE_BODY = "_natsmw_wire_data"  # on a message whose body was replaced (a claim check's read)
+
+
+def wire_body(msg: Msg) -> bytes:
+    """The body ``msg`` was delivered with, before a middleware replaced it (a claim check
+    puts the referenced body in ``data``): what a parked copy keeps, and what is measured
+    against the server's ``max_payload``."""
+    wire: bytes | None = msg.__dict__.get(WIRE_BODY)
+    return msg.data if wire is None else wire
+
+
 _new_position = partial(tuple.__new__, Position)  # skips NamedTuple's Python-level __new__
 
 

@@ -830,6 +830,8 @@ async def publish(
         f"send {destination}", kind=SpanKind.PRODUCER, attributes=attributes
     ) as span:
         claim = js = None
+        if claim_check is not None and not hasattr(claim_check, "check_in"):
+            raise TypeError(f"claim_check must be a natsmw.ClaimCheck, got {claim_check!r}")
         if claim_check is not None and len(payload) > claim_check.threshold:
             js = connection if isinstance(connection, JetStreamContext) else connection.jetstream()
             payload, carrier, claim = await claim_check.check_in(js, subject, payload, carrier)

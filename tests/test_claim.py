@@ -29,6 +29,7 @@ from natsmw import (
     with_size_limit,
     with_tracing,
 )
+from natsmw.delay import PARK_STREAM
 from natsmw.server import NatsCluster
 from tests.conftest import (
     AckSpy,
@@ -231,6 +232,7 @@ async def test_a_parked_message_keeps_its_reference_and_runs_with_its_body_at_th
     seen: list[tuple[int, bytes, float]] = []
     done = asyncio.Event()
     asked_at: list[float] = []
+    parked_bytes: list[int] = []
 
     async def legacy(msg: Msg) -> None:
         calls = handler_calls(msg)
@@ -239,16 +241,21 @@ async def test_a_parked_message_keeps_its_reference_and_runs_with_its_body_at_th
             asked_at.append(time.time())
             await msg.nak(delay=2.0)  # over the cap: parked
             return
+        # The due copy in the park stream carries the reference, not the 300 kB body.
+        parked_bytes.append((await conn.js.stream_info(PARK_STREAM)).state.bytes)
         await msg.ack()
         done.set()
 
-    handle = compose(with_delay_cap(0.2), with_claim_check())(legacy)
+    cap = with_delay_cap(0.2)
+    handle = compose(cap, with_claim_check())(legacy)
     await conn.js.subscribe(stream.subject, durable="parky", cb=handle, manual_ack=True)
     async with served(conn, handle, stream.name, "parky"):
         await natsmw.publish(conn.js, stream.subject, body, claim_check=check)
         await asyncio.wait_for(done.wait(), 15)
     assert [(calls, data == body) for calls, data, _ in seen] == [(1, True), (2, True)]
     assert seen[1][2] >= asked_at[0] + 2.0  # not before its deadline
+    assert (cap.stats.parked, cap.stats.park_fallbacks) == (1, 0)
+    assert 0 < parked_bytes[0] < 10_000
     await conn.js.delete_object_store(check.bucket)
 
 
@@ -309,6 +316,29 @@ def test_claims_and_claim_checks_refuse_bad_input() -> None:  # pure
         ClaimCheck(replicas=0)
     with pytest.raises(ValueError, match="on_error"):
         with_claim_check(on_error="term")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bucket"):
+        ClaimCheck(bucket="bad name!")
+    with pytest.raises(ValueError, match="replicas"):
+        ClaimCheck(replicas=6)
+    with pytest.raises(ValueError, match="timeout"):
+        ClaimCheck(timeout=0)
+    with pytest.raises(TypeError, match="max_size"):
+        with_claim_check(max_size=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        with_claim_check(timeout=0)
+
+
+def test_outside_a_delay_cap_it_says_that_holds_would_read_the_body_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # pure
+    async def handle(msg: Msg) -> None:
+        await msg.ack()
+
+    with caplog.at_level(logging.WARNING, logger="natsmw.claim"):
+        compose(with_delay_cap(1), with_claim_check())(handle)
+        assert caplog.text == ""
+        compose(with_claim_check(), with_delay_cap(1))(handle)
+    assert "Put it inside the cap" in caplog.text
 
 
 async def test_on_a_cluster_a_node_stopped_during_the_fetch_costs_a_retry_not_the_message() -> None:

@@ -82,6 +82,7 @@ from natsmw.message import (
     SettlementKind,
     capped_by,
     remove_last,
+    wire_body,
 )
 
 __all__ = ["DelayCap", "DelayCapStats", "handler_calls", "with_delay_cap"]
@@ -1194,7 +1195,7 @@ class DelayCap(Decorator):
             traceparent=traceparent,
         )
         try:
-            await park_stream(real._client).park(parked, real.data, real.headers)
+            await park_stream(real._client).park(parked, wire_body(real), real.headers)
         except ParkError as error:
             self.stats.park_fallbacks += 1
             _survival(msg, "park_fallback", msg.position.delivered,
@@ -1259,8 +1260,8 @@ class DelayCap(Decorator):
             log.warning(
                 "%s seq %s is too big to park (%d bytes, max_payload %d with natsmw's headers): "
                 "holding it with naks of at most %.3fs instead",
-                msg.subject, _seq(msg), len(msg.message.data), msg.message._client.max_payload,
-                self.cap,
+                msg.subject, _seq(msg), len(wire_body(msg.message)),
+                msg.message._client.max_payload, self.cap,
             )  # fmt: skip
         limits = await self._limits_of(msg, key)
         decision = nak_decision(
@@ -1441,7 +1442,7 @@ _PARK_OVERHEAD = 4096
 
 def _too_big_to_park(real: Msg) -> bool:
     limit = getattr(real._client, "max_payload", 0) or 0
-    return bool(limit) and len(real.data) + _PARK_OVERHEAD > limit
+    return bool(limit) and len(wire_body(real)) + _PARK_OVERHEAD > limit
 
 
 def _closed(stores: dict[str | None, KeyValueDeadlineStore]) -> bool:

@@ -113,7 +113,8 @@ async def publish_not_before(
     a consumer whose filter matches it receives it at once. The stream must allow message
     schedules (``allow_msg_schedules``); natsmw checks that before publishing.
 
-    Like [`natsmw.publish`][natsmw.publish], it opens a PRODUCER span and propagates its context.
+    Like [`natsmw.publish`][natsmw.publish], it opens a PRODUCER span and propagates its context,
+    and takes its ``claim_check=`` (a [`ClaimCheck`][natsmw.ClaimCheck]) for large bodies.
 
     Example:
         ```python
