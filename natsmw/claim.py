@@ -61,6 +61,8 @@ CLAIM_HEADER = guards.CLAIM_HEADER
 """The header that carries a [`Claim`][Claim] in place of the body."""
 
 DEFAULT_BUCKET = "natsmw_claims"
+_LONGEST_HEADER = 4096
+_LONGEST_NAME = 1024  # base64 in a subject: well under the server's 4 KiB control line
 
 ClaimErrorAction = Literal["nak", "dead_letter"]
 _ACTIONS = ("nak", "dead_letter")
@@ -90,10 +92,12 @@ class Claim:
         Raises:
             ValueError: not a claim (not JSON, a field missing or of the wrong type).
         """
+        if len(value) > _LONGEST_HEADER:
+            raise ValueError(f"not a {CLAIM_HEADER} header: {len(value)} characters long")
         try:
             fields = json.loads(value)
             claim = cls(fields["bucket"], fields["name"], fields["size"], fields["digest"])
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, RecursionError) as error:
             raise ValueError(f"not a {CLAIM_HEADER} header: {value[:200]!r} ({error!r})") from None
         if not (
             isinstance(claim.bucket, str)
@@ -104,6 +108,15 @@ class Claim:
             and isinstance(claim.digest, str)
         ):
             raise ValueError(f"not a {CLAIM_HEADER} header: {value[:200]!r} (a field's type)")
+        # A name the server cannot take in a subject would close the connection (a control
+        # line over its limit): refused here, as any header that is not a claim.
+        if (
+            VALID_BUCKET_RE.match(claim.bucket) is None
+            or len(claim.bucket) > _LONGEST_NAME
+            or not claim.name
+            or len(claim.name) > _LONGEST_NAME
+        ):
+            raise ValueError(f"not a {CLAIM_HEADER} header: {value[:200]!r} (bucket or name)")
         return claim
 
 
@@ -178,7 +191,12 @@ class ClaimCheck:
         payload = bytes(payload)  # nats-py's object store takes bytes, not views
         store = await self._store(js)
         name = f"{subject}/{uuid.uuid4().hex}"
-        info = await asyncio.wait_for(store.put(name, payload), self.timeout)
+        try:
+            info = await asyncio.wait_for(store.put(name, payload), self.timeout)
+        except NotFoundError:  # the bucket was deleted since it was opened: made again
+            self._stores.pop(js._nc, None)
+            store = await self._store(js)
+            info = await asyncio.wait_for(store.put(name, payload), self.timeout)
         claim = Claim(self.bucket, name, info.size or 0, info.digest or "")
         return b"", {**headers, CLAIM_HEADER: claim.header()}, claim
 

@@ -301,7 +301,11 @@ async def test_the_fetch_shows_on_the_process_span(conn: Connection, stream: Str
 def test_claims_and_claim_checks_refuse_bad_input() -> None:  # pure
     for bad in ["", "[]", '{"bucket": "b"}', '{"bucket":1,"name":"n","size":1,"digest":"d"}',
                 '{"bucket":"b","name":"n","size":-1,"digest":"d"}',
-                '{"bucket":"b","name":"n","size":true,"digest":"d"}']:  # fmt: skip
+                '{"bucket":"b","name":"n","size":true,"digest":"d"}',
+                '{"bucket":"%s","name":"n","size":1,"digest":"d"}' % ("x" * 4200),
+                '{"bucket":"a.b","name":"n","size":1,"digest":"d"}',
+                '{"bucket":"b","name":"","size":1,"digest":"d"}',
+                "[" * 5000 + "]" * 5000]:  # fmt: skip
         with pytest.raises(ValueError, match="Natsmw-Claim"):
             Claim.from_header(bad)
     claim = Claim("b", "n/1", 3, "SHA-256=abc")
@@ -411,4 +415,17 @@ async def test_a_read_cut_short_by_its_timeout_leaves_no_subscription_behind(
     assert resolver.stats.naked == 2
     assert len(conn.nc._subs) == before + 1  # the consumer's: each read's own went with it
     await conn.js.delete_consumer(stream.name, "short")
+    await conn.js.delete_object_store(check.bucket)
+
+
+async def test_a_bucket_deleted_after_first_use_is_made_again(
+    conn: Connection, stream: Stream
+) -> None:
+    check = ClaimCheck(threshold=10, bucket=unique_bucket())
+    await natsmw.publish(conn.js, stream.subject, b"a" * 100, claim_check=check)
+    await conn.js.delete_object_store(check.bucket)
+    ack = await natsmw.publish(conn.js, stream.subject, b"b" * 100, claim_check=check)
+    claim = Claim.from_header((await stored_headers(conn, stream, ack.seq))[1][CLAIM_HEADER])
+    store = await conn.js.object_store(check.bucket)
+    assert (await store.get(claim.name)).data == b"b" * 100
     await conn.js.delete_object_store(check.bucket)
