@@ -412,7 +412,11 @@ class DelayCap(Decorator):
         key = _new_key((stream, consumer, sequence))
         if delivery > 1:
             self._saw(real, key, int(tokens[6]) if plain else None)
-        value = peek_header(real, DEADLINE_HEADER)
+        if real.__class__ is Msg:  # nats-py's own: its headers are a dict, no call to peek
+            headers = real.headers
+            value = headers.get(DEADLINE_HEADER) if headers else None
+        else:
+            value = peek_header(real, DEADLINE_HEADER)
         header = None if value is None else self._header_deferral(msg, value)
         if (
             header is None
@@ -676,8 +680,9 @@ class DelayCap(Decorator):
         interception = (on_settle, _NAK_ONLY)
         interceptors = msg._self_interceptors
         if interceptors is None:
-            interceptors = msg._self_interceptors = []
-        interceptors.append(interception)
+            interceptors = msg._self_interceptors = [interception]
+        else:
+            interceptors.append(interception)
         opening = msg._self_on_run
         after = opening() if opening is not None else None  # an outer tracing's span opens
         try:
@@ -686,7 +691,7 @@ class DelayCap(Decorator):
             if after is not None:
                 after()
             if interceptors and interceptors[-1] is interception:
-                interceptors.pop()
+                del interceptors[-1]
             else:
                 remove_last(interceptors, interception)
             settlement = msg._self_settlement
