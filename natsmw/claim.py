@@ -133,7 +133,9 @@ class ClaimCheck:
     live as long as ``ttl`` says; make it at least the stream's ``max_age`` plus the longest
     delay a message may wait, or a message may outlive its body (its consumers then keep it
     and say so; see [`with_claim_check`][with_claim_check]). ``ttl=None`` keeps them until
-    deleted. An existing bucket is used as it is.
+    deleted. An existing bucket is used as it is (with a warning if it keeps objects for
+    less than ``ttl``). ``timeout`` bounds opening or making the bucket; an upload is bounded
+    by nats-py's wait for each chunk's confirmation.
 
     Raises:
         ValueError: a negative ``threshold``, a bad ``ttl`` or ``replicas``.
@@ -191,12 +193,15 @@ class ClaimCheck:
         payload = bytes(payload)  # nats-py's object store takes bytes, not views
         store = await self._store(js)
         name = f"{subject}/{uuid.uuid4().hex}"
+        # No overall timeout on the upload: nats-py waits for each chunk's confirmation with
+        # its own, and takes the chunks away again on an error; a cancellation would leave
+        # them behind, unlisted, for the bucket's ttl (forever without one).
         try:
-            info = await asyncio.wait_for(store.put(name, payload), self.timeout)
+            info = await store.put(name, payload)
         except NotFoundError:  # the bucket was deleted since it was opened: made again
             self._stores.pop(js._nc, None)
             store = await self._store(js)
-            info = await asyncio.wait_for(store.put(name, payload), self.timeout)
+            info = await store.put(name, payload)
         claim = Claim(self.bucket, name, info.size or 0, info.digest or "")
         return b"", {**headers, CLAIM_HEADER: claim.header()}, claim
 
@@ -219,11 +224,28 @@ class ClaimCheck:
             store = self._stores[client] = await self._open(js, client)
         return store
 
+    async def _check_ttl(self, js: JetStreamContext) -> None:
+        """Say so when a bucket made by someone else keeps objects for less than ``ttl``."""
+        try:
+            info = await asyncio.wait_for(js.stream_info(f"OBJ_{self.bucket}"), self.timeout)
+        except (NatsError, asyncio.TimeoutError, OSError):
+            return  # the put will tell
+        kept = info.config.max_age or None  # seconds; 0: until deleted
+        if kept is not None and (self.ttl is None or kept < self.ttl):
+            log.warning(
+                "object store %r keeps objects %.0fs, less than this ClaimCheck's ttl (%s): "
+                "messages that wait longer will find their body gone",
+                self.bucket, kept, "none" if self.ttl is None else f"{self.ttl:.0f}s",
+            )  # fmt: skip
+
     async def _open(self, js: JetStreamContext, client: Client) -> ObjectStore:
         try:
-            return await asyncio.wait_for(js.object_store(self.bucket), self.timeout)
+            store = await asyncio.wait_for(js.object_store(self.bucket), self.timeout)
         except BucketNotFoundError:
             pass
+        else:
+            await self._check_ttl(js)
+            return store
         clustered = bool((getattr(client, "_server_info", None) or {}).get("cluster"))
         counts = [self.replicas] if self.replicas else [3, 1] if clustered else [1]
         last: BaseException | None = None
@@ -285,6 +307,13 @@ def _positive(value: Duration, what: str) -> float:
     if seconds <= 0:
         raise ValueError(f"{what} must be more than zero, got {value!r}")
     return seconds
+
+
+def _same_digest(one: str, other: str) -> bool:
+    """``SHA-256=<base64>`` digests: the algorithm's name in any case, the value exactly."""
+    name, _, value = one.partition("=")
+    other_name, _, other_value = other.partition("=")
+    return name.lower() == other_name.lower() and value == other_value
 
 
 class _ClaimError(Exception):
@@ -443,7 +472,7 @@ class ClaimResolver(Decorator):
                 "claim_missing",
                 f"no object {claim.name!r} in {claim.bucket!r} (deleted, or past the bucket's ttl)",
             ) from None
-        if (info.digest or "").lower() != claim.digest.lower() or info.size != claim.size:
+        if not _same_digest(info.digest or "", claim.digest) or info.size != claim.size:
             raise _ClaimError(
                 "claim_corrupt",
                 f"object {claim.name!r} in {claim.bucket!r} is {info.size} bytes with digest "
@@ -471,7 +500,7 @@ class ClaimResolver(Decorator):
             finally:
                 await _quietly_unsubscribe(sub)
             read = "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode()
-            if got != claim.size or read.lower() != claim.digest.lower():
+            if got != claim.size or not _same_digest(read, claim.digest):
                 raise _ClaimError(
                     "claim_corrupt",
                     f"object {claim.name!r} in {claim.bucket!r}: read {got} bytes with "

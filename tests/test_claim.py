@@ -13,7 +13,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, ObjectStoreConfig
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
@@ -429,3 +429,16 @@ async def test_a_bucket_deleted_after_first_use_is_made_again(
     store = await conn.js.object_store(check.bucket)
     assert (await store.get(claim.name)).data == b"b" * 100
     await conn.js.delete_object_store(check.bucket)
+
+
+async def test_an_existing_bucket_that_keeps_objects_shorter_than_the_ttl_is_named(
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = unique_bucket()
+    await conn.js.create_object_store(bucket, config=ObjectStoreConfig(ttl=60))
+    with caplog.at_level(logging.WARNING, logger="natsmw.claim"):
+        await natsmw.publish(
+            conn.js, stream.subject, b"c" * 100, claim_check=ClaimCheck(threshold=10, bucket=bucket)
+        )
+    assert f"object store {bucket!r} keeps objects 60s, less than" in caplog.text
+    await conn.js.delete_object_store(bucket)
