@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 import natsmw.delay.stores
-from natsmw import publish_not_before, with_delay_cap
+from natsmw import compose, install, publish_not_before, with_claim_check, with_delay_cap
 from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore, MemoryDeadlineStore
 from natsmw.delay.decision import BLIND_HOLD
 from natsmw.errors import DeadlineStoreError
@@ -193,20 +193,28 @@ async def test_a_redelivery_nobody_deferred_waits_a_second_not_the_cap_when_blin
     assert handler.calls[1] - back_at < 2 * BLIND_HOLD + 1  # the hold under way, then it runs
 
 
-async def test_a_redelivery_never_creates_the_deadline_bucket() -> None:
+@pytest.mark.parametrize("way", ["decorated", "installed"])
+async def test_a_redelivery_never_creates_the_deadline_bucket(way: str) -> None:
+    """The README: nothing is created on the server until a message is first deferred (nor
+    by install(), which serves parked messages, nor by a claim check with no claim)."""
     async with NatsServer() as server:
         conn = await connect(server.url)
         await conn.js.add_stream(name="OWN", subjects=["own.>"])
         handler = FailsOnce()
+        if way == "installed":
+            install(conn.nc, chain=compose(with_delay_cap(60), with_claim_check()))
+            callback: Any = handler
+        else:
+            callback = with_delay_cap(60)(handler)
         await conn.js.subscribe(
-            "own.x", durable="own", cb=with_delay_cap(60)(handler), manual_ack=True,
+            "own.x", durable="own", cb=callback, manual_ack=True,
             config=ConsumerConfig(ack_wait=1),
         )  # fmt: skip
         await conn.js.publish("own.x", b"x")
         await asyncio.wait_for(handler.done.wait(), 15)
         names = [info.config.name async for info in _streams(conn)]
         await conn.nc.drain()
-    assert "KV_natsmw_deadlines" not in names  # nothing was deferred: nothing to read
+    assert names == ["OWN"]  # nothing was deferred: no bucket, no park stream
     assert handler.calls[1] - handler.calls[0] < 5  # no blind hold: no bucket, no deadline
 
 
