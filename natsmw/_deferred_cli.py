@@ -252,10 +252,7 @@ async def _change(nc: Client, args: argparse.Namespace, out: TextIO, err: TextIO
             out.write(f"  ... and {len(targets) - 10} more\n")
         effect = "They will never run." if args.action == "cancel" else "They run now."
         question = f"{args.action.capitalize()} these {len(targets)} message(s)? {effect} [y/N] "
-        try:
-            answer = await asyncio.to_thread(input, question)
-        except EOFError:
-            answer = ""
+        answer = await _answer(question, out)
         if answer.strip().lower() not in ("y", "yes"):
             print(f"nothing {args.action}d" if args.action == "release" else "nothing cancelled",
                   file=err)  # fmt: skip
@@ -343,3 +340,24 @@ def _clip(text: str, width: int) -> str:
 
 def ops_utc(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+
+
+async def _answer(question: str, out: TextIO) -> str:
+    """A line typed at the terminal, read without a thread: Ctrl-C cancels the wait (a thread
+    blocked in input() would keep the process from exiting). Ctrl-D answers ''."""
+    out.write(question)
+    out.flush()
+    loop = asyncio.get_running_loop()
+    typed: asyncio.Future[None] = loop.create_future()
+    descriptor = sys.stdin.fileno()
+
+    def readable() -> None:
+        if not typed.done():
+            typed.set_result(None)
+
+    loop.add_reader(descriptor, readable)
+    try:
+        await typed
+    finally:
+        loop.remove_reader(descriptor)
+    return sys.stdin.readline()

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 import time
@@ -382,3 +383,69 @@ async def test_a_held_message_cancelled_just_before_its_deadline_never_runs(
     await ops.cancel(conn.nc, stream.name, "late", 1)
     await spy.wait_for_settlement(1, b"+TERM", timeout=10)
     assert handler.calls == [(b"x", 1)]
+
+
+async def test_release_all_lists_what_it_will_change_and_ctrl_c_at_the_question_changes_nothing(
+    conn: Connection, stream: Stream, nats_server: NatsServer
+) -> None:
+    async with deferred_both_ways(conn, stream):
+        controller, terminal = pty.openpty()
+        process = subprocess.Popen(  # noqa: ASYNC220 (the test waits for nothing else)
+            [sys.executable, "-m", "natsmw", "deferred", "release", "--all", "--stream",
+             stream.name, "--server", nats_server.url],
+            stdout=terminal, stderr=terminal, stdin=terminal,
+            env={**os.environ, "COLUMNS": "80", "TERM": "xterm"},
+        )  # fmt: skip
+        os.close(terminal)
+        output = b""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while b"[y/N]" not in output:
+            assert loop.time() < deadline, output
+            output += await asyncio.to_thread(os.read, controller, 4096)
+        process.send_signal(signal.SIGINT)  # the operator changes their mind: Ctrl-C
+        assert await asyncio.to_thread(process.wait, 60) == 130
+        os.close(controller)
+        text = output.decode()
+        assert f"{stream.name}/holder seq 1" in text
+        assert f"{stream.name}/parker seq 2" in text
+        assert "Release these 2 message(s)? They run now. [y/N]" in text
+        listed = json_lines(
+            natsmw_cli("list", "--stream", stream.name, "--json", url=nats_server.url)
+        )
+        assert sorted(m["tier"] for m in listed if "tier" in m) == ["held", "parked"]
+
+        # Asked again (a cancel always asks), the operator types y: done, exit 0.
+        controller, terminal = pty.openpty()
+        process = subprocess.Popen(  # noqa: ASYNC220 (the test waits for nothing else)
+            [sys.executable, "-m", "natsmw", "deferred", "cancel", stream.name, "parker", "2",
+             "--server", nats_server.url],
+            stdout=terminal, stderr=terminal, stdin=terminal,
+        )  # fmt: skip
+        os.close(terminal)
+        output = b""
+        while b"[y/N]" not in output:
+            assert loop.time() < deadline + 60, output
+            output += await asyncio.to_thread(os.read, controller, 4096)
+        os.write(controller, b"y\n")
+        assert await asyncio.to_thread(process.wait, 60) == 0
+        os.close(controller)
+        left = json_lines(
+            natsmw_cli("list", "--stream", stream.name, "--json", url=nats_server.url)
+        )
+        assert [m["tier"] for m in left if "tier" in m] == ["held"]
+
+
+async def test_a_reader_that_stops_early_ends_the_listing_with_141_and_no_traceback(
+    conn: Connection, stream: Stream, nats_server: NatsServer
+) -> None:
+    async with deferred_both_ways(conn, stream):
+        process = subprocess.Popen(  # noqa: ASYNC220 (the test waits for nothing else)
+            [sys.executable, "-m", "natsmw", "deferred", "list", "--server", nats_server.url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdout is not None
+        process.stdout.close()  # as `| head -0` would: nothing more is read
+        _, errors = await asyncio.to_thread(process.communicate, None, 60)
+    assert process.returncode == 141
+    assert b"Traceback" not in errors
