@@ -73,16 +73,34 @@ async def test_ordered_consumer_with_heartbeats_and_flow_control(
     client: Connection, stream: Stream
 ) -> None:
     received = Inbox()
-    await client.js.subscribe(
+    sub = await client.js.subscribe(
         stream.subject, cb=received.put, ordered_consumer=True, idle_heartbeat=0.5,
         flow_control=True,
     )  # fmt: skip
+    # Everything the server sends to the consumer's delivery subject, seen by a second
+    # subscription of the same client: the heartbeats too.
+    wire = Inbox()
+    await client.nc.subscribe(sub.subject, cb=wire.put)
+    await flushed(client.nc)
     for i in range(200):
         await client.js.publish(stream.subject, b"x" * 2000, headers={"N": str(i)})
     messages = await received.wait_for(200, timeout=20)
     assert [m.headers["N"] for m in messages] == [str(i) for i in range(200)]  # type: ignore[index]
-    await asyncio.sleep(1.2)  # two heartbeats: they must not reach the callback
-    assert len(received.items) == 200
+
+    def idle_heartbeats_after_the_messages() -> int:
+        count = 0
+        for m in wire.items:
+            status = (m.headers or {}).get("Status")
+            if status is None:
+                count = 0  # a message: count the heartbeats after it
+            elif status == "100" and "Idle" in (m.headers or {}).get("Description", ""):
+                count += 1
+        return count
+
+    while idle_heartbeats_after_the_messages() < 2:
+        await wire.wait_for(len(wire.items) + 1, timeout=5)
+    await client.nc.flush()  # nats-py has handled them by now, in the same read loop
+    assert len(received.items) == 200  # none of them reached the callback
 
 
 async def test_publish_async_acks(client: Connection, stream: Stream) -> None:
