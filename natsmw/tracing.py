@@ -43,10 +43,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 if TYPE_CHECKING:
     from natsmw.claim import ClaimCheck
-from natsmw.chain import _UNBOUND, Decorator, Handler, bound, layer
+from natsmw.chain import _ENTRY, _UNBOUND, Decorator, Handler, bound, layer
 from natsmw.headers import peek_header
 from natsmw.message import (
     _JS_ACK_PREFIX,
+    PROXY_TYPES,
     RUNS_ELSEWHERE,
     SPAN_KEY,
     MessageProxy,
@@ -152,6 +153,9 @@ class Tracing(Decorator):
         else:
             step = self._step
         traced = layer(step)(handler)
+        # The layer's own entry, for a message that is a proxy already (made here): the
+        # step's coroutine, without the layer's handle around it (on every message).
+        entry = getattr(traced, _ENTRY)[1]
         given = self._tracer_provider is not None or self._meter_provider is not None
 
         @functools.wraps(handler)
@@ -168,7 +172,10 @@ class Tracing(Decorator):
                 and self._enabled()
             ):
                 if bound_msg is _UNBOUND:
-                    await traced(msg)
+                    kind = type(msg)
+                    if kind not in PROXY_TYPES:
+                        msg = MessageProxy(msg) if kind is Msg else MessageProxy.of(msg)
+                    await entry(msg)
                 else:  # decorated in a class body, called as a method: msg is the instance
                     await traced(msg, bound_msg)  # type: ignore[call-arg]
             elif bound_msg is _UNBOUND:
@@ -337,15 +344,19 @@ class Tracing(Decorator):
             else:
                 # Sampled out: metrics only. What msg.observe() does, without its with
                 # block's calls (on every message).
+                observer = recorder.count
                 observers = msg._self_observers
                 if observers is None:
-                    observers = msg._self_observers = []
-                observer = recorder.count
-                observers.append(observer)
+                    observers = msg._self_observers = [observer]
+                else:
+                    observers.append(observer)
                 try:
                     await call_next(msg)
                 finally:
-                    remove_last(observers, observer)
+                    if observers and observers[-1] is observer:
+                        del observers[-1]
+                    else:
+                        remove_last(observers, observer)
         except BaseException as raised:
             recorder.failed(raised)
             raise
