@@ -256,6 +256,22 @@ class MessageProxy(Msg):
 
     __hash__ = None  # type: ignore[assignment]  # as nats-py's Msg: mutable, unhashable
 
+    def __repr__(self) -> str:
+        # Short, as a proxy's was: the dataclass repr would print the whole body and decode
+        # lazy headers.
+        wrapped = self.__wrapped__
+        return f"<MessageProxy of {type(wrapped).__name__} on {wrapped.subject!r} at {id(self):#x}>"
+
+    def __copy__(self) -> MessageProxy:
+        # A copy would share this proxy's interceptors, state and settlement, half of it.
+        raise TypeError(
+            "a natsmw MessageProxy cannot be copied: copy the message (msg.message) and "
+            "hand that on, or hand on the proxy itself"
+        )
+
+    def __deepcopy__(self, memo: object) -> MessageProxy:
+        return self.__copy__()
+
     @property
     def position(self) -> Position:
         """Stream, consumer, stream sequence and delivery count, from the ack subject.
@@ -295,9 +311,11 @@ class MessageProxy(Msg):
             return MessageProxy(msg)
         proxy_class = _PROXY_CLASSES.get(kind)
         if proxy_class is None:
-            proxy_class = _PROXY_CLASSES[kind] = type(
-                kind.__name__, (MessageProxy, kind), {"__slots__": (), "__module__": __name__}
-            )
+            proxy_class = _proxy_class(kind)
+            if len(_PROXY_CLASSES) >= _MOST_PROXY_CLASSES:  # classes made per message (mocks)
+                _PROXY_CLASSES.clear()
+                PROXY_TYPES.intersection_update((MessageProxy, _ForwardingProxy))
+            _PROXY_CLASSES[kind] = proxy_class
             PROXY_TYPES.add(proxy_class)
         return proxy_class(msg)
 
@@ -483,9 +501,64 @@ class MessageProxy(Msg):
         return result
 
 
-PROXY_TYPES: set[type] = {MessageProxy}
+class _ForwardingProxy(MessageProxy):
+    """The proxy of a message whose fields cannot be shared: a ``Msg`` subclass with slots of
+    its own, another library's proxy, a test double. Reads and writes are passed on to it."""
+
+    __slots__ = ()
+
+    def __init__(self, msg: Msg) -> None:
+        object.__setattr__(self, "__wrapped__", msg)
+        self._self_interceptors = self._self_observers = self._self_state = None
+        self._self_settlement = self._self_settled = self._self_position = None
+        self._self_on_run = None
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _OWN or (name.startswith("__") and name.endswith("__")):
+            return object.__getattribute__(self, name)
+        return getattr(object.__getattribute__(self, "__wrapped__"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.__wrapped__, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self.__wrapped__, name)
+
+    def __hash__(self) -> int:  # type: ignore[override]  # as the message hashes
+        return hash(self.__wrapped__)
+
+
+# What a forwarding proxy keeps (its slots) or answers itself (natsmw's own methods and
+# properties): everything else is the message's.
+_OWN = frozenset(MessageProxy.__slots__) | frozenset(
+    name for name in vars(MessageProxy) if not name.startswith("__")
+)
+
+
+def _hash_of_wrapped(proxy: MessageProxy) -> int:
+    return hash(proxy.__wrapped__)
+
+
+def _proxy_class(kind: type) -> type[MessageProxy]:
+    """The proxy class for messages of ``kind``: one that is a ``kind`` too and shares the
+    message's fields, when ``kind`` is laid out as ``Msg`` is; else a forwarding one."""
+    if not (isinstance(kind, type) and issubclass(kind, Msg)) or (
+        kind.__basicsize__ != Msg.__basicsize__ or not kind.__dictoffset__
+    ):
+        return _ForwardingProxy
+    namespace: dict[str, Any] = {"__slots__": (), "__module__": __name__}
+    if kind.__hash__ is not None:  # a message class of the user's that hashes
+        namespace["__hash__"] = _hash_of_wrapped
+    return type(kind.__name__, (MessageProxy, kind), namespace)
+
+
+PROXY_TYPES: set[type] = {MessageProxy, _ForwardingProxy}
 """The classes of proxies: ``type(msg) in PROXY_TYPES`` tells a proxy at a set lookup's cost."""
 _PROXY_CLASSES: dict[type, type[MessageProxy]] = {}
+_MOST_PROXY_CLASSES = 64
 
 WIRE_BODY = "_natsmw_wire_data"  # on a message whose body was replaced (a claim check's read)
 

@@ -359,3 +359,55 @@ def test_the_proxy_shares_the_message_fields_and_keeps_its_own_state_to_itself()
     assert isinstance(due_proxy, MessageProxy)
     assert due_proxy.subject == "orders"
     assert type(MessageProxy.of(due)) is type(due_proxy)
+
+
+class SlottedMsg(Msg):
+    """A message class of a user's own, with a slot (nc.msg_class = SlottedMsg)."""
+
+    __slots__ = ("seen_at",)
+
+
+class HashableMsg(Msg):
+    def __hash__(self) -> int:
+        return hash((self.subject, self.reply))
+
+
+async def test_messages_whose_fields_cannot_be_shared_get_a_forwarding_proxy() -> None:  # pure
+    import copy
+    import types
+
+    import wrapt
+
+    reply = "$JS.ACK.S.C.1.5.5.1700000000000000000.0"
+    slotted = SlottedMsg(_client=None, subject="s", reply=reply, data=b"x")  # type: ignore[arg-type]
+    slotted.seen_at = 7.0
+    foreign = wrapt.ObjectProxy(Msg(_client=None, subject="f", reply=reply, data=b"y"))  # type: ignore[arg-type]
+    fake = types.SimpleNamespace(subject="n", reply="", data=b"z", headers=None)
+    seen: list[tuple[str, bytes, object]] = []
+
+    @middleware
+    async def tag(msg: MessageProxy, call_next: Handler) -> None:
+        msg.data += b"!"  # written through the proxy: the message behind sees it
+        await call_next(msg)
+
+    @tag
+    async def handle(msg: MessageProxy) -> None:
+        seen.append((msg.subject, msg.data, getattr(msg, "seen_at", None)))
+
+    for message in (slotted, foreign, fake):
+        await handle(message)  # type: ignore[arg-type]
+    assert seen == [("s", b"x!", 7.0), ("f", b"y!", None), ("n", b"z!", None)]
+    assert (slotted.data, foreign.data, fake.data) == (b"x!", b"y!", b"z!")
+    proxy = MessageProxy.of(slotted)
+    assert isinstance(proxy, Msg)
+    assert proxy.position == Position("S", "C", 5, 1)
+    proxy.state["mine"] = 1
+    assert not hasattr(slotted, "state")
+
+    hashable = MessageProxy.of(HashableMsg(_client=None, subject="h", reply=reply))  # type: ignore[arg-type]
+    assert hash(hashable) == hash(("h", reply))
+    assert repr(MessageProxy.of(Msg(_client=None, subject="r", data=b"b" * 100_000))).startswith(  # type: ignore[arg-type]
+        "<MessageProxy of Msg on 'r' at 0x"
+    )
+    with pytest.raises(TypeError, match="cannot be copied"):
+        copy.copy(proxy)
