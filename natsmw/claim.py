@@ -36,7 +36,12 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig
-from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import (
+    BadObjectMetaError,
+    BucketNotFoundError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, VALID_BUCKET_RE, ObjectStore
 
 from natsmw import guards
@@ -63,6 +68,11 @@ CLAIM_HEADER = guards.CLAIM_HEADER
 DEFAULT_BUCKET = "natsmw_claims"
 _LONGEST_HEADER = 4096
 _LONGEST_NAME = 1024  # base64 in a subject: well under the server's 4 KiB control line
+_SUBJECT_IN_NAME = 128
+# Reads of claimed bodies at once, per client: ten 20 MB reads on one connection outran the
+# server's pending limit for a client (64 MB), and it closed the connection.
+_READS_AT_ONCE = 4
+_READERS: weakref.WeakKeyDictionary[Client, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 ClaimErrorAction = Literal["nak", "dead_letter"]
 _ACTIONS = ("nak", "dead_letter")
@@ -192,7 +202,9 @@ class ClaimCheck:
             return payload, dict(headers), None
         payload = bytes(payload)  # nats-py's object store takes bytes, not views
         store = await self._store(js)
-        name = f"{subject}/{uuid.uuid4().hex}"
+        # The subject names the object for an operator; cut, so that any subject makes a claim
+        # its consumers accept (a header escapes each non-ASCII character in six).
+        name = f"{subject[:_SUBJECT_IN_NAME]}/{uuid.uuid4().hex}"
         # No overall timeout on the upload: nats-py waits for each chunk's confirmation with
         # its own, and takes the chunks away again on an error; a cancellation would leave
         # them behind, unlisted, for the bucket's ttl (forever without one).
@@ -429,7 +441,8 @@ class ClaimResolver(Decorator):
             size = claim.size
             if claim.size > self.max_size:
                 raise _ClaimError("claim_size", f"{claim.size} bytes, over {self.max_size}")
-            data = await asyncio.wait_for(self._read(msg, claim), self.timeout)
+            async with self._reading(msg.__wrapped__._client):
+                data = await asyncio.wait_for(self._read(msg, claim), self.timeout)
         except ValueError as error:
             await self._refuse(msg, _ClaimError("claim_invalid", str(error)), size)
             return
@@ -453,6 +466,14 @@ class ClaimResolver(Decorator):
         )  # fmt: skip
         await call_next(msg)
 
+    def _reading(self, client: Client) -> asyncio.Semaphore:
+        """What lets at most ``_READS_AT_ONCE`` reads run on ``client`` at a time (all
+        claim checks together: they share its connection)."""
+        reading = _READERS.get(client)
+        if reading is None:
+            reading = _READERS[client] = asyncio.Semaphore(_READS_AT_ONCE)
+        return reading
+
     async def _read(self, msg: MessageProxy, claim: Claim) -> bytes:
         client: Client = msg.__wrapped__._client
         stores = self._stores.get(client)
@@ -467,6 +488,10 @@ class ClaimResolver(Decorator):
             stores[claim.bucket] = store
         try:
             info = await store.get_info(claim.name)
+        except BadObjectMetaError:
+            raise _ClaimError(
+                "claim_corrupt", f"object {claim.name!r} in {claim.bucket!r}: unreadable record"
+            ) from None
         except (ObjectNotFoundError, NotFoundError):
             raise _ClaimError(
                 "claim_missing",

@@ -442,3 +442,46 @@ async def test_an_existing_bucket_that_keeps_objects_shorter_than_the_ttl_is_nam
         )
     assert f"object store {bucket!r} keeps objects 60s, less than" in caplog.text
     await conn.js.delete_object_store(bucket)
+
+
+async def test_many_consumers_reading_one_large_body_at_once_keep_their_connection(
+    conn: Connection, stream: Stream
+) -> None:
+    """Ten reads of 10 MB at once on one connection outran the server's pending limit for a
+    client (64 MB), and it closed the connection; reads now take turns, four at a time."""
+    check = ClaimCheck(threshold=MB, bucket=unique_bucket())
+    body = os.urandom(10 * MB)
+    await natsmw.publish(conn.js, stream.subject, body, claim_check=check)
+    handled = Inbox()
+
+    @with_claim_check(timeout=60)
+    async def handle(msg: Msg) -> None:
+        await handled.put(msg)
+        await msg.ack()
+
+    for n in range(10):
+        await conn.js.subscribe(stream.subject, durable=f"many{n}", cb=handle, manual_ack=True)
+    got = await handled.wait_for(10, timeout=90)
+    assert all(m.data == body for m in got)
+    assert not conn.reconnected.is_set()  # the connection was never dropped
+    assert conn.errors == []
+    await conn.js.delete_object_store(check.bucket)
+
+
+async def test_a_subject_of_any_length_makes_a_claim_its_consumers_accept(
+    conn: Connection, stream: Stream
+) -> None:
+    check = ClaimCheck(threshold=10, bucket=unique_bucket())
+    handled = Inbox()
+
+    @with_claim_check()
+    async def handle(msg: Msg) -> None:
+        await handled.put(msg)
+        await msg.ack()
+
+    await conn.js.subscribe(f"{stream.name.lower()}.>", durable="long", cb=handle, manual_ack=True)
+    for subject in (f"{stream.name.lower()}.{'a' * 1000}", f"{stream.name.lower()}.{'é' * 700}"):
+        await natsmw.publish(conn.js, subject, b"long" * 100, claim_check=check)
+    got = await handled.wait_for(2)
+    assert [m.data for m in got] == [b"long" * 100] * 2
+    await conn.js.delete_object_store(check.bucket)
