@@ -447,10 +447,10 @@ async def test_an_existing_bucket_that_keeps_objects_shorter_than_the_ttl_is_nam
 async def test_many_consumers_reading_one_large_body_at_once_keep_their_connection(
     conn: Connection, stream: Stream
 ) -> None:
-    """Ten reads of 10 MB at once on one connection outran the server's pending limit for a
-    client (64 MB), and it closed the connection; reads now take turns, four at a time."""
+    """Twenty reads of 20 MB at once on one connection outran the server's pending limit for
+    a client (64 MB), and it closed the connection; reads now take turns, four at a time."""
     check = ClaimCheck(threshold=MB, bucket=unique_bucket())
-    body = os.urandom(10 * MB)
+    body = os.urandom(20 * MB)
     await natsmw.publish(conn.js, stream.subject, body, claim_check=check)
     handled = Inbox()
 
@@ -459,10 +459,11 @@ async def test_many_consumers_reading_one_large_body_at_once_keep_their_connecti
         await handled.put(msg)
         await msg.ack()
 
-    for n in range(10):
+    for n in range(20):
         await conn.js.subscribe(stream.subject, durable=f"many{n}", cb=handle, manual_ack=True)
-    got = await handled.wait_for(10, timeout=90)
+    got = await handled.wait_for(20, timeout=120)
     assert all(m.data == body for m in got)
+    del got, handled.items[:]
     assert not conn.reconnected.is_set()  # the connection was never dropped
     assert conn.errors == []
     await conn.js.delete_object_store(check.bucket)
