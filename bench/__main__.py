@@ -21,6 +21,7 @@ FULL = {
     "park": [],
     "churn": [],
     "deferred": [],
+    "claim": [],
 }
 QUICK = {
     "micro": ["--messages", "200", "--rounds", "1"],
@@ -31,6 +32,7 @@ QUICK = {
     "park": ["--messages", "200", "--delay", "3", "--cap", "1"],
     "churn": ["--clients", "10", "--consumers", "2"],
     "deferred": ["--messages", "200", "--rounds", "1"],
+    "claim": ["--messages", "3", "--size", "2000000", "--rounds", "1"],
 }
 
 
