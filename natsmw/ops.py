@@ -411,10 +411,17 @@ class DeferredGauges:
 # -- reading ---------------------------------------------------------------------------------
 
 
-async def _scan(nc: Client, stream: str, pattern: str) -> AsyncIterator[Msg]:
+async def _scan(
+    nc: Client, stream: str, pattern: str, *, max_bytes: int | None = None
+) -> AsyncIterator[Msg]:
     """The messages of ``stream`` on subjects matching ``pattern``, in order, a batch of
-    direct gets at a time; one ``STREAM.MSG.GET`` at a time where the stream does not allow
-    direct gets (natsmw's own streams do, from this version)."""
+    direct gets at a time (of at most ``max_bytes``, if given); one ``STREAM.MSG.GET`` at a
+    time where the stream does not allow direct gets (natsmw's own streams do, from this
+    version).
+
+    Raises:
+        OpsError: the stream did not answer in time, or answered with an error.
+    """
     batch: list[Msg] = []
     ended = asyncio.Event()
 
@@ -431,7 +438,9 @@ async def _scan(nc: Client, stream: str, pattern: str) -> AsyncIterator[Msg]:
         while True:
             batch.clear()
             ended.clear()
-            request = {"seq": sequence, "next_by_subj": pattern, "batch": _BATCH}
+            request: dict[str, Any] = {"seq": sequence, "next_by_subj": pattern, "batch": _BATCH}
+            if max_bytes is not None:
+                request["max_bytes"] = max_bytes
             await nc.publish(f"{_API}.DIRECT.GET.{stream}", json.dumps(request).encode(),
                              reply=inbox)  # fmt: skip
             try:
