@@ -16,7 +16,14 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 import natsmw.delay.stores
-from natsmw import compose, install, publish_not_before, with_claim_check, with_delay_cap
+from natsmw import (
+    compose,
+    install,
+    publish_not_before,
+    uninstall,
+    with_claim_check,
+    with_delay_cap,
+)
 from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore, MemoryDeadlineStore
 from natsmw.delay.decision import BLIND_HOLD
 from natsmw.errors import DeadlineStoreError
@@ -213,6 +220,8 @@ async def test_a_redelivery_never_creates_the_deadline_bucket(way: str) -> None:
         await conn.js.publish("own.x", b"x")
         await asyncio.wait_for(handler.done.wait(), 15)
         names = [info.config.name async for info in _streams(conn)]
+        if way == "installed":
+            uninstall(conn.nc)  # else nats-py's classes stay patched until it is collected
         await conn.nc.drain()
     assert names == ["OWN"]  # nothing was deferred: no bucket, no park stream
     assert handler.calls[1] - handler.calls[0] < 5  # no blind hold: no bucket, no deadline
