@@ -202,23 +202,26 @@ class SizeGuard(Decorator):
         return self._check(msg)
 
     def _check(self, msg: Msg) -> Rejection | None:
+        # The fields, not their properties: on every message of a lazy-headers client.
+        max_body, max_headers = self._max_body, self._max_headers
+        max_header_bytes = self._max_header_bytes
         body = len(msg.data)
         if self._referenced:
             claim = peek_header(msg, CLAIM_HEADER)
             if claim is not None:
                 body = max(body, _claimed_size(claim))
-        if self.max_body is not None and body > self.max_body:
-            return Rejection("body", body, self.max_body)
-        if self.max_header_bytes is not None:
+        if max_body is not None and body > max_body:
+            return Rejection("body", body, max_body)
+        if max_header_bytes is not None:
             size, count = header_block_size(msg)
-            if size > self.max_header_bytes:
-                return Rejection("header_bytes", size, self.max_header_bytes)
-        elif self.max_headers is not None:
+            if size > max_header_bytes:
+                return Rejection("header_bytes", size, max_header_bytes)
+        elif max_headers is not None:
             count = header_count(msg)  # the count alone is cheaper than the size
         else:
             return None
-        if self.max_headers is not None and count > self.max_headers:
-            return Rejection("header_count", count, self.max_headers)
+        if max_headers is not None and count > max_headers:
+            return Rejection("header_count", count, max_headers)
         return None
 
     def _step(self, msg: MessageProxy, call_next: Handler) -> Awaitable[None]:

@@ -271,6 +271,9 @@ def _raw_block(msg: Msg) -> Undecoded | None:
     return value if type(value) is Undecoded else None
 
 
+_peekable: dict[str, bytes] = {}  # names checked already, encoded
+
+
 def peek_header(msg: Msg, name: str) -> str | None:
     """The value ``msg.headers.get(name)`` would return, without decoding the other headers.
 
@@ -282,10 +285,14 @@ def peek_header(msg: Msg, name: str) -> str | None:
     if undecoded is None:
         headers = msg.headers
         return headers.get(name) if headers else None
-    if not name.isascii() or any(char.isspace() for char in name):
-        return None  # nats-py's parser never yields such a name
+    wanted = _peekable.get(name)
+    if wanted is None:
+        if not name.isascii() or any(char.isspace() for char in name):
+            return None  # nats-py's parser never yields such a name
+        wanted = name.encode("ascii")
+        if len(_peekable) < 256:  # the few names middlewares peek at, on every message
+            _peekable[name] = wanted
     raw = undecoded.raw
-    wanted = name.encode("ascii")
     if wanted not in raw:
         return None
     found = None
