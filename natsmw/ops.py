@@ -39,7 +39,9 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.js.errors import APIError, NotFoundError
 
+from natsmw.delay.clock import server_clock
 from natsmw.delay.park import (
+    CLOCK_SUBJECT,
     PARK_STREAM,
     PARKED_HEADER,
     Parked,
@@ -696,7 +698,10 @@ async def _change(
     js = nc.jetstream()
     if message.tier == "held":
         deferral = Deferral.from_bytes(copy.data)
-        now = time.time()
+        # "Now" as the server tells it: deadlines are compared in its time, and this host's
+        # clock may be ahead (a release would wait out the difference).
+        await server_clock.measure(nc, js, f"KV_{bucket}", f"$KV.{bucket}.natsmw-clock")
+        now = server_clock.now(nc)
         changed = replace(deferral, cancelled=True) if cancel else replace(deferral, deadline=now)
         ttl = max(changed.deadline - now, 0.0) + 24 * 3600
         what = f"the record of {stream}/{consumer} {sequence}"
@@ -713,7 +718,8 @@ async def _change(
     if message.tier == "due":
         return message  # due already: the next fetch of its consumer gets it
     parked = Parked.from_header((copy.headers or {})[PARKED_HEADER])
-    now = time.time()
+    await server_clock.measure(nc, js, PARK_STREAM, CLOCK_SUBJECT)
+    now = server_clock.now(nc)  # a schedule @at this host's "now" would fire late if ahead
     released = replace(parked, deadline=now)
     headers = {
         name: value

@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+import natsmw.delay.clock
 from natsmw import DelayCap, handler_calls, ops, serve_parked, with_delay_cap
 from natsmw.server import NatsCluster, NatsServer
 from tests.conftest import (
@@ -449,3 +450,23 @@ async def test_a_reader_that_stops_early_ends_the_listing_with_141_and_no_traceb
         _, errors = await asyncio.to_thread(process.communicate, None, 60)
     assert process.returncode == 141
     assert b"Traceback" not in errors
+
+
+async def test_a_release_from_a_host_whose_clock_is_ahead_runs_now_not_later(
+    conn: Connection, stream: Stream, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's host is two minutes ahead: "now" is the server's, measured, or the
+    released message would wait those two minutes out."""
+    async with deferred_both_ways(conn, stream) as (handler, _, _):
+        operator = await connect(nats_server.url)  # another host: a client of its own
+        real_time = time.time
+        with monkeypatch.context() as patched:
+            patched.setattr(time, "time", lambda: real_time() + 120)
+            started = time.monotonic()
+            await ops.release(operator.nc, stream.name, "parker", 2)
+            await ops.release(operator.nc, stream.name, "holder", 1)
+            assert natsmw.delay.clock.server_clock.offset(operator.nc) > 100  # it measured
+        await operator.nc.close()
+        await handler.wait(b"parked", 2, timeout=20)
+        await handler.wait(b"held", 2, timeout=20)
+        assert time.monotonic() - started < 20  # not 120 s later

@@ -76,6 +76,7 @@ DEFAULT_RETENTION = 7 * 24 * 3600.0
 
 _SCHEDULE = "natsmw.park"
 _DUE = "natsmw.due"
+CLOCK_SUBJECT = f"{_SCHEDULE}.clock"  # where a probe measures this host's clock (see clock.py)
 # Headers of the original that would steer the server (Nats-Msg-Id, Nats-TTL,
 # Nats-Expected-*...) or that nats-py cannot send (published by another client) travel
 # renamed under this prefix, and are restored when due; a header that already starts with it
@@ -271,7 +272,7 @@ class ParkStream:
         [`natsmw.delay.clock`][natsmw.delay.clock]), if it is due and the stream is ready."""
         client = self._client()
         if client is not None and self._ready and server_clock.stale(client):
-            await server_clock.measure(client, self._js(), PARK_STREAM, f"{_SCHEDULE}.clock")
+            await server_clock.measure(client, self._js(), PARK_STREAM, CLOCK_SUBJECT)
 
     @property
     def ready(self) -> bool:
