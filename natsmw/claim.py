@@ -68,7 +68,7 @@ DEFAULT_BUCKET = "natsmw_claims"
 _LONGEST_HEADER = 4096
 _LONGEST_NAME = 1024  # base64 in a subject: well under the server's 4 KiB control line
 _SUBJECT_IN_NAME = 128
-# Reads of claimed bodies at once, per client: ten 20 MB reads on one connection outran the
+# Reads of claimed bodies at once, per client: twenty 20 MB reads on one connection outran the
 # server's pending limit for a client (64 MB), and it closed the connection.
 _READS_AT_ONCE = 4
 _BYTES_PER_REQUEST = 4 << 20

@@ -14,10 +14,10 @@ Listing streams what it reads (batched direct gets, a thousand messages per requ
 memory does not grow with the number of deferred messages.
 
 Releasing makes a message due now: a parked one fires at once, a held one runs at its next
-delivery once the holding instance has read its record again (it does at least every
-`RECHECK_HELD` seconds). Cancelling means it will never run: a schedule or due copy is
-deleted (the original was acked when it was parked), a held one is terminated at its next
-delivery. Neither reaches into a handler already running.
+delivery once the holding instance has seen its consumer's change marker move (it reads the
+marker every `RECHECK_HELD` seconds, then the records it holds). Cancelling means it will
+never run: a schedule or due copy is deleted (the original was acked when it was parked), a
+held one is terminated at its next delivery. Neither reaches into a handler already running.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from natsmw.delay.park import (
     Parked,
     restored_headers,
 )
-from natsmw.delay.stores import RECHECK_HELD, DeadlineKey, Deferral
+from natsmw.delay.stores import RECHECK_HELD, DeadlineKey, Deferral, changes_key
 from natsmw.errors import NatsmwError
 
 __all__ = [
@@ -72,6 +72,7 @@ log = logging.getLogger("natsmw.ops")
 _API = "$JS.API"
 _BATCH = 1000
 _TIMEOUT = 10.0
+_MARKER_TTL = 7 * 24 * 3600  # gone after a week unchanged: holders then read records once
 
 
 class OpsError(NatsmwError):
@@ -706,6 +707,18 @@ async def _change(
         ttl = max(changed.deadline - now, 0.0) + 24 * 3600
         what = f"the record of {stream}/{consumer} {sequence}"
         await _replace(js, copy.subject, changed.to_bytes(), {}, at, what, msg_ttl=ttl)
+        # Then the consumer's change marker: holding instances read it (one read per
+        # consumer every RECHECK_HELD seconds), and read their held records again when it
+        # moved, not every record every time.
+        marker = f"$KV.{bucket}.{changes_key(stream, consumer)}"
+        try:
+            await js.publish(marker, b"", timeout=_TIMEOUT, msg_ttl=_MARKER_TTL)
+        except (NatsError, asyncio.TimeoutError) as error:
+            raise OpsError(
+                f"{what} is changed, but the consumer's change marker could not be written "
+                f"({error!r}): the instance holding it sees the change only when the message "
+                f"comes due. Run the command again"
+            ) from None
         return message
     if cancel:
         await _delete(js, at)

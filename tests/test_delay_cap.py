@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.errors import NotJSMessageError
 from nats.js.api import ConsumerConfig
 
-from natsmw import Handler, MessageProxy, Settlement, compose, middleware
+from natsmw import Handler, MessageProxy, Settlement, compose, middleware, ops
 from natsmw.delay import (
     DEADLINE_HEADER,
     DeadlineKey,
@@ -607,3 +607,48 @@ async def test_stretched_holds_do_not_flood_the_log(
     assert cap.stats.stretched >= 20
     lines = [r for r in caplog.records if "stretched to" in r.getMessage()]
     assert 1 <= len(lines) <= 2, len(lines)
+
+
+async def test_held_records_are_read_again_only_when_an_operator_changed_their_consumer(
+    conn: Connection, stream: Stream
+) -> None:
+    """Every RECHECK_HELD seconds a holding instance looks for operators' changes: one read
+    of its consumer's change marker, not one read per held message. A change (natsmw
+    deferred release) moves the marker, and only then is the record read again."""
+    requests = Inbox()
+    await conn.nc.subscribe("$JS.API.DIRECT.GET.>", cb=requests.put)
+    calls = CallLog()
+
+    async def defers_long(msg: Msg) -> None:
+        await calls.record(msg)
+        await (msg.nak(delay=3600) if handler_calls(msg) == 1 else msg.ack())
+
+    cap = with_delay_cap(0.05, parking=False)
+    cap._recheck_held = 0.3
+    await conn.js.add_consumer(
+        stream.name, ConsumerConfig(durable_name="marked", ack_wait=30, max_ack_pending=100)
+    )
+    async with pulling(conn.js, stream.subject, "marked", cap(defers_long), batch=10):
+        for _ in range(10):
+            await conn.js.publish(stream.subject, b"x")
+        await calls.wait_calls(10)
+        await releases_recorded(cap)
+        await flushed(conn.nc)
+        before = len(requests.items)
+        holds = cap.stats.holds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while cap.stats.holds < holds + 10 * 40:  # 40 holds each: several re-read rounds
+            assert loop.time() < deadline, cap.stats
+            await asyncio.sleep(0.05)  # no event on the counters: asked again, bounded above
+        await flushed(conn.nc)
+        subjects = [m.subject for m in requests.items[before:]]
+        marker_reads = sum(1 for subject in subjects if "natsmw-changed" in subject)
+        record_reads = len(subjects) - marker_reads
+        rounds = (loop.time() - deadline + 30) / 0.3
+        assert 1 <= marker_reads <= rounds + 2  # one per 0.3 s for the consumer
+        assert record_reads <= 10  # at the first look at the marker: each record once
+
+        released = await ops.release(conn.nc, stream.name, "marked", 1)
+        assert released.sequence == 1
+        await calls.wait_calls(11, timeout=10)  # the marker moved: read, released, run

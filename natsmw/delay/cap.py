@@ -155,6 +155,16 @@ class _Found:
     now: float | None = None  # the server's time it was found at, if read on the way
 
 
+@dataclass(slots=True)
+class _Changes:
+    """A consumer's change marker as last read: its ``revision``, when it was read and when
+    it was last seen to move (monotonic)."""
+
+    revision: int
+    read_at: float
+    changed_at: float
+
+
 _WARN_EVERY = 10.0  # seconds between two warnings of a kind an outage repeats per message
 _GENERATIONS_KEPT = 256  # consumers per client; past it, those unused for a minute go
 _GENERATION_IDLE = 60.0
@@ -352,6 +362,10 @@ class DelayCap(Decorator):
         # A held message comes back within a cap: unused for two caps, it is not coming.
         self._memory = Deliveries(idle=max(60.0, 2 * self.cap))
         self._recheck_held = RECHECK_HELD
+        # Per store and consumer: operators' changes to held records, as last read.
+        self._changes: weakref.WeakKeyDictionary[object, dict[tuple[str, str], _Changes]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._limits = ConsumerLimits()
         # max_deliver can be lowered while messages are held. Read at most half a hold ago,
         # a consumer's limits are read again between any two holds of one message, so a
@@ -512,13 +526,22 @@ class DelayCap(Decorator):
         return await self._find(msg, key, delivery, header, entry)
 
     async def _recheck(
-        self, msg: MessageProxy, key: DeadlineKey, entry: Remembered, now: float
+        self,
+        msg: MessageProxy,
+        key: DeadlineKey,
+        entry: Remembered,
+        now: float,
+        *,
+        coming_due: bool = False,
     ) -> _Found:
         """Read a held message's record again: an operator may have released or cancelled it
         (``natsmw deferred``). Anything else read keeps what this instance knows."""
         remembered = entry.deferral
         assert remembered is not None
-        entry.checked = time.monotonic()
+        changed = coming_due or await self._changed_since(msg, key, entry.checked)
+        entry.checked = time.monotonic()  # after the marker's read: it may have moved then
+        if not changed:
+            return _Found(remembered, recorded=True, entry=entry, now=now)
         try:
             stored = await self._store_for(msg).get(key)
         except DeadlineStoreError:
@@ -536,6 +559,34 @@ class DelayCap(Decorator):
             entry.deferral = stored
             return _Found(stored, recorded=True, entry=entry)
         return _Found(remembered, recorded=True, entry=entry, now=now)
+
+    async def _changed_since(self, msg: MessageProxy, key: DeadlineKey, checked: float) -> bool:
+        """Whether an operator may have changed held records of the message's consumer since
+        ``checked`` (monotonic): one read of the consumer's change marker every
+        ``RECHECK_HELD`` seconds answers for all its held messages. True when the store
+        cannot tell (a store of the user's own: each record is read again, as before)."""
+        store = self._store_for(msg)
+        changes = getattr(store, "changes", None)
+        if changes is None:
+            return True
+        consumers = self._changes.get(store)
+        if consumers is None:
+            consumers = self._changes[store] = {}
+        known = consumers.get((key.stream, key.consumer))
+        now = time.monotonic()
+        if known is None or now - known.read_at >= self._recheck_held:
+            try:
+                revision = await changes(key.stream, key.consumer)
+            except DeadlineStoreError:
+                return True  # the record's own read will tell, or keep what is known
+            if known is None:
+                # First read here: whether the marker moved since this instance deferred
+                # its messages is unknown. Each held record is read once more.
+                known = consumers[(key.stream, key.consumer)] = _Changes(revision, now, now)
+            elif revision != known.revision:
+                known.revision, known.changed_at = revision, now
+            known.read_at = now
+        return checked < known.changed_at
 
     async def _first_of_older(
         self, msg: MessageProxy, key: DeadlineKey, numbers: tuple[int, float] | None
@@ -824,7 +875,9 @@ class DelayCap(Decorator):
                 and deferral.released_at is None
                 and not math.isinf(entry.checked)
             ):
-                return await self._recheck(msg, key, entry, now)
+                # The record itself, not the change marker as last read: a cancel seconds
+                # ago must stop the run.
+                return await self._recheck(msg, key, entry, now, coming_due=True)
             return _Found(entry.deferral or header, recorded=entry.deferral is not None)
         if entry is None and delivery == 1:
             return _Found(header, recorded=False)  # records are written when a handler naks

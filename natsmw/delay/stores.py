@@ -43,9 +43,9 @@ _T = TypeVar("_T")
 _RECHECK = 30.0
 
 RECHECK_HELD = 30.0
-"""How often (seconds) an instance holding a message reads its record again, at most: an
-operator's release or cancel (``natsmw deferred``) of a held message takes effect at its first
-delivery after that."""
+"""How often (seconds) an instance holding messages looks for an operator's release or cancel
+(``natsmw deferred``): one read of the consumer's change marker, and of the held records only
+if it moved. The change takes effect at the message's first delivery after that."""
 _WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed expected-last-sequence
 
 
@@ -59,6 +59,12 @@ class DeadlineKey(NamedTuple):
     def as_kv_key(self) -> str:
         """``<stream>.<consumer>.<sequence>``, with characters a KV key refuses escaped."""
         return f"{_escape(self.stream)}.{_escape(self.consumer)}.{self.sequence}"
+
+
+def changes_key(stream: str, consumer: str) -> str:
+    """The key whose revision counts operators' changes to a consumer's held records: four
+    tokens, so that no listing of records (three) takes it for one."""
+    return f"natsmw-changed.{_escape(stream)}.{_escape(consumer)}.ops"
 
 
 def _escape(name: str) -> str:
@@ -316,6 +322,24 @@ class KeyValueDeadlineStore:
         except ValueError as error:
             log.warning("ignoring a bad deadline record for %s in %r: %s", key, self.bucket, error)
             return None
+
+    async def changes(self, stream: str, consumer: str) -> int:
+        """How many times an operator changed held records of ``stream``/``consumer``
+        (``natsmw deferred release|cancel``), as the revision of its change marker; 0 if never.
+
+        Raises:
+            DeadlineStoreError: the bucket cannot be read.
+        """
+        self._fail_fast()
+        kv = await self._bucket(create=False)
+        try:
+            entry = await asyncio.wait_for(kv.get(changes_key(stream, consumer)), self._timeout)
+        except KeyNotFoundError:
+            return 0
+        except (NatsError, asyncio.TimeoutError, OSError) as error:
+            self._forget_if_gone(error)
+            raise self._failed(f"cannot read {self.bucket!r}", error) from error
+        return entry.revision or 0
 
     async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
         self._fail_fast()
