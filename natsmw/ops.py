@@ -29,6 +29,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -711,13 +712,14 @@ async def _change(
         # consumer every RECHECK_HELD seconds), and read their held records again when it
         # moved, not every record every time.
         marker = f"$KV.{bucket}.{changes_key(stream, consumer)}"
+        token = uuid.uuid4().hex.encode()  # a new value each time, whatever the revision
         try:
-            await js.publish(marker, b"", timeout=_TIMEOUT, msg_ttl=_MARKER_TTL)
+            await js.publish(marker, token, timeout=_TIMEOUT, msg_ttl=_MARKER_TTL)
         except (NatsError, asyncio.TimeoutError) as error:
             raise OpsError(
-                f"{what} is changed, but the consumer's change marker could not be written "
-                f"({error!r}): the instance holding it sees the change only when the message "
-                f"comes due. Run the command again"
+                f"{what} is changed, but the consumer's change marker {marker} could not be "
+                f"written ({error!r}; no answer can mean no permission to publish there): "
+                f"the instance holding the message sees the change only when it comes due"
             ) from None
         return message
     if cancel:

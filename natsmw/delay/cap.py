@@ -157,10 +157,10 @@ class _Found:
 
 @dataclass(slots=True)
 class _Changes:
-    """A consumer's change marker as last read: its ``revision``, when it was read and when
-    it was last seen to move (monotonic)."""
+    """A consumer's change marker as last read: its ``token``, when it was read and when it
+    was last seen to move (monotonic)."""
 
-    revision: int
+    token: str
     read_at: float
     changed_at: float
 
@@ -538,8 +538,13 @@ class DelayCap(Decorator):
         (``natsmw deferred``). Anything else read keeps what this instance knows."""
         remembered = entry.deferral
         assert remembered is not None
-        changed = coming_due or await self._changed_since(msg, key, entry.checked)
-        entry.checked = time.monotonic()  # after the marker's read: it may have moved then
+        if coming_due:
+            changed, as_of = True, time.monotonic()
+        else:
+            changed, as_of = await self._changed_since(msg, key, entry.checked)
+        # As of when the marker (or the record) was read, not now: a change that came after
+        # that read is seen at the next one, within RECHECK_HELD.
+        entry.checked = as_of
         if not changed:
             return _Found(remembered, recorded=True, entry=entry, now=now)
         try:
@@ -560,33 +565,34 @@ class DelayCap(Decorator):
             return _Found(stored, recorded=True, entry=entry)
         return _Found(remembered, recorded=True, entry=entry, now=now)
 
-    async def _changed_since(self, msg: MessageProxy, key: DeadlineKey, checked: float) -> bool:
+    async def _changed_since(
+        self, msg: MessageProxy, key: DeadlineKey, checked: float
+    ) -> tuple[bool, float]:
         """Whether an operator may have changed held records of the message's consumer since
-        ``checked`` (monotonic): one read of the consumer's change marker every
-        ``RECHECK_HELD`` seconds answers for all its held messages. True when the store
-        cannot tell (a store of the user's own: each record is read again, as before)."""
+        ``checked`` (monotonic), and as of when that is known: one read of the consumer's
+        change marker every ``RECHECK_HELD`` seconds answers for all its held messages.
+        Always changed for a store of the user's own: each record is read again, as before."""
         store = self._store_for(msg)
-        changes = getattr(store, "changes", None)
-        if changes is None:
-            return True
+        now = time.monotonic()
+        if not isinstance(store, KeyValueDeadlineStore):
+            return True, now
         consumers = self._changes.get(store)
         if consumers is None:
             consumers = self._changes[store] = {}
         known = consumers.get((key.stream, key.consumer))
-        now = time.monotonic()
         if known is None or now - known.read_at >= self._recheck_held:
             try:
-                revision = await changes(key.stream, key.consumer)
+                token = await store.changes(key.stream, key.consumer)
             except DeadlineStoreError:
-                return True  # the record's own read will tell, or keep what is known
+                return True, now  # the record's own read will tell, or keep what is known
             if known is None:
                 # First read here: whether the marker moved since this instance deferred
                 # its messages is unknown. Each held record is read once more.
-                known = consumers[(key.stream, key.consumer)] = _Changes(revision, now, now)
-            elif revision != known.revision:
-                known.revision, known.changed_at = revision, now
+                known = consumers[(key.stream, key.consumer)] = _Changes(token, now, now)
+            elif token != known.token:
+                known.token, known.changed_at = token, now
             known.read_at = now
-        return checked < known.changed_at
+        return checked < known.changed_at, known.read_at
 
     async def _first_of_older(
         self, msg: MessageProxy, key: DeadlineKey, numbers: tuple[int, float] | None

@@ -323,9 +323,10 @@ class KeyValueDeadlineStore:
             log.warning("ignoring a bad deadline record for %s in %r: %s", key, self.bucket, error)
             return None
 
-    async def changes(self, stream: str, consumer: str) -> int:
-        """How many times an operator changed held records of ``stream``/``consumer``
-        (``natsmw deferred release|cancel``), as the revision of its change marker; 0 if never.
+    async def changes(self, stream: str, consumer: str) -> str:
+        """What an operator last changed in held records of ``stream``/``consumer``
+        (``natsmw deferred release|cancel``): a token of the consumer's change marker, its
+        revision and the random value each change writes; ``""`` if never.
 
         Raises:
             DeadlineStoreError: the bucket cannot be read.
@@ -335,11 +336,12 @@ class KeyValueDeadlineStore:
         try:
             entry = await asyncio.wait_for(kv.get(changes_key(stream, consumer)), self._timeout)
         except KeyNotFoundError:
-            return 0
+            return ""
         except (NatsError, asyncio.TimeoutError, OSError) as error:
             self._forget_if_gone(error)
             raise self._failed(f"cannot read {self.bucket!r}", error) from error
-        return entry.revision or 0
+        # The value too: a bucket deleted and made again restarts its revisions.
+        return f"{entry.revision}:{(entry.value or b'').decode('ascii', 'replace')}"
 
     async def put(self, key: DeadlineKey, deferral: Deferral) -> None:
         self._fail_fast()
