@@ -163,6 +163,7 @@ class _Changes:
     token: str
     read_at: float
     changed_at: float
+    reading: asyncio.Future[None] | None = None  # a read of the marker under way
 
 
 _WARN_EVERY = 10.0  # seconds between two warnings of a kind an outage repeats per message
@@ -579,19 +580,32 @@ class DelayCap(Decorator):
         consumers = self._changes.get(store)
         if consumers is None:
             consumers = self._changes[store] = {}
-        known = consumers.get((key.stream, key.consumer))
-        if known is None or now - known.read_at >= self._recheck_held:
+        name = (key.stream, key.consumer)
+        known = consumers.get(name)
+        if known is not None and known.reading is not None:
+            await asyncio.shield(known.reading)  # a batch held at once: one read for all
+        elif known is None or now - known.read_at >= self._recheck_held:
+            reading = asyncio.get_running_loop().create_future()
+            if known is not None:
+                known.reading = reading
             try:
                 token = await store.changes(key.stream, key.consumer)
             except DeadlineStoreError:
                 return True, now  # the record's own read will tell, or keep what is known
+            finally:
+                reading.set_result(None)
+                if known is not None:
+                    known.reading = None
             if known is None:
                 # First read here: whether the marker moved since this instance deferred
                 # its messages is unknown. Each held record is read once more.
-                known = consumers[(key.stream, key.consumer)] = _Changes(token, now, now)
+                known = consumers[name] = _Changes(token, now, now)
             elif token != known.token:
                 known.token, known.changed_at = token, now
             known.read_at = now
+        known = consumers.get(name)
+        if known is None:  # the read in flight that this one waited for failed
+            return True, now
         return checked < known.changed_at, known.read_at
 
     async def _first_of_older(
