@@ -46,7 +46,7 @@ from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, VALID_BUCKET_RE, Objec
 from natsmw import guards, ops
 from natsmw._throttle import Throttled
 from natsmw.chain import Decorator, Handler, layer
-from natsmw.duration import Duration, to_seconds
+from natsmw.duration import Duration, to_positive_seconds, to_seconds
 from natsmw.guards import Rejection, SizeGuard, SizeGuardStats
 from natsmw.headers import peek_header
 from natsmw.message import WIRE_BODY, MessageProxy, capped_by
@@ -180,7 +180,7 @@ class ClaimCheck:
         if self.ttl == 0:
             raise ValueError("ttl must be more than zero (None keeps objects until deleted)")
         self.replicas = replicas
-        self.timeout = _positive(timeout, "timeout")
+        self.timeout = to_positive_seconds(timeout, "timeout")
         self._stores: weakref.WeakKeyDictionary[Client, ObjectStore] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
@@ -287,13 +287,6 @@ class ClaimCheck:
             raise last from None
 
 
-def _positive(value: Duration, what: str) -> float:
-    seconds = to_seconds(value, what)
-    if seconds <= 0:
-        raise ValueError(f"{what} must be more than zero, got {value!r}")
-    return seconds
-
-
 def _same_digest(one: str, other: str) -> bool:
     """``SHA-256=<base64>`` digests: the algorithm's name in any case, the value exactly."""
     name, _, value = one.partition("=")
@@ -382,7 +375,7 @@ class ClaimResolver(Decorator):
         )
         self.max_size = max_size
         self.on_error = on_error
-        self.timeout = _positive(timeout, "timeout")
+        self.timeout = to_positive_seconds(timeout, "timeout")
         self._stores: weakref.WeakKeyDictionary[Client, dict[str, ObjectStore]] = (
             weakref.WeakKeyDictionary()
         )

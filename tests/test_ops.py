@@ -249,13 +249,7 @@ async def test_human_output_reads_at_80_columns_in_a_terminal(
     conn: Connection, stream: Stream, nats_server: NatsServer
 ) -> None:
     async with deferred_both_ways(conn, stream):
-        controller, terminal = pty.openpty()
-        process = subprocess.Popen(  # noqa: ASYNC220 (the test waits for nothing else)
-            [sys.executable, "-m", "natsmw", "deferred", "list", "--server", nats_server.url],
-            stdout=terminal, stderr=terminal, stdin=terminal,
-            env={**os.environ, "COLUMNS": "80", "TERM": "xterm"},
-        )  # fmt: skip
-        os.close(terminal)
+        process, controller = in_terminal("list", url=nats_server.url)
         output = b""
         with contextlib.suppress(OSError):
             while chunk := os.read(controller, 4096):
@@ -390,20 +384,9 @@ async def test_release_all_lists_what_it_will_change_and_ctrl_c_at_the_question_
     conn: Connection, stream: Stream, nats_server: NatsServer
 ) -> None:
     async with deferred_both_ways(conn, stream):
-        controller, terminal = pty.openpty()
-        process = subprocess.Popen(  # noqa: ASYNC220 (the test waits for nothing else)
-            [sys.executable, "-m", "natsmw", "deferred", "release", "--all", "--stream",
-             stream.name, "--server", nats_server.url],
-            stdout=terminal, stderr=terminal, stdin=terminal,
-            env={**os.environ, "COLUMNS": "80", "TERM": "xterm"},
-        )  # fmt: skip
-        os.close(terminal)
-        output = b""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
-        while b"[y/N]" not in output:
-            assert loop.time() < deadline, output
-            output += await asyncio.to_thread(os.read, controller, 4096)
+        process, controller = in_terminal("release", "--all", "--stream", stream.name,
+                                          url=nats_server.url)  # fmt: skip
+        output = await asked(controller)
         process.send_signal(signal.SIGINT)  # the operator changes their mind: Ctrl-C
         assert await asyncio.to_thread(process.wait, 60) == 130
         os.close(controller)
@@ -417,17 +400,9 @@ async def test_release_all_lists_what_it_will_change_and_ctrl_c_at_the_question_
         assert sorted(m["tier"] for m in listed if "tier" in m) == ["held", "parked"]
 
         # Asked again (a cancel always asks), the operator types y: done, exit 0.
-        controller, terminal = pty.openpty()
-        process = subprocess.Popen(  # noqa: ASYNC220 (the test waits for nothing else)
-            [sys.executable, "-m", "natsmw", "deferred", "cancel", stream.name, "parker", "2",
-             "--server", nats_server.url],
-            stdout=terminal, stderr=terminal, stdin=terminal,
-        )  # fmt: skip
-        os.close(terminal)
-        output = b""
-        while b"[y/N]" not in output:
-            assert loop.time() < deadline + 60, output
-            output += await asyncio.to_thread(os.read, controller, 4096)
+        process, controller = in_terminal("cancel", stream.name, "parker", "2",
+                                          url=nats_server.url)  # fmt: skip
+        await asked(controller)
         os.write(controller, b"y\n")
         assert await asyncio.to_thread(process.wait, 60) == 0
         os.close(controller)
@@ -435,6 +410,29 @@ async def test_release_all_lists_what_it_will_change_and_ctrl_c_at_the_question_
             natsmw_cli("list", "--stream", stream.name, "--json", url=nats_server.url)
         )
         assert [m["tier"] for m in left if "tier" in m] == ["held"]
+
+
+def in_terminal(*args: str, url: str) -> tuple[subprocess.Popen[bytes], int]:
+    """``natsmw deferred *args`` in a pseudo-terminal 80 columns wide: the process and the
+    terminal's controlling end (to read what it prints, and to type)."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "natsmw", "deferred", *args, "--server", url],
+        stdout=terminal, stderr=terminal, stdin=terminal,
+        env={**os.environ, "COLUMNS": "80", "TERM": "xterm"},
+    )  # fmt: skip
+    os.close(terminal)
+    return process, controller
+
+
+async def asked(controller: int, timeout: float = 60.0) -> bytes:
+    """What the terminal shows up to the confirmation question, once it is asked."""
+    output = b""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while b"[y/N]" not in output:
+        assert asyncio.get_running_loop().time() < deadline, output
+        output += await asyncio.to_thread(os.read, controller, 4096)
+    return output
 
 
 async def test_a_reader_that_stops_early_ends_the_listing_with_141_and_no_traceback(

@@ -9,14 +9,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import nats
 import pytest
 
-from natsmw.server import find_nats_server
+from natsmw.server import _wait_until, find_nats_server
 
 
 def free_port() -> int:
@@ -43,12 +42,13 @@ def serve(tmp_path: Path, *flags: str) -> Iterator[int]:
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        for _ in range(500):
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+
+        def accepting() -> bool:
             assert process.poll() is None, (tmp_path / "server.log").read_text()
-            time.sleep(0.02)  # between two connection attempts; the loop bounds the wait
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        _wait_until(accepting, 10.0, lambda: TimeoutError("nats-server did not start"))
         yield port
     finally:
         process.terminate()
