@@ -39,6 +39,7 @@ from tests.conftest import (
     Stream,
     add_stream_when_ready,
     connect,
+    flushed,
     spy_acks,
 )
 from tests.test_park import served
@@ -75,6 +76,8 @@ async def test_a_20_mb_body_reaches_two_consumers_and_plain_nats_py_byte_for_byt
     assert wire == b""  # the stream holds the reference, not the body
     claim = Claim.from_header(headers[CLAIM_HEADER])
     assert (claim.bucket, claim.size, headers["K"]) == (check.bucket, len(body), "v")
+    assert claim.name.startswith(f"{stream.subject}/")  # the guide: named after the subject
+    assert (await conn.js.stream_info(f"OBJ_{check.bucket}")).config.max_age == 3600  # ttl
 
     seen: dict[str, Inbox] = {"one": Inbox(), "two": Inbox()}
     for name, inbox in seen.items():
@@ -486,3 +489,59 @@ async def test_a_subject_of_any_length_makes_a_claim_its_consumers_accept(
     got = await handled.wait_for(2)
     assert [m.data for m in got] == [b"long" * 100] * 2
     await conn.js.delete_object_store(check.bucket)
+
+
+async def test_the_default_bucket_keeps_objects_seven_days(
+    conn: Connection, stream: Stream
+) -> None:
+    check = ClaimCheck(threshold=10)  # the README's defaults
+    await natsmw.publish(conn.js, stream.subject, b"d" * 100, claim_check=check)
+    info = await conn.js.stream_info("OBJ_natsmw_claims")
+    assert info.config.max_age == 7 * 24 * 3600
+    await conn.js.delete_object_store("natsmw_claims")
+
+
+async def test_publish_not_before_takes_a_claim_check_too(conn: Connection, stream: Stream) -> None:
+    check = ClaimCheck(threshold=10, bucket=unique_bucket())
+    body = os.urandom(50_000)
+    ran: list[tuple[bytes, float]] = []
+    done = asyncio.Event()
+
+    @compose(with_delay_cap(0.2, parking=False), with_claim_check())
+    async def handle(msg: Msg) -> None:
+        ran.append((msg.data, time.time()))
+        await msg.ack()
+        done.set()
+
+    await conn.js.subscribe(stream.subject, durable="later", cb=handle, manual_ack=True)
+    sent = time.time()
+    await natsmw.publish_not_before(
+        conn.js, stream.subject, body, not_before=1.0, claim_check=check
+    )
+    await asyncio.wait_for(done.wait(), 10)
+    assert ran[0][0] == body
+    assert ran[0][1] >= sent + 1.0  # not before its deadline
+    await conn.js.delete_object_store(check.bucket)
+
+
+async def test_a_core_message_whose_body_cannot_be_had_is_dropped_with_an_error(
+    conn: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    called = Inbox()
+    resolver = with_claim_check()
+
+    @resolver
+    async def handle(msg: Msg) -> None:
+        await called.put(msg)
+
+    missing = Claim("claims_nowhere", "x/1", 10, "SHA-256=AAAA").header()
+    with caplog.at_level(logging.ERROR, logger="natsmw.claim"):
+        await conn.nc.subscribe("core.claims", cb=handle)
+        await flushed(conn.nc)
+        await conn.nc.publish("core.claims", b"", headers={CLAIM_HEADER: missing})
+        await conn.nc.publish("core.claims", b"plain")  # behind it: the first is done then
+        (got,) = await called.wait_for(1)
+    assert got.data == b"plain"
+    assert resolver.stats.dropped == 1
+    assert "claim_missing" in caplog.text
+    assert "core NATS message cannot be kept" in caplog.text
