@@ -48,6 +48,7 @@ from natsmw.delay.decision import (
     Run,
     Send,
     delivery_decision,
+    hold_interval,
     nak_decision,
 )
 from natsmw.delay.limits import ConsumerLimits, Limits
@@ -55,6 +56,7 @@ from natsmw.delay.memory import Deliveries, Remembered
 from natsmw.delay.park import (
     LATEST_SCHEDULE,
     SERVED,
+    UNSERVED,
     WANTED,
     DueMsg,
     Parked,
@@ -81,6 +83,7 @@ from natsmw.message import (
     Settlement,
     SettlementKind,
     capped_by,
+    nak_settlement,
     remove_last,
     wire_body,
 )
@@ -415,9 +418,25 @@ class DelayCap(Decorator):
             return self._core(msg, call_next)
         if real.__class__ is DueMsg:
             return self._due(msg, real, call_next)
-        # Every message comes here: its reply subject is read once, in place (no metadata).
+        # Every message comes here: its reply subject is read once, in place (no metadata),
+        # and its numbers only as far as the path it takes needs them.
         tokens = reply.split(".")  # $JS.ACK.<stream>.<consumer>.<n>.<sseq>.<cseq>.<ns>.<pending>
         plain = len(tokens) == 9
+        if real.__class__ is Msg:  # nats-py's own: its headers are a dict, no call to peek
+            headers = real.headers
+            value = headers.get(DEADLINE_HEADER) if headers else None
+        else:
+            value = peek_header(real, DEADLINE_HEADER)
+        if (
+            plain
+            and value is None
+            and tokens[4] == "1"
+            and not self._memory._count  # nothing remembered could be about this message
+            and self._first_of_own(
+                real, tokens[2], tokens[3], tokens[5], int(tokens[6]), int(tokens[7]) / 1e9
+            )
+        ):
+            return self._run(msg, None, 1, None, call_next, calls_before=0, shown=1)
         if plain:
             stream, consumer, sequence, delivery = (
                 tokens[2], tokens[3], int(tokens[5]), int(tokens[4])
@@ -427,23 +446,54 @@ class DelayCap(Decorator):
         key = _new_key((stream, consumer, sequence))
         if delivery > 1:
             self._saw(real, key, int(tokens[6]) if plain else None)
-        if real.__class__ is Msg:  # nats-py's own: its headers are a dict, no call to peek
-            headers = real.headers
-            value = headers.get(DEADLINE_HEADER) if headers else None
-        else:
-            value = peek_header(real, DEADLINE_HEADER)
+            if value is None:
+                held = self._held_again(msg, real, key, delivery)
+                if held is not None:
+                    return held
         header = None if value is None else self._header_deferral(msg, value)
+        return self._looked_up(msg, key, delivery, header, call_next)
+
+    def _held_again(
+        self, msg: MessageProxy, real: Msg, key: DeadlineKey, delivery: int
+    ) -> Awaitable[None] | None:
+        """The usual hold, on the instance that deferred the message, without the long way's
+        frames: its deadline remembered and ahead, checked for an operator's change lately,
+        not to be parked, the consumer's limits fresh, and no hold stretched. ``None``
+        otherwise: the long way (``_looked_up``) decides, as it would have."""
+        client = real._client
+        entry = self._memory.recall(key, client, delivery)
+        if entry is None:
+            return None
+        deferral = entry.deferral
         if (
-            header is None
-            and delivery == 1
-            and plain
-            and not self._memory._count  # nothing remembered could be about this message
-            and self._first_of_own(
-                real, stream, consumer, sequence, int(tokens[6]), int(tokens[7]) / 1e9
+            deferral is None
+            or deferral.cancelled
+            or time.monotonic() - entry.checked >= self._recheck_held
+        ):
+            return None
+        remaining = deferral.deadline - server_clock.now(client)
+        if remaining <= 0:
+            return None
+        park_after = self.park_after
+        if (
+            park_after is not None
+            and remaining > park_after
+            # Not parked only where nothing serves the consumer's due messages, as said once
+            # on the long way (_park_threshold).
+            and (
+                serving(client, key.stream, key.consumer) != UNSERVED
+                or (key.stream, key.consumer) not in self._unserved_warned
             )
         ):
-            return self._run(msg, key, delivery, None, call_next, calls_before=0, shown=delivery)
-        return self._looked_up(msg, key, delivery, header, call_next)
+            return None
+        limits = self._limits.cached(client, key.stream, key.consumer, self._limits_age)
+        if limits is None:
+            return None
+        hold = hold_interval(remaining, self.cap, self.jitter, random.random(), delivery, limits)
+        if hold is None or hold[1]:  # the handler runs, or a stretched hold, said loudly
+            return None
+        self._memory.held(entry, key, client, deferral, delivery)
+        return self._nak_for(msg, hold[0], delivery, remaining)
 
     async def _looked_up(
         self,
@@ -472,7 +522,13 @@ class DelayCap(Decorator):
                 after()
 
     def _first_of_own(
-        self, real: Msg, stream: str, consumer: str, sequence: int, cseq: int, stored_at: float
+        self,
+        real: Msg,
+        stream: str,
+        consumer: str,
+        sequence: int | str,
+        cseq: int,
+        stored_at: float,
     ) -> bool:
         """Whether a first, plain delivery needs no lookup, as far as known without asking:
         it was stored under this very consumer (not one deleted and made again under the
@@ -494,7 +550,11 @@ class DelayCap(Decorator):
         # Stored before this consumer: a new durable over a backlog, every message. The
         # earlier consumer's records were listed once; most messages are not among them.
         deferred = generation.deferred
-        if deferred is not None and sequence not in deferred and now < generation.clear_until:
+        if (
+            deferred is not None
+            and int(sequence) not in deferred  # from the reply subject, on the hot path
+            and now < generation.clear_until
+        ):
             generation.high = cseq
             return True
         return False
@@ -722,7 +782,7 @@ class DelayCap(Decorator):
     async def _run(
         self,
         msg: MessageProxy,
-        key: DeadlineKey,
+        key: DeadlineKey | None,
         delivery: int,
         deferral: Deferral | None,
         call_next: Handler,
@@ -733,9 +793,14 @@ class DelayCap(Decorator):
         """Call the handler, with its long naks capped or parked.
 
         ``calls_before``: handler calls made before the deliveries counted by ``delivery``
-        (while parked); ``shown``: the ``num_delivered`` the handler sees.
+        (while parked); ``shown``: the ``num_delivered`` the handler sees. ``key``: ``None``
+        for a first delivery on the hot path, read from the message if it is needed.
         """
-        own = delivery if deferral is None else await self._release(msg, key, deferral, delivery)
+        if deferral is None:
+            own = delivery
+        else:
+            key = key or _key_of(msg)
+            own = await self._release(msg, key, deferral, delivery)
         calls = calls_before + own
         if calls != shown:  # handler_calls() falls back to num_delivered, which is shown
             msg.state[_CALLS_KEY] = calls
@@ -744,7 +809,7 @@ class DelayCap(Decorator):
             if settlement.delay is None or settlement.delay <= self.cap:
                 return await send(settlement)
             return await self._defer(
-                msg, key, delivery, delivery - own, calls, settlement.delay, send
+                msg, key or _key_of(msg), delivery, delivery - own, calls, settlement.delay, send
             )
 
         # What msg.intercept() does, without its with block's calls (on every message).
@@ -767,7 +832,7 @@ class DelayCap(Decorator):
                 remove_last(interceptors, interception)
             settlement = msg._self_settlement
             if settlement is None or settlement.kind == "nak" or self._memory._count:
-                self._after_call(msg, key, delivery, deferral)
+                self._after_call(msg, key or _key_of(msg), delivery, deferral)
 
     async def _kept_back(
         self,
@@ -1185,16 +1250,26 @@ class DelayCap(Decorator):
     async def _hold(
         self, msg: MessageProxy, hold: Hold, delivery: int, remaining: float, limits: Limits
     ) -> None:
-        self.stats.holds += 1
         if hold.stretched:
             self._stretched(msg, hold, delivery, remaining, limits)
+        await self._nak_for(msg, hold.nak, delivery, remaining)
+
+    async def _nak_for(
+        self, msg: MessageProxy, nak: float, delivery: int, remaining: float
+    ) -> None:
+        """Hold the delivery for ``nak`` seconds: count it, tell observers, send the nak."""
+        self.stats.holds += 1
         if msg._self_observers:  # one per hold: only built for someone who listens
             msg.report(
                 "natsmw.delay.hold",
-                {"natsmw.delay.remaining_s": remaining, "natsmw.delay.nak_s": hold.nak,
+                {"natsmw.delay.remaining_s": remaining, "natsmw.delay.nak_s": nak,
                  "natsmw.message.delivery_count": delivery},
             )  # fmt: skip
-        await msg._settle(Settlement("nak", delay=hold.nak))  # a valid delay: no checks
+        settlement = nak_settlement(nak)  # a valid delay: no checks
+        if msg._self_interceptors:
+            await msg._settle(settlement)
+        else:  # nobody around intercepts (the usual case): one frame less
+            await msg._send(settlement)
 
     async def _hold_blind(self, msg: MessageProxy, hold: Hold, delivery: int) -> None:
         self.stats.blind_holds += 1
@@ -1406,7 +1481,7 @@ class DelayCap(Decorator):
                 {"natsmw.delay.requested_s": delay, "natsmw.delay.cap_s": self.cap,
                  "natsmw.delay.nak_s": decision.nak, "natsmw.delay.deadline": _iso(deadline)},
             )  # fmt: skip
-        return await send(Settlement("nak", delay=decision.nak))
+        return await send(nak_settlement(decision.nak))
 
     async def _cancelled(self, msg: MessageProxy, key: DeadlineKey) -> None:
         """An operator cancelled this deferred message: it never reaches the handler."""
@@ -1427,7 +1502,7 @@ class DelayCap(Decorator):
             "%s seq %s: %s; its %.3fs nak goes as the handler asked",
             msg.subject, _seq(msg), why, delay,
         )  # fmt: skip
-        return await send(Settlement("nak", delay=delay))
+        return await send(nak_settlement(delay))
 
     async def _release(
         self, msg: MessageProxy, key: DeadlineKey, deferral: Deferral, delivery: int
@@ -1525,6 +1600,12 @@ def _too_big_to_park(real: Msg) -> bool:
 
 def _closed(stores: dict[str | None, KeyValueDeadlineStore]) -> bool:
     return any(store.client_closed for store in stores.values())
+
+
+def _key_of(msg: MessageProxy) -> DeadlineKey:
+    """The deadline key of a JetStream delivery, read from its reply subject."""
+    stream, consumer, sequence, _ = msg.position
+    return _new_key((stream, consumer, sequence))
 
 
 def _reply_numbers(real: Msg) -> tuple[int, float] | None:
