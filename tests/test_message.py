@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 
@@ -13,7 +14,7 @@ from nats.errors import MsgAlreadyAckdError, NotJSMessageError
 from natsmw import Handler, MessageProxy, Middleware, Settlement, compose, middleware, peek_header
 from natsmw.headers import Undecoded
 from natsmw.installation import installed
-from natsmw.message import Position, Settle, SettlementKind
+from natsmw.message import Position, Settle, SettlementKind, nak_settlement
 from tests.conftest import Connection, Inbox, Stream, spy_acks
 
 
@@ -148,6 +149,16 @@ async def test_an_interceptor_for_some_kinds_sees_only_those_and_the_rest_pass_i
     assert seen == [("inner", nak), ("naks only", nak), ("outer", nak), ("inner", ack_),
                     ("outer", ack_)]  # fmt: skip
     assert spy.settlements(ack.seq) == [b'-NAK {"delay": 50000000}', b"+ACK"]
+
+
+def test_the_quick_nak_settlement_is_the_dataclass_one() -> None:  # pure
+    made = nak_settlement(2.5)
+    assert made == Settlement("nak", delay=2.5)
+    assert hash(made) == hash(Settlement("nak", delay=2.5))
+    assert repr(made) == repr(Settlement("nak", delay=2.5))
+    assert dataclasses.replace(made, delay=1.0) == Settlement("nak", delay=1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.delay = 3.0  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("kinds", [["nak", "ackk"], "nak", ()])
