@@ -45,10 +45,19 @@ async def fill(nc: Client, stream: str, subject: str, messages: int, headers: in
     await nc.flush()
 
 
+@dataclass(frozen=True)
+class Drained:
+    """One variant's drain of the stream: messages per second, and the consumer thread's CPU
+    per message (µs; every client of the bench runs in that thread, the server does not)."""
+
+    rate: float
+    cpu_us: float
+
+
 async def drain_rate(
     url: str, stream: str, subject: str, count: int, variant: Variant, durable: str
-) -> float:
-    """Messages per second for ``variant`` to consume and ack ``count`` stored messages."""
+) -> Drained:
+    """How fast ``variant`` consumes and acks ``count`` stored messages."""
     nc: Client = await nats.connect(url)
     handler = variant.prepare(nc)
     done = asyncio.Event()
@@ -62,19 +71,19 @@ async def drain_rate(
             done.set()
 
     try:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         js = nc.jetstream()
         sub = await js.subscribe(
             subject, durable=durable, cb=counted, manual_ack=True, pending_msgs_limit=-1
         )
         await asyncio.wait_for(done.wait(), 600)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
         await sub.unsubscribe()
     finally:
         variant.finish()
         await nc.close()
     await _delete_consumer(url, stream, durable)
-    return count / elapsed
+    return Drained(count / elapsed, cpu / count * 1e6)
 
 
 async def _delete_consumer(url: str, stream: str, durable: str) -> None:
@@ -98,14 +107,16 @@ def rotated(items: Sequence[_T], round_: int, rounds: int) -> list[_T]:
 
 async def compare(
     variants: list[Variant], *, messages: int, rounds: int, headers: int, title: str
-) -> dict[str, float]:
-    """Median msg/s of each variant over ``rounds`` rounds, on one embedded server.
+) -> dict[str, dict[str, object]]:
+    """Each variant against the first (raw nats-py) over ``rounds`` rounds, on one server.
 
     A warm-up round drains every variant first and is not counted (first-use costs, the
     server's caches). Every round drains each variant once, in an order that rotates from
-    round to round (:func:`rotated`).
+    round to round (:func:`rotated`). A ratio compares a drain with the first variant's drain
+    of the same round, so that the machine's drift between rounds cancels out; each figure is
+    the median over the rounds, with its range.
     """
-    rates: dict[str, list[float]] = {v.name: [] for v in variants}
+    drains: dict[str, list[Drained]] = {v.name: [] for v in variants}
     with NatsServer() as server:
         nc = await nats.connect(server.url)
         await fill(nc, "BENCH", "bench.msgs", messages, headers)
@@ -113,25 +124,40 @@ async def compare(
         for round_ in range(-1, rounds):  # round -1 warms up
             for index in rotated(range(len(variants)), max(round_, 0), rounds):
                 variant, durable = variants[index], f"d{round_ + 1}x{index}"
-                rate = await drain_rate(
+                drained = await drain_rate(
                     server.url, "BENCH", "bench.msgs", messages, variant, durable
                 )
                 if round_ >= 0:
-                    rates[variant.name].append(rate)
-    medians = {name: statistics.median(values) for name, values in rates.items()}
-    raw = next(iter(medians.values()))
+                    drains[variant.name].append(drained)
+    raw = drains[variants[0].name]
     print(
-        f"\n{title}: {messages} messages, {headers} headers, median (min-max) of {rounds} "
-        "rounds after a warm-up round, the order rotating"
+        f"\n{title}: {messages} messages, {headers} headers, {rounds} rounds after a warm-up "
+        f"round, the order rotating; medians (range) of each round against raw's in that round"
     )
-    for name, rate in medians.items():
-        extra = (1 / rate - 1 / raw) * 1e6
-        low, high = min(rates[name]), max(rates[name])
+    print(f"  {'':44s} {'msg/s':>9s}  {'rate vs raw':>19s}  {'CPU us/msg':>10s}  "
+          f"{'CPU vs raw':>19s}")  # fmt: skip
+    results: dict[str, dict[str, object]] = {}
+    for name, runs in drains.items():
+        rate = [d.rate / r.rate for d, r in zip(runs, raw, strict=True)]
+        cpu = [d.cpu_us / r.cpu_us for d, r in zip(runs, raw, strict=True)]
+        results[name] = {
+            "msg_per_s": statistics.median(d.rate for d in runs),
+            "rate_vs_raw": statistics.median(rate),
+            "rate_vs_raw_by_round": rate,
+            "cpu_us_per_msg": statistics.median(d.cpu_us for d in runs),
+            "cpu_vs_raw": statistics.median(cpu),
+            "cpu_vs_raw_by_round": cpu,
+        }
         print(
-            f"  {name:44s} {rate:9.0f} msg/s  {rate / raw:5.2f}x raw  {extra:+6.1f} us/msg"
-            f"  ({low:.0f}-{high:.0f})"
+            f"  {name:44s} {results[name]['msg_per_s']:9.0f}  {_ratio(rate)}  "
+            f"{results[name]['cpu_us_per_msg']:10.1f}  {_ratio(cpu)}"
         )
-    return medians
+    return results
+
+
+def _ratio(values: list[float]) -> str:
+    """A median ratio with its range: ``0.84x (0.80-0.88)``."""
+    return f"{statistics.median(values):5.2f}x ({min(values):.2f}-{max(values):.2f})"
 
 
 def write_report(

@@ -436,7 +436,7 @@ class DelayCap(Decorator):
                 real, tokens[2], tokens[3], tokens[5], int(tokens[6]), int(tokens[7]) / 1e9
             )
         ):
-            return self._run(msg, None, 1, None, call_next, calls_before=0, shown=1)
+            return self._run(msg, None, 1, None, call_next)
         if plain:
             stream, consumer, sequence, delivery = (
                 tokens[2], tokens[3], int(tokens[5]), int(tokens[4])
@@ -507,9 +507,7 @@ class DelayCap(Decorator):
         found = await self._gather(msg, key, delivery, header)
         if found is not _NOTHING and await self._kept_back(msg, key, found, delivery):
             return
-        await self._run(
-            msg, key, delivery, found.deferral, call_next, calls_before=0, shown=delivery
-        )
+        await self._run(msg, key, delivery, found.deferral, call_next)
 
     async def _core(self, msg: MessageProxy, call_next: Handler) -> None:
         """A core NATS message: nothing to defer."""
@@ -787,13 +785,14 @@ class DelayCap(Decorator):
         deferral: Deferral | None,
         call_next: Handler,
         *,
-        calls_before: int,
-        shown: int,
+        calls_before: int = 0,
+        shown: int | None = None,
     ) -> None:
         """Call the handler, with its long naks capped or parked.
 
         ``calls_before``: handler calls made before the deliveries counted by ``delivery``
-        (while parked); ``shown``: the ``num_delivered`` the handler sees. ``key``: ``None``
+        (while parked); ``shown``: the ``num_delivered`` the handler sees (``None``:
+        ``delivery``). ``key``: ``None``
         for a first delivery on the hot path, read from the message if it is needed.
         """
         if deferral is None:
@@ -802,7 +801,8 @@ class DelayCap(Decorator):
             key = key or _key_of(msg)
             own = await self._release(msg, key, deferral, delivery)
         calls = calls_before + own
-        if calls != shown:  # handler_calls() falls back to num_delivered, which is shown
+        if calls != (delivery if shown is None else shown):
+            # handler_calls() falls back to num_delivered, which is shown
             msg.state[_CALLS_KEY] = calls
 
         async def on_settle(settlement: Settlement, send: Settle) -> Any:
