@@ -152,6 +152,9 @@ async def test_an_interceptor_for_some_kinds_sees_only_those_and_the_rest_pass_i
 
 
 def test_the_quick_nak_settlement_is_the_dataclass_one() -> None:  # pure
+    # It writes the fields without __init__: a __post_init__ added later would be skipped.
+    assert not hasattr(Settlement, "__post_init__")
+    assert [f.name for f in dataclasses.fields(Settlement)] == ["kind", "delay", "timeout"]
     made = nak_settlement(2.5)
     assert made == Settlement("nak", delay=2.5)
     assert hash(made) == hash(Settlement("nak", delay=2.5))

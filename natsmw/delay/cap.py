@@ -792,8 +792,8 @@ class DelayCap(Decorator):
 
         ``calls_before``: handler calls made before the deliveries counted by ``delivery``
         (while parked); ``shown``: the ``num_delivered`` the handler sees (``None``:
-        ``delivery``). ``key``: ``None``
-        for a first delivery on the hot path, read from the message if it is needed.
+        ``delivery``). ``key`` is ``None`` for a first delivery on the hot path: read from
+        the message if it is needed.
         """
         if deferral is None:
             own = delivery
