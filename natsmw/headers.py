@@ -279,10 +279,10 @@ def peek_header(msg: Msg, name: str) -> str | None:
 
     Works on any message; the saving comes when lazy headers are installed on its client.
     """
-    # On every message, twice (the delay cap's deadline, the size guard's count): a plain
-    # message costs one isinstance here, no further call.
-    undecoded = _raw_block(msg) if isinstance(msg, LazyHeadersMixin) else None
-    if undecoded is None:
+    # On every message, up to three times (the delay cap's deadline, the size guard's claim,
+    # the handler's own): one isinstance and, on a lazy message, one attribute read, no call.
+    undecoded = msg._natsmw_headers if isinstance(msg, LazyHeadersMixin) else None
+    if type(undecoded) is not Undecoded:
         headers = msg.headers
         return headers.get(name) if headers else None
     wanted = _peekable.get(name)
@@ -325,8 +325,9 @@ def header_block_size(msg: Msg) -> tuple[int, int]:
 
 def header_count(msg: Msg) -> int:
     """How many headers ``msg`` has: header lines of the raw block when it is at hand."""
-    undecoded = _raw_block(msg) if isinstance(msg, LazyHeadersMixin) else None  # see peek_header
-    if undecoded is not None:
+    # See peek_header.
+    undecoded = msg._natsmw_headers if isinstance(msg, LazyHeadersMixin) else None
+    if type(undecoded) is Undecoded:
         return max(undecoded.raw.count(_CRLF) - 2, 0)
     headers = msg.headers
     return len(headers) if headers else 0
