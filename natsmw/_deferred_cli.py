@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TextIO
 
 import nats
@@ -102,8 +103,9 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
               file=err)  # fmt: skip
         return USAGE
     denied: list[str] = []
+    refused = asyncio.Event()
     try:
-        nc = await _connect(args, denied)
+        nc = await _connect(args, denied, refused)
     except ModuleNotFoundError as error:
         print(f"natsmw deferred: --creds needs {error.name!r}: pip install 'nats-py[nkeys]'",
               file=err)  # fmt: skip
@@ -113,9 +115,11 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
         return FAILED
     try:
         if args.action == "list":
-            return await _list(nc, args, out)
+            return await _unless_refused(_list(nc, args, out), refused)
         if args.action == "show":
-            return await _show(nc, args, out)
+            return await _unless_refused(_show(nc, args, out), refused)
+        # A change may be half made when a request of it is refused: it runs to its own end
+        # and says what was done.
         return await _change(nc, args, out, err)
     except ops.NotFound as error:
         print(f"natsmw deferred: {error}", file=err)
@@ -130,7 +134,32 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
         await nc.close()
 
 
-async def _connect(args: argparse.Namespace, denied: list[str]) -> Client:
+async def _unless_refused(reading: Coroutine[Any, Any, int], refused: asyncio.Event) -> int:
+    """What ``reading`` returns, or as soon as the server refuses one of its requests,
+    ``ops.OpsError``: a refused request is never answered, and would otherwise wait out its
+    timeout. For commands that only read: nothing is left half done.
+
+    Raises:
+        ops.OpsError: the server refused a request (its words are in the error callback's).
+    """
+    task = asyncio.ensure_future(reading)
+    waiter = asyncio.ensure_future(refused.wait())
+    try:
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled from outside (Ctrl-C): the reading goes too
+        task.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    if task in done:
+        return task.result()  # done before any refusal, or at the same moment: its own end
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ops.OpsError):
+        await task  # whatever it says once cancelled, the refusal is why it stopped
+    raise ops.OpsError("the server refused a request")
+
+
+async def _connect(args: argparse.Namespace, denied: list[str], refused: asyncio.Event) -> Client:
     options: dict[str, Any] = {
         "servers": args.server.split(","),
         "connect_timeout": args.timeout,
@@ -153,6 +182,7 @@ async def _connect(args: argparse.Namespace, denied: list[str]) -> Client:
         # went unanswered.
         if "permissions violation" in str(error).lower():
             denied.append(str(error))
+            refused.set()
 
     # nats-py may keep trying a server that refuses: the timeout is the operator's.
     return await asyncio.wait_for(nats.connect(error_cb=quiet, **options), args.timeout + 1)

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,11 +109,15 @@ def test_a_permission_violation_is_named(tmp_path: Path) -> None:
             await nc.close()
 
         asyncio.run(make_a_record(url))
+        started = time.monotonic()
         refused = cli("list", "--server", url, "--user", "ops", "--password", "ops")
         assert refused.returncode == 1
         assert "no permission" in refused.stderr
         # The server's own words, with the subject it refused (nats-py lowercases them).
         assert 'permissions violation for publish to "$js.api.direct.get.' in refused.stderr
+        # At the refusal, not after the request's 10 s timeout (a refused request is never
+        # answered).
+        assert time.monotonic() - started < 8.0
 
 
 def test_creds_without_nkeys_says_what_to_install(tmp_path: Path) -> None:
