@@ -203,16 +203,40 @@ def middleware(step: Step) -> Decorator:
     return _Stepped(_awaiting(step))
 
 
-def layer(step: Step) -> Decorator:
-    """[`middleware`][middleware] for natsmw's own steps, which await what they call."""
-    return _Stepped(step)
+Screen: TypeAlias = Callable[[Msg, "tuple[Callable[[Msg], bool], ...]"], "Awaitable[None] | None"]
+"""``screen(msg, checks)``: settles a message as nats-py delivered it, before the chain makes a
+proxy, and returns the settlement's awaitable; or ``None``, and the chain runs as ever. It may
+settle only where every one of ``checks`` (the layers outside it) passes the message."""
+
+
+def layer(
+    step: Step,
+    *,
+    screen: Screen | None = None,
+    passes: Callable[[Msg], bool] | None = None,
+) -> Decorator:
+    """[`middleware`][middleware] for natsmw's own steps, which await what they call.
+
+    ``screen``: this layer may settle some messages before any proxy is made (the delay
+    cap's usual hold). ``passes(msg)``: this layer would hand ``msg`` on unchanged, with
+    nothing to see of what follows; a screen right inside it may then still run, checked by
+    it. A layer with neither (tracing, claims, a user's middleware) sees every message.
+    """
+    return _Stepped(step, screen, passes)
 
 
 class _Stepped(Decorator):
-    __slots__ = ("_step",)
+    __slots__ = ("_passes", "_screen", "_step")
 
-    def __init__(self, step: Step) -> None:
+    def __init__(
+        self,
+        step: Step,
+        screen: Screen | None = None,
+        passes: Callable[[Msg], bool] | None = None,
+    ) -> None:
         self._step = step
+        self._screen = screen
+        self._passes = passes
 
     def __repr__(self) -> str:
         return f"middleware({getattr(self._step, '__wrapped__', self._step)!r})"
@@ -225,6 +249,11 @@ class _Stepped(Decorator):
         # made with functools.wraps carries its attribute too, and must not be skipped.
         inner = getattr(handler, _ENTRY, None)
         call_next = inner[1] if inner is not None and inner[0] is handler else handler
+        screen, checks = self._screen, ()
+        if screen is None and self._passes is not None:
+            below = getattr(handler, _SCREEN, None)
+            if below is not None and below[0] is handler:  # that very layer, as for _ENTRY
+                screen, checks = below[1], (self._passes, *below[2])
 
         @functools.wraps(handler)
         async def handle(msg: Msg, bound_msg: Msg = _UNBOUND) -> None:
@@ -238,6 +267,11 @@ class _Stepped(Decorator):
             # call).
             kind = type(msg)
             if kind not in PROXY_TYPES:
+                if screen is not None and then is call_next:
+                    settled = screen(msg, checks)
+                    if settled is not None:
+                        await settled
+                        return
                 msg = MessageProxy(msg) if kind is Msg else MessageProxy.of(msg)
             await step(msg, then)  # type: ignore[arg-type]  # a proxy, by PROXY_TYPES
 
@@ -247,6 +281,8 @@ class _Stepped(Decorator):
             return handle(msg)  # a step handed on another message: proxy it as handle does
 
         setattr(handle, _ENTRY, (handle, enter))
+        if screen is not None:
+            setattr(handle, _SCREEN, (handle, screen, checks))
         return handle
 
 
@@ -294,6 +330,7 @@ _HELD_BY_NOBODY = 2
 
 
 _ENTRY = "_natsmw_entry"  # on a layer's handler: (that handler, its step's entry)
+_SCREEN = "_natsmw_screen"  # on a layer's handler: (that handler, its screen, its checks)
 # A decorated handler is a function, so a method decorated in a class body is called with
 # the instance first: ``handle(instance, msg)``. This default tells the two calls apart.
 _UNBOUND: Any = object()

@@ -193,7 +193,7 @@ class SizeGuard(Decorator):
         return self._max_headers
 
     def _wrap(self, handler: Handler) -> Handler:
-        return layer(self._step)(handler)
+        return layer(self._step, passes=self._passes)(handler)
 
     def check(self, msg: Msg) -> Rejection | None:
         """The first limit ``msg`` breaks, measured without decoding its headers; or ``None``."""
@@ -223,6 +223,10 @@ class SizeGuard(Decorator):
         if max_headers is not None and count > max_headers:
             return Rejection("header_count", count, max_headers)
         return None
+
+    def _passes(self, msg: Msg) -> bool:
+        """Whether ``msg`` is within every limit: handed on unchanged (for a screen inside)."""
+        return self._check(msg) is None
 
     def _step(self, msg: MessageProxy, call_next: Handler) -> Awaitable[None]:
         # Not a coroutine itself: a message that passes is handed on as the next layer's

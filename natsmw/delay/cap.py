@@ -25,7 +25,7 @@ import math
 import random
 import time
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
@@ -396,7 +396,7 @@ class DelayCap(Decorator):
                 f"overwrite each other. Keep one delay cap per chain (under install(chain=...), "
                 f"the chain's or the handler's own)"
             )
-        wrapped = layer(self._step)(handler)
+        wrapped = layer(self._step, screen=self._screen)(handler)
         # functools.wraps copies this onto every wrapper made around it later, so a cap
         # further out sees it through other middlewares.
         setattr(wrapped, _CAPPED_BY, self)
@@ -447,18 +447,50 @@ class DelayCap(Decorator):
         if delivery > 1:
             self._saw(real, key, int(tokens[6]) if plain else None)
             if value is None:
-                held = self._held_again(msg, real, key, delivery)
+                held = self._hold_now(real, key, delivery)
                 if held is not None:
-                    return held
+                    return self._nak_for(msg, held[0], delivery, held[1])
         header = None if value is None else self._header_deferral(msg, value)
         return self._looked_up(msg, key, delivery, header, call_next)
 
-    def _held_again(
-        self, msg: MessageProxy, real: Msg, key: DeadlineKey, delivery: int
+    def _screen(
+        self, real: Msg, checks: tuple[Callable[[Msg], bool], ...]
     ) -> Awaitable[None] | None:
+        """The usual hold (``_hold_now``) decided on the message as nats-py delivered it,
+        before the chain makes a proxy: the nak, or ``None`` and the chain runs. Only where
+        the layers outside pass the message (``checks``) and nobody could watch the hold (a
+        layer that would, such as tracing, lets no screen run)."""
+        if not self._memory._count or real.__class__ is DueMsg:
+            return None  # nothing deferred here; a due copy has its own way (_due)
+        reply = real.reply
+        if not reply or not reply.startswith(_JS_ACK_PREFIX):
+            return None
+        tokens = reply.split(".")
+        if len(tokens) != 9 or tokens[4] == "1":
+            return None  # another reply format, or a first delivery: the chain's own way
+        if real.__class__ is Msg:
+            headers = real.headers
+            if headers and DEADLINE_HEADER in headers:
+                return None
+        elif peek_header(real, DEADLINE_HEADER) is not None:
+            return None
+        for check in checks:
+            if not check(real):
+                return None
+        key = _new_key((tokens[2], tokens[3], int(tokens[5])))
+        delivery = int(tokens[4])
+        self._saw(real, key, int(tokens[6]))
+        held = self._hold_now(real, key, delivery)
+        if held is None:
+            return None
+        self.stats.holds += 1
+        return real.nak(delay=held[0])
+
+    def _hold_now(self, real: Msg, key: DeadlineKey, delivery: int) -> tuple[float, float] | None:
         """The usual hold, on the instance that deferred the message, without the long way's
         frames: its deadline remembered and ahead, checked for an operator's change lately,
-        not to be parked, the consumer's limits fresh, and no hold stretched. ``None``
+        not to be parked, the consumer's limits fresh, and no hold stretched. Recorded as
+        held; the nak and the time left are returned for the caller to send. ``None``
         otherwise: the long way (``_looked_up``) decides, as it would have."""
         client = real._client
         entry = self._memory.recall(key, client, delivery)
@@ -493,7 +525,7 @@ class DelayCap(Decorator):
         if hold is None or hold[1]:  # the handler runs, or a stretched hold, said loudly
             return None
         self._memory.held(entry, key, client, deferral, delivery)
-        return self._nak_for(msg, hold[0], delivery, remaining)
+        return hold[0], remaining
 
     async def _looked_up(
         self,

@@ -1,0 +1,102 @@
+"""Holds decided before the chain makes its proxy (the delay cap's screen): in memory, on
+nats-py messages whose client records what is published. Pure logic: which layers may let
+a hold skip them, and which must see it."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from natsmw import Handler, MessageProxy, compose, middleware, with_size_limit
+from natsmw.delay import MemoryDeadlineStore, with_delay_cap
+
+STORED = time.time_ns()
+
+
+class Recorder:
+    """Just enough of a nats-py client: what is published, and a consumer's info."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    async def publish(self, subject: str, payload: bytes = b"", **_: Any) -> None:
+        self.published.append((subject, payload))
+
+    def jetstream(self, **_: Any) -> Recorder:
+        return self
+
+    async def consumer_info(self, *_: Any, **__: Any) -> Any:
+        return SimpleNamespace(
+            config=SimpleNamespace(max_deliver=-1, durable_name="c", ack_policy=None),
+            created=datetime.fromtimestamp(STORED / 1e9 - 60, timezone.utc),
+        )
+
+
+def delivery(client: Recorder, number: int, body: bytes = b"x") -> Msg:
+    return Msg(
+        _client=client,  # type: ignore[arg-type]
+        subject="jobs",
+        reply=f"$JS.ACK.S.c.{number}.7.{number}.{STORED}.0",
+        data=body,
+        headers={"Nats-Msg-Id": "7"},
+    )
+
+
+async def run(handler: Handler, msg: Msg) -> None:
+    await handler(msg)
+
+
+async def defer(msg: Msg) -> None:
+    await msg.nak(delay=3600)
+
+
+async def test_a_held_redelivery_is_naked_without_reaching_the_handler() -> None:
+    client = Recorder()
+    cap = with_delay_cap(1.0, store=MemoryDeadlineStore())
+    handler = cap(defer)
+    await run(handler, delivery(client, 1))
+    await run(handler, delivery(client, 2))
+    await run(handler, delivery(client, 3))
+    naks = [payload for subject, payload in client.published if subject.startswith("$JS.ACK.")]
+    assert len(naks) == 3
+    assert all(p.startswith(b"-NAK ") for p in naks)
+    assert cap.stats.holds == 2
+    assert cap.stats.capped == 1
+
+
+async def test_a_guard_outside_still_checks_a_held_redelivery() -> None:
+    """The guard passes the first delivery; a redelivery over its limit (here: a body grown
+    in memory, as a tightened limit would see it) is the guard's, not held by the cap."""
+    client = Recorder()
+    cap = with_delay_cap(1.0, store=MemoryDeadlineStore())
+    guard = with_size_limit(max_body=10, on_oversize="term")
+    handler = compose(guard, cap)(defer)
+    await run(handler, delivery(client, 1))
+    await run(handler, delivery(client, 2))  # held
+    await run(handler, delivery(client, 3, body=b"x" * 11))  # over the guard's limit
+    sent = [payload for subject, payload in client.published if subject.startswith("$JS.ACK.")]
+    assert len(sent) == 3
+    assert all(p.startswith(b"-NAK ") for p in sent[:2])
+    assert sent[2] == b"+TERM"
+    assert cap.stats.holds == 1
+    assert guard.stats.termed == 1
+
+
+async def test_a_middleware_outside_the_cap_sees_every_hold() -> None:
+    client = Recorder()
+    seen: list[int] = []
+
+    async def spy(msg: MessageProxy, call_next: Handler) -> None:
+        seen.append(msg.metadata.num_delivered)
+        await call_next(msg)
+
+    cap = with_delay_cap(1.0, store=MemoryDeadlineStore())
+    handler = compose(middleware(spy), cap)(defer)
+    for number in (1, 2, 3):
+        await run(handler, delivery(client, number))
+    assert seen == [1, 2, 3]
+    assert cap.stats.holds == 2
