@@ -48,7 +48,7 @@ from natsmw.delay.park import (
     Parked,
     restored_headers,
 )
-from natsmw.delay.stores import RECHECK_HELD, DeadlineKey, Deferral, changes_key
+from natsmw.delay.stores import CLOCK_KEY, RECHECK_HELD, DeadlineKey, Deferral, changes_key
 from natsmw.errors import NatsmwError
 
 __all__ = [
@@ -702,7 +702,7 @@ async def _change(
         deferral = Deferral.from_bytes(copy.data)
         # "Now" as the server tells it: deadlines are compared in its time, and this host's
         # clock may be ahead (a release would wait out the difference).
-        await server_clock.measure(nc, js, f"KV_{bucket}", f"$KV.{bucket}.natsmw-clock")
+        await server_clock.measure(nc, js, f"KV_{bucket}", f"$KV.{bucket}.{CLOCK_KEY}")
         now = server_clock.now(nc)
         changed = replace(deferral, cancelled=True) if cancel else replace(deferral, deadline=now)
         ttl = max(changed.deadline - now, 0.0) + 24 * 3600

@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import pytest
@@ -368,12 +370,7 @@ async def test_holds_on_the_deferring_instance_cost_no_round_trip_per_message(
         await (msg.nak(delay=DELAY) if msg.metadata.num_delivered == 1 else msg.ack())
 
     cap = with_delay_cap(CAP)
-    await conn.js.add_consumer(
-        stream.name, ConsumerConfig(durable_name="cost", ack_wait=30, max_ack_pending=100)
-    )
-    async with pulling(conn.js, stream.subject, "cost", cap(each_naks_once), batch=10):
-        for _ in range(10):
-            await conn.js.publish(stream.subject, b"x")
+    async with ten_pulled(conn, stream, "cost", cap(each_naks_once)):
         await calls.wait_calls(20)
     await releases_recorded(cap)
     await flushed(conn.nc)
@@ -625,12 +622,7 @@ async def test_held_records_are_read_again_only_when_an_operator_changed_their_c
 
     cap = with_delay_cap(0.05, parking=False)
     cap._recheck_held = 0.3
-    await conn.js.add_consumer(
-        stream.name, ConsumerConfig(durable_name="marked", ack_wait=30, max_ack_pending=100)
-    )
-    async with pulling(conn.js, stream.subject, "marked", cap(defers_long), batch=10):
-        for _ in range(10):
-            await conn.js.publish(stream.subject, b"x")
+    async with ten_pulled(conn, stream, "marked", cap(defers_long)):
         await calls.wait_calls(10)
         await releases_recorded(cap)
         await flushed(conn.nc)
@@ -655,4 +647,22 @@ async def test_held_records_are_read_again_only_when_an_operator_changed_their_c
 
         released = await ops.release(conn.nc, stream.name, "marked", 1)
         assert released.sequence == 1
+        after_release = loop.time()
         await calls.wait_calls(11, timeout=10)  # the marker moved: read, released, run
+        # As operate.md says: within RECHECK_HELD plus the cap (here 0.3 + 0.05 s), with a
+        # margin for this machine.
+        assert loop.time() - after_release <= 0.3 + 0.05 + 1.5
+
+
+@asynccontextmanager
+async def ten_pulled(
+    conn: Connection, stream: Stream, durable: str, handler: Handler
+) -> AsyncIterator[None]:
+    """Ten messages published to a new durable consumer that ``handler`` pulls ten at a time."""
+    await conn.js.add_consumer(
+        stream.name, ConsumerConfig(durable_name=durable, ack_wait=30, max_ack_pending=100)
+    )
+    async with pulling(conn.js, stream.subject, durable, handler, batch=10):
+        for _ in range(10):
+            await conn.js.publish(stream.subject, b"x")
+        yield

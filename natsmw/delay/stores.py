@@ -61,6 +61,10 @@ class DeadlineKey(NamedTuple):
         return f"{_escape(self.stream)}.{_escape(self.consumer)}.{self.sequence}"
 
 
+CLOCK_KEY = "natsmw-clock"
+"""The key a clock probe writes in a deadline bucket (see `natsmw.delay.clock`)."""
+
+
 def changes_key(stream: str, consumer: str) -> str:
     """The key whose revision counts operators' changes to a consumer's held records: four
     tokens, so that no listing of records (three) takes it for one."""
@@ -451,7 +455,7 @@ class KeyValueDeadlineStore:
             await self._bucket(create=create)
         except DeadlineStoreError:
             return
-        subject = f"$KV.{self.bucket}.natsmw-clock"
+        subject = f"$KV.{self.bucket}.{CLOCK_KEY}"
         await server_clock.measure(client, self._js, f"KV_{self.bucket}", subject)
 
     @property
