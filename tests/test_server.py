@@ -297,9 +297,11 @@ async def test_cluster_start_tries_new_ports_when_a_cluster_port_is_taken(
                 await cluster.astart()
             else:
                 cluster.start()
-            assert len(probed) == 2
+            # At least two: a retry can clash by itself, when a node's randomly chosen client
+            # or monitor port lands on a cluster port probed for another node (CI saw one).
+            assert len(probed) >= 2
             assert "address already in use" in cluster.servers[1].log_file.read_text()
-            assert [node.cluster_port for node in cluster.servers] == probed[1]
+            assert [node.cluster_port for node in cluster.servers] == probed[-1]
             assert all(node.meta_leader() for node in cluster.servers)
 
             node = cluster.servers[0]
