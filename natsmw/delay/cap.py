@@ -163,7 +163,7 @@ class _Changes:
     """A consumer's change marker as last read: its ``token``, when it was read and when it
     was last seen to move (monotonic)."""
 
-    token: str
+    token: str | None  # None: not read yet
     read_at: float
     changed_at: float
     reading: asyncio.Future[None] | None = None  # a read of the marker under way
@@ -640,6 +640,7 @@ class DelayCap(Decorator):
         entry.checked = as_of
         if not changed:
             return _Found(remembered, recorded=True, entry=entry, now=now)
+        entry.checked = time.monotonic()  # the read below tells of every change before it
         try:
             stored = await self._store_for(msg).get(key)
         except DeadlineStoreError:
@@ -676,29 +677,63 @@ class DelayCap(Decorator):
         known = consumers.get(name)
         if known is not None and known.reading is not None:
             await asyncio.shield(known.reading)  # a batch held at once: one read for all
-        elif known is None or now - known.read_at >= self._recheck_held:
-            reading = asyncio.get_running_loop().create_future()
-            if known is not None:
-                known.reading = reading
-            try:
-                token = await store.changes(key.stream, key.consumer)
-            except DeadlineStoreError:
-                return True, now  # the record's own read will tell, or keep what is known
-            finally:
-                reading.set_result(None)
-                if known is not None:
-                    known.reading = None
-            if known is None:
-                # First read here: whether the marker moved since this instance deferred
-                # its messages is unknown. Each held record is read once more.
-                known = consumers[name] = _Changes(token, now, now)
-            elif token != known.token:
-                known.token, known.changed_at = token, now
-            known.read_at = now
+        elif (
+            known is None or now - known.read_at >= self._recheck_held
+        ) and not await self._read_changes(store, consumers, name, now):
+            return True, now  # the record's own read will tell, or keep what is known
         known = consumers.get(name)
-        if known is None:  # the read in flight that this one waited for failed
+        if known is None:  # the read failed (this one's, or the one it waited for)
             return True, now
         return checked < known.changed_at, known.read_at
+
+    async def _read_changes(
+        self,
+        store: KeyValueDeadlineStore,
+        consumers: dict[tuple[str, str], _Changes],
+        name: tuple[str, str],
+        now: float,
+    ) -> bool:
+        """Read the consumer's change marker (begun at ``now``), once for all who ask
+        meanwhile. Whether it could be read."""
+        reading = asyncio.get_running_loop().create_future()
+        known = consumers.get(name)
+        if known is None:
+            # First read here: whether the marker moved since this instance deferred what it
+            # remembers is unknown, so all of that counts as changed until the read is done
+            # (then each of those records is read once more).
+            known = consumers[name] = _Changes(None, now, math.inf)
+        known.reading = reading
+        token: str | None
+        try:
+            token = await store.changes(*name)
+        except DeadlinesLostError as error:
+            # No bucket, and none seen by this store: no record, no change to one yet.
+            token = None if error.certain else ""
+        except DeadlineStoreError:
+            token = None
+        finally:
+            reading.set_result(None)
+            known.reading = None
+        if token is None:
+            if known.token is None:
+                del consumers[name]
+            return False
+        if token != known.token:
+            # Moved as of the read's end, not its start: a record remembered while the read
+            # was on its way may have been changed before the server read the marker.
+            known.token, known.changed_at = token, time.monotonic()
+        known.read_at = now
+        return True
+
+    async def _know_changes(self, msg: MessageProxy, key: DeadlineKey) -> None:
+        """Read the consumer's change marker before this instance first defers one of its
+        messages, so that the deferrals it remembers after that are not read again at the
+        marker's first look (each, one store read, ``RECHECK_HELD`` after a start)."""
+        store = self._store_for(msg)
+        if isinstance(store, KeyValueDeadlineStore):
+            consumers = self._changes.get(store)
+            if consumers is None or (key.stream, key.consumer) not in consumers:
+                await self._changed_since(msg, key, 0.0)
 
     async def _first_of_older(
         self, msg: MessageProxy, key: DeadlineKey, numbers: tuple[int, float] | None
@@ -1480,6 +1515,7 @@ class DelayCap(Decorator):
             consumer_created=limits.created,
             subject=msg.subject,
         )
+        await self._know_changes(msg, key)
         # Remembered even if the store refuses it: this instance then knows the deadline,
         # and that the whole delay went to the server, so it will not hold the redelivery blind.
         self._memory.seen(key, msg.__wrapped__._client, deferral, delivery)
