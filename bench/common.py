@@ -202,3 +202,35 @@ def hand_written_hold(cap: float) -> Handler:
         await msg.nak(delay=min(cap, deadline - now))
 
     return hold
+
+
+def hand_written_chain(handler: Handler, cap: float) -> Handler:
+    """The floor of the full chain (size guard + delay cap) on a first delivery: the least
+    its checks can cost in Python, written by hand for the benches alone. One coroutine
+    around the handler: the body and header-count limits, the reply subject split, the
+    delivery count and the deadline header read, one dict lookup for the consumer's highest
+    sequence seen (the check that it was not made again), and a nak over ``cap`` cut to
+    ``cap``, by giving the message a ``Msg`` subclass whose ``nak`` caps (no proxy). Nothing
+    of what natsmw keeps: no record of the deadline, no other layer seeing settlements, no
+    consumer-info read, no oversized message handled (it raises)."""
+    highest: dict[tuple[str, str], int] = {}
+
+    class CappedMsg(Msg):
+        async def nak(self, delay: int | float | None = None) -> None:
+            await Msg.nak(self, delay=None if delay is None else min(delay, cap))
+
+    async def handle(msg: Msg) -> None:
+        headers = msg.headers
+        if len(msg.data) > 1 << 20 or (headers and len(headers) > 1000):
+            raise ValueError("oversized: not in this bench")
+        tokens = msg.reply.split(".")
+        if tokens[4] != "1" or (headers and "Natsmw-Deadline" in headers):
+            raise ValueError("a redelivery or a deadline: not in this bench")
+        consumer, sequence = (tokens[2], tokens[3]), int(tokens[6])
+        if highest.get(consumer, 0) > sequence:
+            raise ValueError("consumer made again: not in this bench")
+        highest[consumer] = sequence
+        msg.__class__ = CappedMsg
+        await handler(msg)
+
+    return handle

@@ -18,7 +18,7 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bench.common import Handler, Variant, compare, write_report
+from bench.common import Handler, Variant, compare, hand_written_chain, write_report
 from natsmw import (
     MessageProxy,
     compose,
@@ -67,6 +67,7 @@ VARIANTS = [
     Variant("lazy install, peek_header", lazy(read_peek)),  # type: ignore[arg-type]
     Variant("one no-op middleware (the floor), eager", lambda nc: proxy_only(read_dict)),
     Variant("full chain (guard+cap), eager", lambda nc: full_chain(read_dict)),
+    Variant("hand-written guard+cap (the floor)", lambda nc: hand_written_chain(read_dict, 60)),
     Variant("full chain (guard+cap), lazy+peek", lazy(full_chain(read_peek))),  # type: ignore[arg-type]
 ]
 

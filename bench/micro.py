@@ -27,9 +27,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
-from bench.common import hand_written_hold, write_report
+from bench.common import hand_written_chain, hand_written_hold, write_report
 from bench.consume import full_chain, proxy_only
-from natsmw import MemoryDeadlineStore, with_delay_cap, with_tracing
+from natsmw import MemoryDeadlineStore, compose, with_delay_cap, with_size_limit, with_tracing
 
 Handler = Callable[[Msg], Awaitable[None]]
 STORED = time.time_ns()
@@ -55,8 +55,9 @@ class Client:
 CLIENT = Client()
 
 
-def messages(count: int, delivered: int = 1) -> list[Msg]:
-    """JetStream deliveries of ``count`` stored messages, 2 headers each."""
+def messages(count: int, delivered: int = 1, first: int = 1) -> list[Msg]:
+    """JetStream deliveries of ``count`` stored messages from sequence ``first``, 2 headers
+    each."""
     return [
         Msg(
             _client=CLIENT,  # type: ignore[arg-type]
@@ -65,7 +66,7 @@ def messages(count: int, delivered: int = 1) -> list[Msg]:
             data=b"x" * 128,
             headers={"Nats-Msg-Id": f"id-{seq}", "X-Header": "v"},
         )
-        for seq in range(1, count + 1)
+        for seq in range(first, first + count)
     ]
 
 
@@ -111,6 +112,23 @@ def held(count: int) -> tuple[Handler, Callable[[int], list[Msg]]]:
     return handler, lambda n: messages(n, next(deliveries))
 
 
+def holding(handler: Handler, count: int) -> Handler:
+    """The full chain around ``handler``, its delay cap holding ``count`` messages of the
+    same consumer (deferred by an hour, at sequences past those measured)."""
+
+    async def route(msg: Msg) -> None:
+        await (defer(msg) if msg.headers and "Defer" in msg.headers else handler(msg))
+
+    guard = with_size_limit(max_body=1 << 20, max_headers=1000)
+    chain = compose(guard, with_delay_cap(60, store=MemoryDeadlineStore()))(route)
+    deferred = messages(count, first=1 << 40)
+    for msg in deferred:
+        assert msg.headers is not None
+        msg.headers["Defer"] = "1"
+    drive(chain, deferred)
+    return chain
+
+
 def measure(
     handler: Handler, make: Callable[[int], list[Msg]], count: int, rounds: int
 ) -> tuple[float, float]:
@@ -149,6 +167,8 @@ def main() -> None:
             ("raw nats-py", ack, fresh),
             ("one no-op middleware (the floor)", proxy_only(ack), fresh),
             ("full chain (guard+cap)", full_chain(ack), fresh),
+            ("hand-written guard+cap (the floor)", hand_written_chain(ack, 60), fresh),
+            ("full chain, 1000 others held", holding(ack, 1000), fresh),
             ("bare SDK span, sampled out", bare_span(sampled_out), fresh),
             ("with_tracing, sampled out", with_tracing(tracer_provider=sampled_out)(ack), fresh),
             ("with_tracing(), no SDK configured", with_tracing()(ack), fresh),

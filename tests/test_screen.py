@@ -36,11 +36,15 @@ class Recorder:
         )
 
 
-def delivery(client: Recorder, number: int, body: bytes = b"x") -> Msg:
+def delivery(
+    client: Recorder, number: int, body: bytes = b"x", sequence: int = 7, cseq: int = 0
+) -> Msg:
+    """Delivery ``number`` of message ``sequence``, the consumer's ``cseq``-th (by default,
+    ``number``: the consumer's deliveries are this message's)."""
     return Msg(
         _client=client,  # type: ignore[arg-type]
         subject="jobs",
-        reply=f"$JS.ACK.S.c.{number}.7.{number}.{STORED}.0",
+        reply=f"$JS.ACK.S.c.{number}.{sequence}.{cseq or number}.{STORED}.0",
         data=body,
         headers={"Nats-Msg-Id": "7"},
     )
@@ -100,3 +104,36 @@ async def test_a_middleware_outside_the_cap_sees_every_hold() -> None:
         await run(handler, delivery(client, number))
     assert seen == [1, 2, 3]
     assert cap.stats.holds == 2
+
+
+async def test_a_first_delivery_beside_held_ones_leaves_nothing_remembered_once_acked() -> None:
+    """With a message held, a new one still takes the first delivery's short way; if its
+    handler's long nak is remembered but never reaches the server, and it then acks, the
+    memory forgets it (as the long way did)."""
+
+    class FailsOneNak(Recorder):
+        failed = False
+
+        async def publish(self, subject: str, payload: bytes = b"", **kwargs: Any) -> None:
+            if payload.startswith(b"-NAK") and self.published and not self.failed:
+                self.failed = True
+                raise ConnectionError("a nak lost on its way")
+            await super().publish(subject, payload, **kwargs)
+
+    client = FailsOneNak()
+    cap = with_delay_cap(1.0, store=MemoryDeadlineStore())
+
+    async def handle(msg: Msg) -> None:
+        try:
+            await msg.nak(delay=3600)
+        except ConnectionError:
+            await msg.ack()
+
+    handler = cap(handle)
+    await run(handler, delivery(client, 1, sequence=7))  # deferred: remembered
+    assert len(cap._memory) == 1
+    second = delivery(client, 1, sequence=8, cseq=2)
+    await run(handler, second)  # its nak fails, then acked
+    assert client.failed
+    assert client.published[-1] == (second.reply, b"")  # an ack
+    assert len(cap._memory) == 1

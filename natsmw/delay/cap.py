@@ -431,7 +431,11 @@ class DelayCap(Decorator):
             plain
             and value is None
             and tokens[4] == "1"
-            and not self._memory._count  # nothing remembered could be about this message
+            # nothing remembered could be about this message
+            and (
+                not self._memory._count
+                or self._memory.unknown(real._client, tokens[2], tokens[3], tokens[5])
+            )
             and self._first_of_own(
                 real, tokens[2], tokens[3], tokens[5], int(tokens[6]), int(tokens[7]) / 1e9
             )
@@ -900,8 +904,19 @@ class DelayCap(Decorator):
             else:
                 remove_last(interceptors, interception)
             settlement = msg._self_settlement
-            if settlement is None or settlement.kind == "nak" or self._memory._count:
+            if (
+                deferral is not None  # (unsettled without one: nothing to note, _after_call)
+                if settlement is None
+                else settlement.kind == "nak"
+                or (self._memory._count and (key is not None or self._remembers(msg)))
+            ):
                 self._after_call(msg, key or _key_of(msg), delivery, deferral)
+
+    def _remembers(self, msg: MessageProxy) -> bool:
+        """Whether anything is remembered of a first delivery that took the hot path (a
+        plain reply subject), which knew nothing of it: a long nak (``_defer``) since."""
+        tokens = msg.__wrapped__.reply.split(".")
+        return not self._memory.unknown(msg.__wrapped__._client, tokens[2], tokens[3], tokens[5])
 
     async def _kept_back(
         self,

@@ -78,6 +78,12 @@ class Deliveries:
             entry.used = self._sweep
         return entry
 
+    def unknown(self, client: object, stream: str, consumer: str, sequence: str) -> bool:
+        """Whether nothing is remembered of message ``sequence`` (as its reply subject spells
+        it) of ``stream``/``consumer`` on ``client``: no recall could be about it."""
+        group = self._groups.get((id(client), stream, consumer))
+        return group is None or int(sequence) not in group
+
     def seen(
         self,
         key: DeadlineKey,
