@@ -22,7 +22,7 @@ from typing import Any, TypeAlias, TypeVar, cast, overload
 
 from nats.aio.msg import Msg
 
-from natsmw.message import PROXY_TYPES, MessageProxy
+from natsmw.message import _PROXY_CLASSES, PROXY_TYPES, MessageProxy
 
 __all__ = ["Decorator", "Handler", "Middleware", "Step", "compose", "middleware"]
 
@@ -272,7 +272,11 @@ class _Stepped(Decorator):
                     if settled is not None:
                         await settled
                         return
-                msg = MessageProxy(msg) if kind is Msg else MessageProxy.of(msg)
+                if kind is Msg:
+                    msg = MessageProxy(msg)
+                else:
+                    made = _PROXY_CLASSES.get(kind)  # a lazy-headers message's, say
+                    msg = MessageProxy.of(msg) if made is None else made(msg)
             await step(msg, then)  # type: ignore[arg-type]  # a proxy, by PROXY_TYPES
 
         def enter(msg: Msg) -> Awaitable[None]:

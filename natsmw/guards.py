@@ -26,7 +26,14 @@ from natsmw._throttle import Throttled
 from natsmw.chain import Decorator, Handler, layer
 from natsmw.delay.limits import ConsumerLimits
 from natsmw.duration import Duration, to_seconds
-from natsmw.headers import header_block_size, header_count, peek_header, sendable_name
+from natsmw.headers import (
+    LazyHeadersMixin,
+    Undecoded,
+    header_block_size,
+    header_count,
+    peek_header,
+    sendable_name,
+)
 from natsmw.message import MessageProxy
 
 __all__ = [
@@ -51,6 +58,7 @@ copied: an hour for an operator to fix the cause (say, a missing dead-letter str
 # server refuse, expire, deduplicate or roll up the copy: they travel renamed.
 _SERVER_HEADER = "nats-"
 CLAIM_HEADER = "Natsmw-Claim"  # natsmw.claim's: a body sent by reference
+_CLAIM_NAME = CLAIM_HEADER.encode()
 
 
 @dataclass(frozen=True)
@@ -232,18 +240,30 @@ class SizeGuard(Decorator):
         # Not a coroutine itself: a message that passes is handed on as the next layer's
         # awaitable, without a frame of its own (on every message).
         real = msg.__wrapped__
-        if type(real) is Msg and self._counts_only:
-            # A plain nats-py message's headers are a dict already: most messages pass on
-            # two len() calls, without _check's.
-            headers = real.headers
-            if len(real.data) <= self._body_limit and (
-                not headers
-                or (
-                    len(headers) <= self._count_limit
-                    and not (self._referenced and CLAIM_HEADER in headers)
-                )
-            ):
-                return call_next(msg)
+        if self._counts_only:
+            if type(real) is Msg:
+                # A plain nats-py message's headers are a dict already: most messages pass on
+                # two len() calls, without _check's.
+                headers = real.headers
+                if len(real.data) <= self._body_limit and (
+                    not headers
+                    or (
+                        len(headers) <= self._count_limit
+                        and not (self._referenced and CLAIM_HEADER in headers)
+                    )
+                ):
+                    return call_next(msg)
+            elif isinstance(real, LazyHeadersMixin):
+                # Lazy headers still undecoded: counted in the raw block as header_count does;
+                # a block that does not even hold the claim header's name has no claim.
+                block = real._natsmw_headers
+                if (
+                    type(block) is Undecoded
+                    and len(real.data) <= self._body_limit
+                    and block.raw.count(b"\r\n") - 2 <= self._count_limit
+                    and not (self._referenced and _CLAIM_NAME in block.raw)
+                ):
+                    return call_next(msg)
         rejection = self._check(real)
         if rejection is None:
             return call_next(msg)

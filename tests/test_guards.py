@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -143,6 +144,36 @@ async def test_header_limits_measure_without_decoding(
     assert limits == ["header_count", "header_bytes"]
     assert int(copies[0].headers["Natsmw-Rejected-Size"]) == 3000  # type: ignore[index]
     assert len(ok.headers or {}) == 100
+
+
+async def test_count_and_body_limits_on_lazy_headers_pass_without_decoding(
+    conn: Connection, stream: Stream, dead_letters: Inbox
+) -> None:
+    """Lazy headers under a count limit: counted in the raw block, the passing message left
+    undecoded; one header too many, or a claim of a body over the limit, still rejected."""
+    handled = Inbox()
+    guard = with_size_limit(max_body=10, max_headers=3)
+
+    @guard
+    async def handler(msg: Msg) -> None:
+        await handled.put(msg)
+        await msg.ack()
+
+    claim = json.dumps({"bucket": "b", "name": "n", "size": 11, "digest": "SHA-256=x"})
+    with installed(conn.nc, lazy_headers=True):
+        await conn.js.subscribe(stream.subject, durable="lazy", cb=handler, manual_ack=True)
+        await conn.js.publish(stream.subject, b"x" * 10, headers={"A": "1", "B": "2", "C": "3"})
+        await conn.js.publish(
+            stream.subject, b"x", headers={"A": "1", "B": "2", "C": "3", "D": "4"}
+        )
+        await conn.js.publish(stream.subject, b"", headers={"Natsmw-Claim": claim})
+        copies = await dead_letters.wait_for(2)
+        (ok,) = await handled.wait_for(1)
+        assert isinstance(vars(ok).get("_natsmw_headers"), Undecoded)
+
+    limits = sorted(c.headers["Natsmw-Rejected-Limit"] for c in copies)  # type: ignore[index]
+    assert limits == ["body", "header_count"]
+    assert ok.data == b"x" * 10
 
 
 async def test_oversized_core_message_is_dropped_with_a_report(
