@@ -607,8 +607,9 @@ async def test_stretched_holds_do_not_flood_the_log(
     assert 1 <= len(lines) <= 2, len(lines)
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["one by one", "concurrently"])
 async def test_held_records_are_read_again_only_when_an_operator_changed_their_consumer(
-    conn: Connection, stream: Stream
+    conn: Connection, stream: Stream, together: bool
 ) -> None:
     """Every RECHECK_HELD seconds a holding instance looks for operators' changes: one read
     of its consumer's change marker, not one read per held message, and none at the first
@@ -624,7 +625,7 @@ async def test_held_records_are_read_again_only_when_an_operator_changed_their_c
 
     cap = with_delay_cap(0.05, parking=False)
     cap._recheck_held = 0.3
-    async with ten_pulled(conn, stream, "marked", cap(defers_long)):
+    async with ten_pulled(conn, stream, f"marked{together}", cap(defers_long), together):
         await calls.wait_calls(10)
         await releases_recorded(cap)
         await flushed(conn.nc)
@@ -648,7 +649,7 @@ async def test_held_records_are_read_again_only_when_an_operator_changed_their_c
         # Read before the first deferral, the marker answers for all ten from the start.
         assert record_reads == 0
 
-        released = await ops.release(conn.nc, stream.name, "marked", 1)
+        released = await ops.release(conn.nc, stream.name, f"marked{together}", 1)
         assert released.sequence == 1
         after_release = loop.time()
         await calls.wait_calls(11, timeout=10)  # the marker moved: read, released, run
@@ -659,13 +660,16 @@ async def test_held_records_are_read_again_only_when_an_operator_changed_their_c
 
 @asynccontextmanager
 async def ten_pulled(
-    conn: Connection, stream: Stream, durable: str, handler: Handler
+    conn: Connection, stream: Stream, durable: str, handler: Handler, together: bool = False
 ) -> AsyncIterator[None]:
-    """Ten messages published to a new durable consumer that ``handler`` pulls ten at a time."""
+    """Ten messages published to a new durable consumer that ``handler`` pulls ten at a time
+    (``together``: all ten stored first, then handled concurrently)."""
     await conn.js.add_consumer(
         stream.name, ConsumerConfig(durable_name=durable, ack_wait=30, max_ack_pending=100)
     )
-    async with pulling(conn.js, stream.subject, durable, handler, batch=10):
-        for _ in range(10):
+    for _ in range(10 if together else 0):
+        await conn.js.publish(stream.subject, b"x")
+    async with pulling(conn.js, stream.subject, durable, handler, batch=10, together=together):
+        for _ in range(0 if together else 10):
             await conn.js.publish(stream.subject, b"x")
         yield

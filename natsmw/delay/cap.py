@@ -736,8 +736,11 @@ class DelayCap(Decorator):
         store = self._store_for(msg)
         if isinstance(store, KeyValueDeadlineStore):
             consumers = self._changes.get(store)
-            if consumers is None or (key.stream, key.consumer) not in consumers:
+            known = None if consumers is None else consumers.get((key.stream, key.consumer))
+            if known is None:
                 await self._changed_since(msg, key, 0.0)
+            elif known.token is None and known.reading is not None:
+                await asyncio.shield(known.reading)  # deferrals at once: after the first read
 
     async def _first_of_older(
         self, msg: MessageProxy, key: DeadlineKey, numbers: tuple[int, float] | None
