@@ -53,6 +53,10 @@ def full_chain(handler: Handler) -> Handler:
     return compose(with_size_limit(max_body=1 << 20, max_headers=1000), with_delay_cap(60))(handler)
 
 
+def hand_written(handler: Handler) -> Handler:
+    return hand_written_chain(handler, 60)
+
+
 def lazy(handler: Handler) -> object:
     def prepare(nc: Client) -> Handler:
         install(nc)
@@ -67,7 +71,9 @@ VARIANTS = [
     Variant("lazy install, peek_header", lazy(read_peek)),  # type: ignore[arg-type]
     Variant("one no-op middleware (the floor), eager", lambda nc: proxy_only(read_dict)),
     Variant("full chain (guard+cap), eager", lambda nc: full_chain(read_dict)),
-    Variant("hand-written guard+cap (the floor)", lambda nc: hand_written_chain(read_dict, 60)),
+    Variant(
+        "hand-written guard+cap checks, no proxy", lambda nc: hand_written_chain(read_dict, 60)
+    ),
     Variant("full chain (guard+cap), lazy+peek", lazy(full_chain(read_peek))),  # type: ignore[arg-type]
 ]
 

@@ -112,19 +112,27 @@ def held(count: int) -> tuple[Handler, Callable[[int], list[Msg]]]:
     return handler, lambda n: messages(n, next(deliveries))
 
 
-def holding(handler: Handler, count: int) -> Handler:
-    """The full chain around ``handler``, its delay cap holding ``count`` messages of the
-    same consumer (deferred by an hour, at sequences past those measured)."""
+DEFER = b"defer: " + b"x" * 122  # this very object as a body: the handler defers
 
-    async def route(msg: Msg) -> None:
-        await (defer(msg) if msg.headers and "Defer" in msg.headers else handler(msg))
 
+async def ack_unless_deferred(msg: Msg) -> None:
+    """``ack``, but a message whose body is ``DEFER`` itself is deferred by an hour (one
+    identity check, so that the row compares with the one of ``ack``)."""
+    if msg.data is DEFER:
+        await msg.nak(delay=3600)
+        return
+    _ = msg.headers.get("Nats-Msg-Id") if msg.headers else None
+    await msg.ack()
+
+
+def holding(count: int) -> Handler:
+    """The full chain around ``ack_unless_deferred``, its delay cap holding ``count`` messages
+    of the same consumer (deferred by an hour, at sequences past those measured)."""
     guard = with_size_limit(max_body=1 << 20, max_headers=1000)
-    chain = compose(guard, with_delay_cap(60, store=MemoryDeadlineStore()))(route)
+    chain = compose(guard, with_delay_cap(60, store=MemoryDeadlineStore()))(ack_unless_deferred)
     deferred = messages(count, first=1 << 40)
     for msg in deferred:
-        assert msg.headers is not None
-        msg.headers["Defer"] = "1"
+        msg.data = DEFER
     drive(chain, deferred)
     return chain
 
@@ -167,8 +175,8 @@ def main() -> None:
             ("raw nats-py", ack, fresh),
             ("one no-op middleware (the floor)", proxy_only(ack), fresh),
             ("full chain (guard+cap)", full_chain(ack), fresh),
-            ("hand-written guard+cap (the floor)", hand_written_chain(ack, 60), fresh),
-            ("full chain, 1000 others held", holding(ack, 1000), fresh),
+            ("hand-written guard+cap checks, no proxy", hand_written_chain(ack, 60), fresh),
+            ("full chain, 1000 others held", holding(1000), fresh),
             ("bare SDK span, sampled out", bare_span(sampled_out), fresh),
             ("with_tracing, sampled out", with_tracing(tracer_provider=sampled_out)(ack), fresh),
             ("with_tracing(), no SDK configured", with_tracing()(ack), fresh),
@@ -189,7 +197,7 @@ def main() -> None:
             raw_us = us if raw_us is None else raw_us
             results[title][name] = {"us_per_msg": us, "calls_per_msg": calls}
             extra = us - raw_us
-            print(f"  {name:34s} {us:7.2f} us/msg  {extra:+7.2f} over raw  {calls:6.1f} calls")
+            print(f"  {name:40s} {us:7.2f} us/msg  {extra:+7.2f} over raw  {calls:6.1f} calls")
     write_report(args.out, "natsmw CPU cost per message, no server", results,
                  unit="per_msg", messages=args.messages, rounds=args.rounds)  # fmt: skip
 
