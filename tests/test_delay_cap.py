@@ -20,11 +20,14 @@ from natsmw import Handler, MessageProxy, Settlement, compose, middleware, ops
 from natsmw.delay import (
     DEADLINE_HEADER,
     DeadlineKey,
+    Deferral,
+    KeyValueDeadlineStore,
     MemoryDeadlineStore,
     handler_calls,
     publish_not_before,
     with_delay_cap,
 )
+from natsmw.errors import DeadlineStoreError
 from natsmw.message import Settle
 from tests.conftest import Connection, Inbox, Stream, flushed, spy_acks
 from tests.delay_support import (
@@ -656,6 +659,41 @@ async def test_held_records_are_read_again_only_when_an_operator_changed_their_c
         # As operate.md says: within RECHECK_HELD plus the cap (here 0.3 + 0.05 s), with a
         # margin for this machine.
         assert loop.time() - after_release <= 0.3 + 0.05 + 1.5
+
+
+async def test_a_release_whose_record_read_fails_is_read_again_at_the_next_hold(
+    conn: Connection, stream: Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marker shows an operator's release, but the record's read that follows fails (a
+    timeout, here injected once): the release is not forgotten until the old deadline, an
+    hour away, but read again at the next hold."""
+    calls = CallLog()
+
+    async def defers_long(msg: Msg) -> None:
+        await calls.record(msg)
+        await (msg.nak(delay=3600) if handler_calls(msg) == 1 else msg.ack())
+
+    real_get = KeyValueDeadlineStore.get
+    failed: list[DeadlineKey] = []
+
+    async def fails_once(self: KeyValueDeadlineStore, key: DeadlineKey) -> Deferral | None:
+        if key.sequence == 1 and not failed:
+            failed.append(key)
+            raise DeadlineStoreError("injected: the read timed out")
+        return await real_get(self, key)
+
+    cap = with_delay_cap(0.05, parking=False)
+    cap._recheck_held = 0.3
+    async with ten_pulled(conn, stream, "unread", cap(defers_long)):
+        await calls.wait_calls(10)
+        await releases_recorded(cap)
+        monkeypatch.setattr(KeyValueDeadlineStore, "get", fails_once)
+        await ops.release(conn.nc, stream.name, "unread", 1)
+        released_at = asyncio.get_running_loop().time()
+        await calls.wait_calls(11, timeout=10)
+        assert failed
+        assert asyncio.get_running_loop().time() - released_at <= 0.3 + 0.05 + 1.5
+    assert cap.stats.store_errors == 1
 
 
 @asynccontextmanager

@@ -635,6 +635,7 @@ class DelayCap(Decorator):
         (``natsmw deferred``). Anything else read keeps what this instance knows."""
         remembered = entry.deferral
         assert remembered is not None
+        before = entry.checked
         if coming_due:
             changed, as_of = True, time.monotonic()
         else:
@@ -647,8 +648,14 @@ class DelayCap(Decorator):
         entry.checked = time.monotonic()  # the read below tells of every change before it
         try:
             stored = await self._store_for(msg).get(key)
-        except DeadlineStoreError:
-            stored = None  # unreachable now: the deadline known here stands
+        except DeadlineStoreError as error:
+            # Unreachable now: the deadline known here stands, and the change seen is still
+            # to be read, at the next hold (an operator's release must not wait for the
+            # deadline).
+            entry.checked = before
+            self.stats.store_errors += 1
+            self._warn("unreachable", "deadline store unreachable for %s: %s", key, error)
+            stored = None
         if (
             stored is not None
             and stored.deferred_at == remembered.deferred_at
@@ -707,20 +714,20 @@ class DelayCap(Decorator):
             # (then each of those records is read once more).
             known = consumers[name] = _Changes(None, now, math.inf)
         known.reading = reading
-        token: str | None
+        token: str | None = None
         try:
             token = await store.changes(*name)
         except DeadlinesLostError as error:
             # No bucket, and none seen by this store: no record, no change to one yet.
             token = None if error.certain else ""
         except DeadlineStoreError:
-            token = None
+            pass
         finally:
             reading.set_result(None)
             known.reading = None
+            if token is None and known.token is None and consumers.get(name) is known:
+                del consumers[name]  # never read (failed, or its task cancelled)
         if token is None:
-            if known.token is None:
-                del consumers[name]
             return False
         if token != known.token:
             # Moved as of the read's end, not its start: a record remembered while the read
