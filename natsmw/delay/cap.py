@@ -925,7 +925,9 @@ class DelayCap(Decorator):
     def _remembers(self, msg: MessageProxy) -> bool:
         """Whether anything is remembered of a first delivery that took the hot path (a
         plain reply subject), which knew nothing of it: a long nak (``_defer``) since."""
-        tokens = msg.__wrapped__.reply.split(".")
+        tokens = (msg.__wrapped__.reply or "").split(".")
+        if len(tokens) != 9:  # rewritten since: ask as before
+            return True
         return not self._memory.unknown(msg.__wrapped__._client, tokens[2], tokens[3], tokens[5])
 
     async def _kept_back(
