@@ -13,12 +13,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from natsmw.message import MessageProxy, Settle, Settlement, nak_settlement
 from natsmw.server import NatsServer
 
 Handler = Callable[[Msg], Awaitable[None]]
@@ -204,20 +205,28 @@ def hand_written_hold(cap: float) -> Handler:
     return hold
 
 
-def hand_written_chain(handler: Handler, cap: float) -> Handler:
+def hand_written_chain(handler: Handler, cap: float, *, proxy: bool = False) -> Handler:
     """The floor of the full chain (size guard + delay cap) on a first delivery: the least
     its checks can cost in Python, written by hand for the benches alone. One coroutine
     around the handler: the body and header-count limits, the reply subject split, the
     delivery count and the deadline header read, one dict lookup for the consumer's highest
     sequence seen (the check that it was not made again), and a nak over ``cap`` cut to
-    ``cap``, by giving the message a ``Msg`` subclass whose ``nak`` caps (no proxy). Nothing
-    of what natsmw keeps: no record of the deadline, no other layer seeing settlements, no
-    consumer-info read, no oversized message handled (it raises)."""
+    ``cap``: by giving the message a ``Msg`` subclass whose ``nak`` caps (no proxy), or with
+    ``proxy``, by handing the handler natsmw's ``MessageProxy`` with one nak interceptor (what
+    lets other layers see settlements). Nothing of what natsmw keeps: no record of the
+    deadline, no consumer-info read, no oversized message handled (it raises)."""
     highest: dict[tuple[str, str], int] = {}
 
     class CappedMsg(Msg):
         async def nak(self, delay: int | float | None = None) -> None:
             await Msg.nak(self, delay=None if delay is None else min(delay, cap))
+
+    async def capping(settlement: Settlement, send: Settle) -> Any:
+        if settlement.delay is not None and settlement.delay > cap:
+            settlement = nak_settlement(cap)
+        return await send(settlement)
+
+    interception = (capping, frozenset({"nak"}))
 
     async def handle(msg: Msg) -> None:
         headers = msg.headers
@@ -230,6 +239,11 @@ def hand_written_chain(handler: Handler, cap: float) -> Handler:
         if highest.get(consumer, 0) > sequence:
             pass  # the consumer made again (or a bench round begun again): natsmw asks the server
         highest[consumer] = sequence
+        if proxy:
+            proxied = MessageProxy(msg)
+            proxied._self_interceptors = [interception]
+            await handler(proxied)
+            return
         msg.__class__ = CappedMsg
         await handler(msg)
 

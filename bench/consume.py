@@ -53,8 +53,8 @@ def full_chain(handler: Handler) -> Handler:
     return compose(with_size_limit(max_body=1 << 20, max_headers=1000), with_delay_cap(60))(handler)
 
 
-def hand_written(handler: Handler) -> Handler:
-    return hand_written_chain(handler, 60)
+def hand_written(handler: Handler, *, proxy: bool = False) -> Handler:
+    return hand_written_chain(handler, 60, proxy=proxy)
 
 
 def lazy(handler: Handler) -> object:

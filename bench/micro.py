@@ -176,6 +176,7 @@ def main() -> None:
             ("one no-op middleware (the floor)", proxy_only(ack), fresh),
             ("full chain (guard+cap)", full_chain(ack), fresh),
             ("hand-written guard+cap checks, no proxy", hand_written_chain(ack, 60), fresh),
+            ("the same checks, natsmw's proxy", hand_written_chain(ack, 60, proxy=True), fresh),
             ("full chain, 1000 others held", holding(1000), fresh),
             ("bare SDK span, sampled out", bare_span(sampled_out), fresh),
             ("with_tracing, sampled out", with_tracing(tracer_provider=sampled_out)(ack), fresh),
