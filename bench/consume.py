@@ -71,9 +71,8 @@ VARIANTS = [
     Variant("lazy install, peek_header", lazy(read_peek)),  # type: ignore[arg-type]
     Variant("one no-op middleware (the floor), eager", lambda nc: proxy_only(read_dict)),
     Variant("full chain (guard+cap), eager", lambda nc: full_chain(read_dict)),
-    Variant(
-        "hand-written guard+cap checks, no proxy", lambda nc: hand_written_chain(read_dict, 60)
-    ),
+    Variant("hand-written guard+cap checks, no proxy", lambda nc: hand_written(read_dict)),
+    Variant("the same checks, natsmw's proxy", lambda nc: hand_written(read_dict, proxy=True)),
     Variant("full chain (guard+cap), lazy+peek", lazy(full_chain(read_peek))),  # type: ignore[arg-type]
 ]
 
