@@ -11,6 +11,7 @@ from nats.js.api import ConsumerConfig
 from nats.protocol import command as prot_command
 
 import natsmw.guards
+from natsmw import Handler
 from natsmw.guards import SizeGuard, with_size_limit
 from natsmw.headers import Undecoded, original_name
 from natsmw.installation import installed
@@ -27,17 +28,24 @@ async def dead_letters(conn: Connection) -> Inbox:
     await conn.js.delete_stream("DEAD")
 
 
-async def test_oversized_body_is_copied_to_dead_letter_then_terminated(
-    conn: Connection, stream: Stream, dead_letters: Inbox
-) -> None:
-    spy = await spy_acks(conn.nc, stream.name)
+def acking(guard: SizeGuard) -> tuple[Inbox, Handler]:
+    """A handler under ``guard`` that acks each message it gets, and the inbox it puts them in."""
     handled = Inbox()
-    guard = with_size_limit(max_body=10)
 
     @guard
     async def handler(msg: Msg) -> None:
         await handled.put(msg)
         await msg.ack()
+
+    return handled, handler
+
+
+async def test_oversized_body_is_copied_to_dead_letter_then_terminated(
+    conn: Connection, stream: Stream, dead_letters: Inbox
+) -> None:
+    spy = await spy_acks(conn.nc, stream.name)
+    guard = with_size_limit(max_body=10)
+    handled, handler = acking(guard)
 
     await conn.js.subscribe(stream.subject, durable="g", cb=handler, manual_ack=True)
     big = await conn.js.publish(
@@ -121,13 +129,7 @@ async def test_explicit_term_and_nak_actions(
 async def test_header_limits_measure_without_decoding(
     conn: Connection, stream: Stream, dead_letters: Inbox, lazy: bool
 ) -> None:
-    handled = Inbox()
-    guard = with_size_limit(max_headers=100, max_header_bytes=40_000)
-
-    @guard
-    async def handler(msg: Msg) -> None:
-        await handled.put(msg)
-        await msg.ack()
+    handled, handler = acking(with_size_limit(max_headers=100, max_header_bytes=40_000))
 
     with installed(conn.nc, lazy_headers=lazy):
         await conn.js.subscribe(stream.subject, durable=f"h{lazy}", cb=handler, manual_ack=True)
@@ -151,13 +153,7 @@ async def test_count_and_body_limits_on_lazy_headers_pass_without_decoding(
 ) -> None:
     """Lazy headers under a count limit: counted in the raw block, the passing message left
     undecoded; one header too many, or a claim of a body over the limit, still rejected."""
-    handled = Inbox()
-    guard = with_size_limit(max_body=10, max_headers=3)
-
-    @guard
-    async def handler(msg: Msg) -> None:
-        await handled.put(msg)
-        await msg.ack()
+    handled, handler = acking(with_size_limit(max_body=10, max_headers=3))
 
     claim = json.dumps({"bucket": "b", "name": "n", "size": 11, "digest": "SHA-256=x"})
     with installed(conn.nc, lazy_headers=True):
