@@ -203,40 +203,45 @@ def middleware(step: Step) -> Decorator:
     return _Stepped(_awaiting(step))
 
 
-Screen: TypeAlias = Callable[[Msg, "tuple[Callable[[Msg], bool], ...]"], "Awaitable[None] | None"]
-"""``screen(msg, checks)``: settles a message as nats-py delivered it, before the chain makes a
-proxy, and returns the settlement's awaitable; or ``None``, and the chain runs as ever. It may
-settle only where every one of ``checks`` (the layers outside it) passes the message."""
+Fuse: TypeAlias = Callable[
+    [Handler, "tuple[Callable[[Msg], bool], ...]", Callable[..., Awaitable[None]]], Handler
+]
+"""``fuse(call_next, checks, general)``: the chain's handler, made once. It settles or runs
+the chain's usual messages itself, in one coroutine (making the proxy and calling
+``call_next`` where it runs one), where every one of ``checks`` (the layers outside, which
+only pass messages on) passes the message; every other message, and a method's call, goes to
+``general(msg, bound_msg)``, the chain as it would be without it."""
 
 
 def layer(
     step: Step,
     *,
-    screen: Screen | None = None,
     passes: Callable[[Msg], bool] | None = None,
+    fuse: Fuse | None = None,
 ) -> Decorator:
     """[`middleware`][middleware] for natsmw's own steps, which await what they call.
 
-    ``screen``: this layer may settle some messages before any proxy is made (the delay
-    cap's usual hold). ``passes(msg)``: this layer would hand ``msg`` on unchanged, with
-    nothing to see of what follows; a screen right inside it may then still run, checked by
-    it. A layer with neither (tracing, claims, a user's middleware) sees every message.
+    ``passes(msg)``: this layer would hand ``msg`` on unchanged, with nothing to see of what
+    follows (a size guard's message within its limits). ``fuse``: this layer may run or
+    settle its usual messages in one coroutine for the chain (the delay cap's first delivery
+    and usual hold), with the layers right outside it that have ``passes`` checked in place. A
+    layer with neither (tracing, claims, a user's middleware) sees every message.
     """
-    return _Stepped(step, screen, passes)
+    return _Stepped(step, passes, fuse)
 
 
 class _Stepped(Decorator):
-    __slots__ = ("_passes", "_screen", "_step")
+    __slots__ = ("_fuse", "_passes", "_step")
 
     def __init__(
         self,
         step: Step,
-        screen: Screen | None = None,
         passes: Callable[[Msg], bool] | None = None,
+        fuse: Fuse | None = None,
     ) -> None:
         self._step = step
-        self._screen = screen
         self._passes = passes
+        self._fuse = fuse
 
     def __repr__(self) -> str:
         return f"middleware({getattr(self._step, '__wrapped__', self._step)!r})"
@@ -249,11 +254,11 @@ class _Stepped(Decorator):
         # made with functools.wraps carries its attribute too, and must not be skipped.
         inner = getattr(handler, _ENTRY, None)
         call_next = inner[1] if inner is not None and inner[0] is handler else handler
-        screen, checks = self._screen, ()
-        if screen is None and self._passes is not None:
-            below = getattr(handler, _SCREEN, None)
+        fuse, fused_next, checks = self._fuse, call_next, ()
+        if fuse is None and self._passes is not None:
+            below = getattr(handler, _FUSE, None)
             if below is not None and below[0] is handler:  # that very layer, as for _ENTRY
-                screen, checks = below[1], (self._passes, *below[2])
+                fuse, fused_next, checks = below[1], below[2], (self._passes, *below[3])
 
         @functools.wraps(handler)
         async def handle(msg: Msg, bound_msg: Msg = _UNBOUND) -> None:
@@ -267,11 +272,6 @@ class _Stepped(Decorator):
             # call).
             kind = type(msg)
             if kind not in PROXY_TYPES:
-                if screen is not None and then is call_next:
-                    settled = screen(msg, checks)
-                    if settled is not None:
-                        await settled
-                        return
                 if kind is Msg:
                     msg = MessageProxy(msg)
                 else:
@@ -284,10 +284,12 @@ class _Stepped(Decorator):
                 return step(msg, call_next)  # type: ignore[arg-type]  # a proxy
             return handle(msg)  # a step handed on another message: proxy it as handle does
 
-        setattr(handle, _ENTRY, (handle, enter))
-        if screen is not None:
-            setattr(handle, _SCREEN, (handle, screen, checks))
-        return handle
+        chained: Handler = handle
+        if fuse is not None:
+            chained = functools.update_wrapper(fuse(fused_next, checks, handle), handler)
+            setattr(chained, _FUSE, (chained, fuse, fused_next, checks))
+        setattr(chained, _ENTRY, (chained, enter))
+        return chained
 
 
 def _awaiting(step: Step) -> Step:
@@ -334,7 +336,8 @@ _HELD_BY_NOBODY = 2
 
 
 _ENTRY = "_natsmw_entry"  # on a layer's handler: (that handler, its step's entry)
-_SCREEN = "_natsmw_screen"  # on a layer's handler: (that handler, its screen, its checks)
+# On a layer's handler: (that handler, its fuse, the handler it calls, its checks).
+_FUSE = "_natsmw_fuse"
 # A decorated handler is a function, so a method decorated in a class body is called with
 # the instance first: ``handle(instance, msg)``. This default tells the two calls apart.
 _UNBOUND: Any = object()

@@ -232,14 +232,9 @@ class SizeGuard(Decorator):
             return Rejection("header_count", count, max_headers)
         return None
 
-    def _passes(self, msg: Msg) -> bool:
-        """Whether ``msg`` is within every limit: handed on unchanged (for a screen inside)."""
-        return self._check(msg) is None
-
-    def _step(self, msg: MessageProxy, call_next: Handler) -> Awaitable[None]:
-        # Not a coroutine itself: a message that passes is handed on as the next layer's
-        # awaitable, without a frame of its own (on every message).
-        real = msg.__wrapped__
+    def _passes(self, real: Msg) -> bool:
+        """Whether ``real`` (the message, not its proxy) is within every limit: handed on
+        unchanged. On every message: the chain's fused coroutine asks it."""
         if self._counts_only:
             if type(real) is Msg:
                 # A plain nats-py message's headers are a dict already: most messages pass on
@@ -252,7 +247,7 @@ class SizeGuard(Decorator):
                         and not (self._referenced and CLAIM_HEADER in headers)
                     )
                 ):
-                    return call_next(msg)
+                    return True
             elif isinstance(real, LazyHeadersMixin):
                 # Lazy headers still undecoded: counted in the raw block as header_count does;
                 # a block that does not even hold the claim header's name has no claim.
@@ -263,9 +258,17 @@ class SizeGuard(Decorator):
                     and block.raw.count(b"\r\n") - 2 <= self._count_limit
                     and not (self._referenced and _CLAIM_NAME in block.raw)
                 ):
-                    return call_next(msg)
+                    return True
+        return self._check(real) is None
+
+    def _step(self, msg: MessageProxy, call_next: Handler) -> Awaitable[None]:
+        # Not a coroutine itself: a message that passes is handed on as the next layer's
+        # awaitable, without a frame of its own.
+        real = msg.__wrapped__
+        if self._passes(real):
+            return call_next(msg)
         rejection = self._check(real)
-        if rejection is None:
+        if rejection is None:  # (not after _passes said no: _check reads the same fields)
             return call_next(msg)
         return self._reject(msg, rejection)
 

@@ -1,9 +1,12 @@
-"""Holds decided before the chain makes its proxy (the delay cap's screen): in memory, on
-nats-py messages whose client records what is published. Pure logic: which layers may let
-a hold skip them, and which must see it."""
+"""Holds decided before the chain makes its proxy (the delay cap's screen), and first
+deliveries run in the chain's one coroutine (its fused path): in memory, on nats-py messages
+whose client records what is published. Pure logic: which layers may let a message skip
+them, and which must see it."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -137,3 +140,59 @@ async def test_a_first_delivery_beside_held_ones_leaves_nothing_remembered_once_
     assert client.failed
     assert client.published[-1] == (second.reply, b"")  # an ack
     assert len(cap._memory) == 1
+
+
+def frames_between(bottom: str) -> list[str]:
+    """The functions between the caller's frame and the nearest frame of ``bottom``."""
+    names = []
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name != bottom:
+        names.append(f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_code.co_name}")
+        frame = frame.f_back
+    return names
+
+
+async def test_a_first_delivery_runs_in_the_chains_one_coroutine_and_its_long_nak_is_capped() -> (
+    None
+):
+    """A guard outside the cap only passes messages on: the chain checks its limits in place
+    and calls the handler from one coroutine, with the cap's interceptor on the proxy."""
+    client = Recorder()
+    cap = with_delay_cap(1.0, store=MemoryDeadlineStore())
+    stacks: list[list[str]] = []
+
+    async def handle(msg: Msg) -> None:
+        stacks.append(frames_between("run"))
+        assert isinstance(msg, MessageProxy)
+        await msg.nak(delay=3600)
+
+    handler = compose(with_size_limit(max_body=10, max_headers=5), cap)(handle)
+    await run(handler, delivery(client, 1, sequence=7))  # the long way: the consumer is read
+    await run(handler, delivery(client, 1, sequence=8, cseq=2))
+    assert stacks[1] == ["cap.py:handle"], stacks
+    assert len(stacks[0]) > 1  # the first message of a consumer takes the long way
+    naks = [payload for subject, payload in client.published if subject.startswith("$JS.ACK.")]
+    assert len(naks) == 2
+    delays = [json.loads(payload.removeprefix(b"-NAK "))["delay"] / 1e9 for payload in naks]
+    assert all(0.8 <= delay <= 1.0 for delay in delays), delays  # the cap, less its jitter
+    assert cap.stats.capped == 2
+
+
+async def test_a_guard_outside_the_cap_still_rejects_a_first_delivery() -> None:
+    client = Recorder()
+    cap = with_delay_cap(1.0, store=MemoryDeadlineStore())
+    guard = with_size_limit(max_body=10, on_oversize="term")
+    handled: list[bytes] = []
+
+    async def handle(msg: Msg) -> None:
+        handled.append(msg.data)
+        await msg.ack()
+
+    handler = compose(guard, cap)(handle)
+    await run(handler, delivery(client, 1, sequence=7, body=b"fine"))  # the consumer is read
+    await run(handler, delivery(client, 1, sequence=8, cseq=2, body=b"x" * 11))
+    await run(handler, delivery(client, 1, sequence=9, cseq=3, body=b"also fine"))
+    sent = [payload for subject, payload in client.published if subject.startswith("$JS.ACK.")]
+    assert sent == [b"", b"+TERM", b""]  # ack, term, ack
+    assert handled == [b"fine", b"also fine"]
+    assert guard.stats.termed == 1

@@ -38,7 +38,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from natsmw._throttle import Throttled
-from natsmw.chain import Decorator, Handler, layer
+from natsmw.chain import _UNBOUND, Decorator, Handler, layer
 from natsmw.delay.clock import server_clock
 from natsmw.delay.deadline import DEADLINE_HEADER, format_deadline, parse_deadline
 from natsmw.delay.decision import (
@@ -73,7 +73,7 @@ from natsmw.delay.stores import (
 )
 from natsmw.duration import Duration, to_positive_seconds
 from natsmw.errors import DeadlinesLostError, DeadlineStoreError, ParkError
-from natsmw.headers import peek_header
+from natsmw.headers import lazy_message_class, peek_header
 from natsmw.message import (
     _JS_ACK_PREFIX,
     CAPPED_BY,
@@ -82,6 +82,7 @@ from natsmw.message import (
     Settle,
     Settlement,
     SettlementKind,
+    _Interception,
     capped_by,
     nak_settlement,
     remove_last,
@@ -97,6 +98,7 @@ _CAPPED_BY = CAPPED_BY
 # NamedTuple's own __new__ is a Python-level call: one per message that bench.micro counts.
 _new_key = partial(tuple.__new__, DeadlineKey)
 _NAK_ONLY: frozenset[SettlementKind] = frozenset(("nak",))
+_LAZY_MSG = lazy_message_class(Msg)  # nats-py's own message, its headers decoded when read
 # The original of a parked message is acked and the server's confirmation awaited: once the
 # park returns, the message has left ack-pending (a lost ack would keep it there until
 # ack_wait brings it back, to be acked then).
@@ -192,6 +194,7 @@ class _Generation:
         "_no_bucket_until",
         "clear_until",
         "created",
+        "created_ns",
         "deferred",
         "fresh_until",
         "high",
@@ -200,6 +203,9 @@ class _Generation:
 
     def __init__(self, created: float | None, high: int) -> None:
         self.created = created
+        # In nanoseconds, as a reply subject gives a message's stored time (rounded up: a
+        # message stored in the same nanosecond counts as older, and is looked up).
+        self.created_ns = None if created is None else math.ceil(created * 1e9)
         self.high = high
         self.fresh_until = 0.0  # monotonic: read again from the server after this
         self.said = False  # warned that records of an earlier consumer apply
@@ -384,6 +390,8 @@ class DelayCap(Decorator):
         # By id(client), then (stream, consumer); read on every first delivery.
         self._generations: dict[int, dict[tuple[str, str], _Generation]] = {}
         self._writing: set[asyncio.Task[None]] = set()  # releases being recorded
+        # partial(self._on_settle, ...) flattened into one partial per message (_run).
+        self._intercepting = partial(DelayCap._on_settle, self)
 
     one_per_chain = "delay cap"  # compose() refuses a second one
 
@@ -396,7 +404,7 @@ class DelayCap(Decorator):
                 f"overwrite each other. Keep one delay cap per chain (under install(chain=...), "
                 f"the chain's or the handler's own)"
             )
-        wrapped = layer(self._step, screen=self._screen)(handler)
+        wrapped = layer(self._step, fuse=self._fuse)(handler)
         # functools.wraps copies this onto every wrapper made around it later, so a cap
         # further out sees it through other middlewares.
         setattr(wrapped, _CAPPED_BY, self)
@@ -411,36 +419,17 @@ class DelayCap(Decorator):
 
     def _step(self, msg: MessageProxy, call_next: Handler) -> Awaitable[None]:
         # Not a coroutine itself: a delivery with nothing to look up goes straight to _run's
-        # coroutine, without a frame of its own (on every message).
+        # coroutine, without a frame of its own.
         real = msg.__wrapped__
+        if self._usual(real, (), holds=False):
+            return self._run(msg, None, 1, None, call_next)
         reply = real.reply
         if not reply or not reply.startswith(_JS_ACK_PREFIX):
             return self._core(msg, call_next)
         if real.__class__ is DueMsg:
             return self._due(msg, real, call_next)
-        # Every message comes here: its reply subject is read once, in place (no metadata),
-        # and its numbers only as far as the path it takes needs them.
         tokens = reply.split(".")  # $JS.ACK.<stream>.<consumer>.<n>.<sseq>.<cseq>.<ns>.<pending>
         plain = len(tokens) == 9
-        if real.__class__ is Msg:  # nats-py's own: its headers are a dict, no call to peek
-            headers = real.headers
-            value = headers.get(DEADLINE_HEADER) if headers else None
-        else:
-            value = peek_header(real, DEADLINE_HEADER)
-        if (
-            plain
-            and value is None
-            and tokens[4] == "1"
-            # nothing remembered could be about this message
-            and (
-                not self._memory._count
-                or self._memory.unknown(real._client, tokens[2], tokens[3], tokens[5])
-            )
-            and self._first_of_own(
-                real, tokens[2], tokens[3], tokens[5], int(tokens[6]), int(tokens[7]) / 1e9
-            )
-        ):
-            return self._run(msg, None, 1, None, call_next)
         if plain:
             stream, consumer, sequence, delivery = (
                 tokens[2], tokens[3], int(tokens[5]), int(tokens[4])
@@ -448,6 +437,7 @@ class DelayCap(Decorator):
         else:  # with a domain and an account hash
             stream, consumer, sequence, delivery = msg.position
         key = _new_key((stream, consumer, sequence))
+        value = peek_header(real, DEADLINE_HEADER)
         if delivery > 1:
             self._saw(real, key, int(tokens[6]) if plain else None)
             if value is None:
@@ -457,38 +447,82 @@ class DelayCap(Decorator):
         header = None if value is None else self._header_deferral(msg, value)
         return self._looked_up(msg, key, delivery, header, call_next)
 
-    def _screen(
-        self, real: Msg, checks: tuple[Callable[[Msg], bool], ...]
-    ) -> Awaitable[None] | None:
-        """The usual hold (``_hold_now``) decided on the message as nats-py delivered it,
-        before the chain makes a proxy: the nak, or ``None`` and the chain runs. Only where
-        the layers outside pass the message (``checks``) and nobody could watch the hold (a
-        layer that would, such as tracing, lets no screen run)."""
-        if not self._memory._count or real.__class__ is DueMsg or isinstance(real, MessageProxy):
-            # Nothing deferred here; a due copy has its own way (_due); a proxy whose class
-            # left PROXY_TYPES (over 64 message classes: mocks) has observers to tell.
-            return None
+    def _fuse(
+        self,
+        call_next: Handler,
+        checks: tuple[Callable[[Msg], bool], ...],
+        general: Callable[..., Awaitable[None]],
+    ) -> Handler:
+        """The chain's handler. Its usual messages (``_usual``) are run or held in this one
+        coroutine, with none of ``_step``'s and ``_run``'s frames, and no proxy for a hold;
+        every other message (and a method's call) goes to ``general``, the chain's own
+        handler, as it would without this."""
+        usual, intercepting, end = self._usual, self._intercepting, self._end_run
+
+        async def handle(msg: Msg, bound_msg: Msg = _UNBOUND) -> None:
+            decided = usual(msg, checks) if bound_msg is _UNBOUND else False
+            if decided is False:
+                await general(msg, bound_msg)
+                return
+            if decided is not True:
+                await decided  # the nak of a usual hold
+                return
+            proxy = MessageProxy(msg) if msg.__class__ is Msg else MessageProxy.of(msg)
+            interception = (partial(intercepting, proxy, None, 1, 1, 1), _NAK_ONLY)
+            proxy._self_interceptors = [interception]  # a new proxy: no other, no span to open
+            try:
+                await call_next(proxy)
+            finally:
+                end(proxy, None, 1, None, interception)
+
+        return handle
+
+    def _usual(
+        self, real: Msg, checks: tuple[Callable[[Msg], bool], ...], *, holds: bool = True
+    ) -> bool | Awaitable[None]:
+        """What ``real``, as nats-py delivered it, needs, if it is one of the usual messages of
+        nats-py's own class (eager or lazy headers) with a plain reply subject, passed by every
+        one of ``checks`` (the layers outside), with no deadline header:
+
+        * ``True``: a first delivery to run with nothing looked up (nothing remembered of it,
+          stored under this very consumer: ``_first_of_own``);
+        * with ``holds``, the nak of the usual hold, decided and counted (``_hold_now``);
+        * ``False``: anything else, and nothing was changed: the long way decides.
+
+        Holds are decided here only where nobody could watch them (a layer that would, such as
+        tracing, has no ``passes`` and lets no fused handler run)."""
+        kind = real.__class__
+        if kind is not Msg and kind is not _LAZY_MSG:
+            return False  # due copies have their own way (_due); other classes, the long one
         reply = real.reply
         if not reply or not reply.startswith(_JS_ACK_PREFIX):
-            return None
-        tokens = reply.split(".")
-        if len(tokens) != 9 or tokens[4] == "1":
-            return None  # another reply format, or a first delivery: the chain's own way
-        if real.__class__ is Msg:
+            return False
+        tokens = reply.split(".")  # $JS.ACK.<stream>.<consumer>.<n>.<sseq>.<cseq>.<ns>.<pending>
+        if len(tokens) != 9:
+            return False  # with a domain and an account hash
+        first = tokens[4] == "1"
+        memory = self._memory
+        if not first and not (holds and memory._count):
+            return False  # a redelivery of nothing deferred here
+        for check in checks:  # before any header is read: a guard keeps oversized ones out
+            if not check(real):
+                return False
+        if kind is Msg:  # its headers are a dict: no call to peek
             headers = real.headers
             if headers and DEADLINE_HEADER in headers:
-                return None
+                return False
         elif peek_header(real, DEADLINE_HEADER) is not None:
-            return None
-        for check in checks:
-            if not check(real):
-                return None
+            return False
+        if first:
+            if memory._count and not memory.unknown(real._client, tokens[2], tokens[3], tokens[5]):
+                return False
+            return self._first_of_own(real, tokens)
         key = _new_key((tokens[2], tokens[3], int(tokens[5])))
         delivery = int(tokens[4])
         self._saw(real, key, int(tokens[6]))
         held = self._hold_now(real, key, delivery)
         if held is None:
-            return None
+            return False
         self.stats.holds += 1
         return real.nak(delay=held[0])
 
@@ -557,40 +591,31 @@ class DelayCap(Decorator):
             if after is not None:
                 after()
 
-    def _first_of_own(
-        self,
-        real: Msg,
-        stream: str,
-        consumer: str,
-        sequence: int | str,
-        cseq: int,
-        stored_at: float,
-    ) -> bool:
+    def _first_of_own(self, real: Msg, tokens: list[str]) -> bool:
         """Whether a first, plain delivery needs no lookup, as far as known without asking:
         it was stored under this very consumer (not one deleted and made again under the
-        same name), or an earlier consumer of the name is known to have left it no record."""
+        same name), or an earlier consumer of the name is known to have left it no record.
+        ``tokens``: its reply subject's nine, split at the dots (on every first delivery:
+        numbers are read from them only as far as needed)."""
         known = self._generations.get(id(real._client))
-        generation = None if known is None else known.get((stream, consumer))
+        generation = None if known is None else known.get((tokens[2], tokens[3]))
         if generation is None:
             return False
+        cseq = int(tokens[6])
         high = generation.high
         if not (cseq > high or (cseq * 2 >= high and high > _YOUNG)):  # went_back()
             return False
         now = time.monotonic()
         if now >= generation.fresh_until:
             return False
-        created = generation.created
-        if created is None or stored_at >= created:
+        created = generation.created_ns
+        if created is None or int(tokens[7]) >= created:
             generation.high = cseq
             return True
         # Stored before this consumer: a new durable over a backlog, every message. The
         # earlier consumer's records were listed once; most messages are not among them.
         deferred = generation.deferred
-        if (
-            deferred is not None
-            and int(sequence) not in deferred  # from the reply subject, on the hot path
-            and now < generation.clear_until
-        ):
+        if deferred is not None and int(tokens[5]) not in deferred and now < generation.clear_until:
             generation.high = cseq
             return True
         return False
@@ -606,9 +631,7 @@ class DelayCap(Decorator):
             # A first, plain delivery: nothing to look up if it was stored under this very
             # consumer (not one deleted and made again under the same name).
             numbers = _reply_numbers(real)
-            if numbers is not None and self._first_of_own(
-                real, key.stream, key.consumer, key.sequence, numbers[0], numbers[1]
-            ):
+            if numbers is not None and self._first_of_own(real, real.reply.split(".")):
                 return _NOTHING
             return await self._first_of_older(msg, key, numbers)
         if header is None and entry is not None and entry.deferral is not None:
@@ -887,19 +910,10 @@ class DelayCap(Decorator):
         if calls != (delivery if shown is None else shown):
             # handler_calls() falls back to num_delivered, which is shown
             msg.state[_CALLS_KEY] = calls
-
-        async def on_settle(settlement: Settlement, send: Settle) -> Any:
-            if settlement.delay is None or settlement.delay <= self.cap:
-                return await send(settlement)
-            return await self._defer(
-                msg, key or _key_of(msg), delivery, delivery - own, calls, settlement.delay, send
-            )
-
-        # What msg.intercept() does, without its with block's calls (on every message).
-        interception = (on_settle, _NAK_ONLY)
-        interceptors = msg._self_interceptors
+        interception = (partial(self._intercepting, msg, key, delivery, own, calls), _NAK_ONLY)
+        interceptors = msg._self_interceptors  # what msg.intercept() does, without its calls
         if interceptors is None:
-            interceptors = msg._self_interceptors = [interception]
+            msg._self_interceptors = [interception]
         else:
             interceptors.append(interception)
         opening = msg._self_on_run
@@ -909,18 +923,48 @@ class DelayCap(Decorator):
         finally:
             if after is not None:
                 after()
-            if interceptors and interceptors[-1] is interception:
-                del interceptors[-1]
-            else:
-                remove_last(interceptors, interception)
-            settlement = msg._self_settlement
-            if (
-                deferral is not None  # (unsettled without one: nothing to note, _after_call)
-                if settlement is None
-                else settlement.kind == "nak"
-                or (self._memory._count and (key is not None or self._remembers(msg)))
-            ):
-                self._after_call(msg, key or _key_of(msg), delivery, deferral)
+            self._end_run(msg, key, delivery, deferral, interception)
+
+    async def _on_settle(
+        self,
+        msg: MessageProxy,
+        key: DeadlineKey | None,
+        delivery: int,
+        own: int,
+        calls: int,
+        settlement: Settlement,
+        send: Settle,
+    ) -> Any:
+        """The cap's interceptor of the handler's naks (``partial``-bound per message: it costs
+        less to make than a closure): a long one is deferred."""
+        if settlement.delay is None or settlement.delay <= self.cap:
+            return await send(settlement)
+        return await self._defer(
+            msg, key or _key_of(msg), delivery, delivery - own, calls, settlement.delay, send
+        )
+
+    def _end_run(
+        self,
+        msg: MessageProxy,
+        key: DeadlineKey | None,
+        delivery: int,
+        deferral: Deferral | None,
+        interception: _Interception,
+    ) -> None:
+        """Once the handler is done: its interceptor gone, and what it did noted."""
+        interceptors = msg._self_interceptors
+        if interceptors and interceptors[-1] is interception:
+            del interceptors[-1]
+        elif interceptors:
+            remove_last(interceptors, interception)
+        settlement = msg._self_settlement
+        if (
+            deferral is not None  # (unsettled without one: nothing to note, _after_call)
+            if settlement is None
+            else settlement.kind == "nak"
+            or (self._memory._count and (key is not None or self._remembers(msg)))
+        ):
+            self._after_call(msg, key or _key_of(msg), delivery, deferral)
 
     def _remembers(self, msg: MessageProxy) -> bool:
         """Whether anything is remembered of a first delivery that took the hot path (a
