@@ -260,7 +260,6 @@ class _Stepped(Decorator):
             if below is not None and below[0] is handler:  # that very layer, as for _ENTRY
                 fuse, fused_next, checks = below[1], below[2], (self._passes, *below[3])
 
-        @functools.wraps(handler)
         async def handle(msg: Msg, bound_msg: Msg = _UNBOUND) -> None:
             then = call_next
             if bound_msg is not _UNBOUND:
@@ -284,9 +283,12 @@ class _Stepped(Decorator):
                 return step(msg, call_next)  # type: ignore[arg-type]  # a proxy
             return handle(msg)  # a step handed on another message: proxy it as handle does
 
-        chained: Handler = handle
+        # What the chain returns looks like the handler (its name, its attributes: the delay
+        # cap's mark). A fused handler hides ``handle``, which stays bare (a pull fetch builds
+        # a chain per message).
+        chained = handle if fuse is None else fuse(fused_next, checks, handle)
+        functools.update_wrapper(chained, handler)
         if fuse is not None:
-            chained = functools.update_wrapper(fuse(fused_next, checks, handle), handler)
             setattr(chained, _FUSE, (chained, fuse, fused_next, checks))
         setattr(chained, _ENTRY, (chained, enter))
         return chained
