@@ -76,6 +76,7 @@ from natsmw.errors import DeadlinesLostError, DeadlineStoreError, ParkError
 from natsmw.headers import lazy_message_class, peek_header
 from natsmw.message import (
     _JS_ACK_PREFIX,
+    _PROXY_CLASSES,
     CAPPED_BY,
     SPAN_KEY,
     MessageProxy,
@@ -467,7 +468,9 @@ class DelayCap(Decorator):
             if decided is not True:
                 await decided  # the nak of a usual hold
                 return
-            proxy = MessageProxy(msg) if msg.__class__ is Msg else MessageProxy.of(msg)
+            kind = msg.__class__
+            made = MessageProxy if kind is Msg else _PROXY_CLASSES.get(kind)  # lazy headers'
+            proxy = MessageProxy.of(msg) if made is None else made(msg)
             interception = (partial(intercepting, proxy, None, 1, 1, 1), _NAK_ONLY)
             proxy._self_interceptors = [interception]  # a new proxy: no other, no span to open
             try:
