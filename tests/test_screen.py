@@ -5,9 +5,11 @@ them, and which must see it."""
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
+import weakref
 from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
@@ -196,3 +198,16 @@ async def test_a_guard_outside_the_cap_still_rejects_a_first_delivery() -> None:
     assert sent == [b"", b"+TERM", b""]  # ack, term, ack
     assert handled == [b"fine", b"also fine"]
     assert guard.stats.termed == 1
+
+
+def test_a_dropped_delay_cap_is_freed_at_once() -> None:
+    """A cap holds stores (and their clients) and its memory: nothing of its own may refer to
+    it, or it would wait for the cyclic collector."""
+    cap = with_delay_cap(1.0, store=MemoryDeadlineStore())
+    freed = weakref.ref(cap)
+    gc.disable()
+    try:
+        del cap
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -391,8 +391,6 @@ class DelayCap(Decorator):
         # By id(client), then (stream, consumer); read on every first delivery.
         self._generations: dict[int, dict[tuple[str, str], _Generation]] = {}
         self._writing: set[asyncio.Task[None]] = set()  # releases being recorded
-        # partial(self._on_settle, ...) flattened into one partial per message (_run).
-        self._intercepting = partial(DelayCap._on_settle, self)
 
     one_per_chain = "delay cap"  # compose() refuses a second one
 
@@ -458,7 +456,7 @@ class DelayCap(Decorator):
         coroutine, with none of ``_step``'s and ``_run``'s frames, and no proxy for a hold;
         every other message (and a method's call) goes to ``general``, the chain's own
         handler, as it would without this."""
-        usual, intercepting, end = self._usual, self._intercepting, self._end_run
+        usual, on_settle, end = self._usual, DelayCap._on_settle, self._end_run
 
         async def handle(msg: Msg, bound_msg: Msg = _UNBOUND) -> None:
             decided = usual(msg, checks) if bound_msg is _UNBOUND else False
@@ -471,7 +469,7 @@ class DelayCap(Decorator):
             kind = msg.__class__
             made = MessageProxy if kind is Msg else _PROXY_CLASSES.get(kind)  # lazy headers'
             proxy = MessageProxy.of(msg) if made is None else made(msg)
-            interception = (partial(intercepting, proxy, None, 1, 1, 1), _NAK_ONLY)
+            interception = (partial(on_settle, self, proxy, None, 1, 1, 1), _NAK_ONLY)
             proxy._self_interceptors = [interception]  # a new proxy: no other, no span to open
             try:
                 await call_next(proxy)
@@ -913,7 +911,12 @@ class DelayCap(Decorator):
         if calls != (delivery if shown is None else shown):
             # handler_calls() falls back to num_delivered, which is shown
             msg.state[_CALLS_KEY] = calls
-        interception = (partial(self._intercepting, msg, key, delivery, own, calls), _NAK_ONLY)
+        # One flat partial of the function (no bound method, no closure: cheaper to make; a
+        # partial kept on the cap would make the cap refer to itself).
+        interception = (
+            partial(DelayCap._on_settle, self, msg, key, delivery, own, calls),
+            _NAK_ONLY,
+        )
         interceptors = msg._self_interceptors  # what msg.intercept() does, without its calls
         if interceptors is None:
             msg._self_interceptors = [interception]
