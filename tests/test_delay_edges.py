@@ -37,7 +37,13 @@ from natsmw import (
     with_delay_cap,
     with_tracing,
 )
-from natsmw.delay import DeadlineKey, Deferral, KeyValueDeadlineStore, MemoryDeadlineStore
+from natsmw.delay import (
+    PARK_STREAM,
+    DeadlineKey,
+    Deferral,
+    KeyValueDeadlineStore,
+    MemoryDeadlineStore,
+)
 from natsmw.errors import DeadlineStoreError
 from natsmw.server import NatsServer
 from tests.conftest import Connection, Inbox, Stream, connect, flushed, spy_acks
@@ -238,8 +244,10 @@ async def test_a_new_consumer_over_a_long_stream_costs_no_round_trip_per_message
 
     asked = [m.subject for m in requests.items if not m.subject.startswith("$JS.API.CONSUMER.MSG")]
     # pull_subscribe's own consumer info, then natsmw: one consumer info (the consumer's
-    # creation time) and one look for the deadline bucket, which does not exist.
-    assert len(asked) <= 4, asked
+    # creation time), one look for messages parked under an earlier consumer of the name and
+    # one for the deadline bucket's records, in a stream and a bucket that do not exist.
+    assert len(asked) <= 5, asked
+    assert asked.count(f"$JS.API.STREAM.INFO.{PARK_STREAM}") == 1, asked
     # Nor any work per message beyond the hot path, once the records were looked for: the
     # first batch may go the long way while the look is on its way, not the other three.
     assert slow <= 50, slow

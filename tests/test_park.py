@@ -827,3 +827,29 @@ async def test_a_long_nak_on_the_only_delivery_is_parked_or_said_loudly(
         await unserved.wait_settled(1)
     assert lonely.stats.uncapped == 1
     assert "on its last allowed delivery (max_deliver=1)" in caplog.text
+
+
+async def test_a_consumer_made_again_over_parked_messages_leaves_them_to_their_due_copies(
+    conn: Connection, stream: Stream
+) -> None:
+    """Messages parked under a consumer that is then deleted and made again under the same
+    name come to the new consumer as first deliveries, stored before it was made: they are
+    acked unhandled, and their due copies run them once, at their deadlines."""
+    parker = Parker(delay=3.0)
+    cap = with_delay_cap(CAP)
+    handle = cap(parker)
+    sub = await conn.js.subscribe(stream.subject, durable="again", cb=handle, manual_ack=True)
+    async with served(conn, handle, stream.name, "again"):
+        for body in (b"A", b"B"):  # the first park of a process also writes a record
+            await conn.js.publish(stream.subject, body)
+            await parker.wait(body, 1)
+        assert cap.stats.parked == 2  # the handler's nak returned once each was parked
+        await sub.unsubscribe()
+        await conn.js.delete_consumer(stream.name, "again")
+        await conn.js.subscribe(stream.subject, durable="again", cb=handle, manual_ack=True)
+        for body in (b"A", b"B"):
+            first, second = await parker.wait(body, 2)
+            assert second.at >= first.at + 3.0, f"{body!r} ran early under the new consumer"
+        assert await due_left(conn, stream.name, "again") == (0, 0)
+        await ack_pending_becomes(conn, stream.name, "again", 0)
+    assert [len(parker.of(body)) for body in (b"A", b"B")] == [2, 2]

@@ -26,6 +26,7 @@ import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
@@ -60,6 +61,7 @@ from natsmw.delay.park import (
     WANTED,
     DueMsg,
     Parked,
+    ParkStream,
     is_served,
     park_stream,
     serving,
@@ -193,12 +195,14 @@ class _Generation:
     __slots__ = (
         "_listing",
         "_no_bucket_until",
+        "_parked_listing",
         "clear_until",
         "created",
         "created_ns",
         "deferred",
         "fresh_until",
         "high",
+        "parked",
         "said",
     )
 
@@ -215,6 +219,10 @@ class _Generation:
         # What listed() found, for the hot path: the sequences with a record under this
         # consumer's name (empty: no bucket), trusted until ``clear_until`` (monotonic).
         self.deferred: set[int] | None = None
+        # The sequences an earlier consumer of its name parked (schedules or due copies
+        # waiting), listed once; empty where this cap does not park. ``None``: not listed.
+        self.parked: AbstractSet[int] | None = None
+        self._parked_listing: asyncio.Future[AbstractSet[int] | None] | None = None
         self.clear_until = 0.0
 
     def went_back(self, cseq: int) -> bool:
@@ -260,6 +268,22 @@ class _Generation:
             return found
         return await asyncio.shield(self._listing)
 
+    async def parked_listed(self, parks: ParkStream, key: DeadlineKey) -> AbstractSet[int] | None:
+        """The sequences parked under this consumer's name, listed once per generation;
+        ``None`` when they cannot be listed (each message is then looked up)."""
+        if self._parked_listing is None:
+            self._parked_listing = asyncio.ensure_future(self._list_parked(parks, key))
+        return await asyncio.shield(self._parked_listing)
+
+    async def _list_parked(self, parks: ParkStream, key: DeadlineKey) -> AbstractSet[int] | None:
+        try:
+            self.parked = await parks.sequences(key.stream, key.consumer)
+        except ParkError as error:
+            log.warning("cannot list the parked messages of %s/%s: %s",
+                        key.stream, key.consumer, error)  # fmt: skip
+            return None
+        return self.parked
+
 
 async def _list(store: DeadlineStore, stream: str, consumer: str) -> set[int] | None:
     sequences = getattr(store, "sequences", None)
@@ -280,6 +304,7 @@ _RECHECK_GENERATION = 1.0
 _NOTHING = _Found(None, recorded=False)
 _UNKNOWN = _Found(None, recorded=False, known=False)
 _PARKED = _Found(None, recorded=False, parked=True)
+_NONE_PARKED: frozenset[int] = frozenset()
 
 
 def with_delay_cap(
@@ -615,10 +640,12 @@ class DelayCap(Decorator):
             return True
         # Stored before this consumer: a new durable over a backlog, every message. The
         # earlier consumer's records were listed once; most messages are not among them.
-        deferred = generation.deferred
-        if deferred is not None and int(tokens[5]) not in deferred and now < generation.clear_until:
-            generation.high = cseq
-            return True
+        deferred, parked = generation.deferred, generation.parked
+        if deferred is not None and parked is not None and now < generation.clear_until:
+            sequence = int(tokens[5])
+            if sequence not in deferred and sequence not in parked:
+                generation.high = cseq
+                return True
         return False
 
     async def _gather(
@@ -786,6 +813,8 @@ class DelayCap(Decorator):
         generation = await self._generation(msg, key, cseq)
         if generation.created is None or stored_at >= generation.created:
             return _NOTHING  # stored under this consumer (or its age is unknown)
+        if await self._parked_earlier(msg, key, generation):
+            return _PARKED
         try:
             deferred = await generation.listed(self._store_for(msg), key)
         except DeadlinesLostError:
@@ -994,8 +1023,9 @@ class DelayCap(Decorator):
             # Parked before, and the ack of the original was lost: the copy in the park
             # stream carries its future. Settle the original without calling the handler.
             log.warning(
-                "%s seq %s came back, but it is parked already (the ack after parking was lost): "
-                "acking it without calling the handler; the parked copy runs at the deadline",
+                "%s seq %s came back, but it is parked already (the ack after parking was lost, "
+                "or its consumer was made again): acking it without calling the handler; the "
+                "parked copy runs at the deadline",
                 msg.subject, key.sequence,
             )  # fmt: skip
             self._memory.gone(key, msg.__wrapped__._client)
@@ -1190,6 +1220,27 @@ class DelayCap(Decorator):
             "handler, which may be early; see stats.lost_deadlines",
             key, delivery, why,
         )  # fmt: skip
+
+    async def _parked_earlier(
+        self, msg: MessageProxy, key: DeadlineKey, generation: _Generation
+    ) -> bool:
+        """Whether a message stored before its consumer was made waits in the park stream,
+        parked under an earlier consumer of the same name (deleted and made again): the
+        original was acked there, and its due copy runs it at the deadline."""
+        if self.park_after is None:
+            generation.parked = _NONE_PARKED
+            return False
+        parks = park_stream(msg.__wrapped__._client)
+        parked = await generation.parked_listed(parks, key)
+        if parked is not None and key.sequence not in parked:
+            return False
+        try:
+            return await parks.holds(
+                key.stream, key.consumer, key.sequence, msg.metadata.timestamp.timestamp()
+            )
+        except ParkError as error:
+            log.warning("cannot tell whether %s is parked (%s): handling it", key, error)
+            return False
 
     async def _parked_already(self, msg: MessageProxy, key: DeadlineKey) -> bool:
         """Whether a redelivered original was parked (its ack lost): a schedule or a due copy

@@ -424,6 +424,46 @@ class ParkStream:
             return False
         return (found.headers or {}).get(PARKED_HEADER) == parked.to_header()
 
+    async def sequences(self, stream: str, consumer: str) -> set[int]:
+        """The stream sequences of ``stream``/``consumer`` with a schedule or a due copy
+        waiting here, of any store time, from stream info (however many there are); an empty
+        set when the stream does not exist.
+
+        Raises:
+            ParkError: the stream could not be asked.
+        """
+        js = self._js()
+        found: set[int] = set()
+        for prefix in (_SCHEDULE, _DUE):
+            head = f"{prefix}.{stream}.{consumer}."
+            offset = 0
+            while True:
+                request = {"subjects_filter": f"{head}*.*", "offset": offset}
+                try:
+                    reply = await js._nc.request(
+                        f"{js._prefix}.STREAM.INFO.{PARK_STREAM}",
+                        json.dumps(request).encode(),
+                        timeout=max(self._timeout, 30.0),
+                    )
+                    answer = json.loads(reply.data)
+                except (NatsError, asyncio.TimeoutError, OSError, ValueError) as error:
+                    raise ParkError(f"cannot list {PARK_STREAM!r}: {error!r}") from error
+                if "error" in answer:
+                    if answer["error"].get("code") == 404:
+                        return found  # no park stream: nothing was ever parked
+                    raise ParkError(
+                        f"cannot list {PARK_STREAM!r}: {answer['error'].get('description')}"
+                    )
+                subjects = (answer.get("state") or {}).get("subjects") or {}
+                for subject in subjects:
+                    sequence = subject[len(head) :].partition(".")[0]
+                    if sequence.isdigit():
+                        found.add(int(sequence))
+                offset += len(subjects)
+                if not subjects or offset >= answer.get("total", 0):
+                    break
+        return found
+
     async def holds(
         self, stream: str, consumer: str, sequence: int, stored_at: float, *, due: bool = True
     ) -> bool:
