@@ -830,11 +830,13 @@ async def test_a_long_nak_on_the_only_delivery_is_parked_or_said_loudly(
 
 
 async def test_a_consumer_made_again_over_parked_messages_leaves_them_to_their_due_copies(
-    conn: Connection, stream: Stream
+    conn: Connection, stream: Stream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Messages parked under a consumer that is then deleted and made again under the same
     name come to the new consumer as first deliveries, stored before it was made: they are
-    acked unhandled, and their due copies run them once, at their deadlines."""
+    acked unhandled (said once for the consumer), and their due copies run them once, at
+    their deadlines."""
+    caplog.set_level(logging.WARNING, logger="natsmw")
     parker = Parker(delay=3.0)
     cap = with_delay_cap(CAP)
     handle = cap(parker)
@@ -853,3 +855,6 @@ async def test_a_consumer_made_again_over_parked_messages_leaves_them_to_their_d
         assert await due_left(conn, stream.name, "again") == (0, 0)
         await ack_pending_becomes(conn, stream.name, "again", 0)
     assert [len(parker.of(body)) for body in (b"A", b"B")] == [2, 2]
+    said = [r.getMessage() for r in caplog.records if "earlier consumer" in r.getMessage()]
+    assert len(said) == 1, said
+    assert not [r for r in caplog.records if "parked already" in r.getMessage()]

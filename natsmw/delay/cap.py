@@ -305,6 +305,20 @@ _NOTHING = _Found(None, recorded=False)
 _UNKNOWN = _Found(None, recorded=False, known=False)
 _PARKED = _Found(None, recorded=False, parked=True)
 _NONE_PARKED: frozenset[int] = frozenset()
+# Parked under an earlier consumer of the same name: acked as _PARKED is, said once per
+# consumer generation rather than once per message (_said_earlier).
+_PARKED_EARLIER = _Found(None, recorded=False, parked=True)
+
+
+def _said_earlier(generation: _Generation, key: DeadlineKey) -> None:
+    """Say once per consumer generation that deferrals of an earlier one apply."""
+    if not generation.said:
+        generation.said = True
+        log.warning(
+            "%s was deferred under an earlier consumer of the same name (deleted and made "
+            "again): its deadline still stands, as do those of the others",
+            key,
+        )  # fmt: skip
 
 
 def with_delay_cap(
@@ -814,7 +828,8 @@ class DelayCap(Decorator):
         if generation.created is None or stored_at >= generation.created:
             return _NOTHING  # stored under this consumer (or its age is unknown)
         if await self._parked_earlier(msg, key, generation):
-            return _PARKED
+            _said_earlier(generation, key)
+            return _PARKED_EARLIER
         try:
             deferred = await generation.listed(self._store_for(msg), key)
         except DeadlinesLostError:
@@ -834,13 +849,7 @@ class DelayCap(Decorator):
             or stored.consumer_created == generation.created
         ):
             return _NOTHING
-        if not generation.said:
-            generation.said = True
-            log.warning(
-                "%s was deferred under an earlier consumer of the same name (deleted and "
-                "made again): its deadline still stands, as do those of the others",
-                key,
-            )  # fmt: skip
+        _said_earlier(generation, key)
         return _Found(stored.in_generation(generation.created), recorded=True)
 
     def _saw(self, real: Msg, key: DeadlineKey, cseq: int | None) -> None:
@@ -1020,14 +1029,16 @@ class DelayCap(Decorator):
     ) -> bool:
         """Hold or park the delivery if its deadline is ahead (or unknown); say whether it was."""
         if found.parked:
-            # Parked before, and the ack of the original was lost: the copy in the park
-            # stream carries its future. Settle the original without calling the handler.
-            log.warning(
-                "%s seq %s came back, but it is parked already (the ack after parking was lost, "
-                "or its consumer was made again): acking it without calling the handler; the "
-                "parked copy runs at the deadline",
-                msg.subject, key.sequence,
-            )  # fmt: skip
+            # Parked before, and the ack of the original was lost (or its consumer was made
+            # again): the copy in the park stream carries its future. Settle the original
+            # without calling the handler.
+            if found is not _PARKED_EARLIER:
+                log.warning(
+                    "%s seq %s came back, but it is parked already (the ack after parking was "
+                    "lost): acking it without calling the handler; the parked copy runs at the "
+                    "deadline",
+                    msg.subject, key.sequence,
+                )  # fmt: skip
             self._memory.gone(key, msg.__wrapped__._client)
             await msg.ack()
             return True
