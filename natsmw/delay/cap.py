@@ -196,6 +196,7 @@ class _Generation:
         "_listing",
         "_no_bucket_until",
         "_parked_listing",
+        "_parked_retry",
         "clear_until",
         "created",
         "created_ns",
@@ -223,6 +224,7 @@ class _Generation:
         # waiting), listed once; empty where this cap does not park. ``None``: not listed.
         self.parked: AbstractSet[int] | None = None
         self._parked_listing: asyncio.Future[AbstractSet[int] | None] | None = None
+        self._parked_retry = 0.0  # monotonic: a failed listing is tried again after this
         self.clear_until = 0.0
 
     def went_back(self, cseq: int) -> bool:
@@ -270,17 +272,19 @@ class _Generation:
 
     async def parked_listed(self, parks: ParkStream, key: DeadlineKey) -> AbstractSet[int] | None:
         """The sequences parked under this consumer's name, listed once per generation;
-        ``None`` when they cannot be listed (each message is then looked up)."""
-        if self._parked_listing is None:
-            self._parked_listing = asyncio.ensure_future(self._list_parked(parks, key))
-        return await asyncio.shield(self._parked_listing)
+        ``None`` when they cannot be listed now (listed again after a few seconds)."""
+        listing = self._parked_listing
+        if listing is None or (
+            listing.done() and listing.result() is None and time.monotonic() >= self._parked_retry
+        ):
+            listing = self._parked_listing = asyncio.ensure_future(self._list_parked(parks, key))
+        return await asyncio.shield(listing)
 
     async def _list_parked(self, parks: ParkStream, key: DeadlineKey) -> AbstractSet[int] | None:
         try:
             self.parked = await parks.sequences(key.stream, key.consumer)
-        except ParkError as error:
-            log.warning("cannot list the parked messages of %s/%s: %s",
-                        key.stream, key.consumer, error)  # fmt: skip
+        except ParkError:
+            self._parked_retry = time.monotonic() + _PARKED_RETRY
             return None
         return self.parked
 
@@ -294,6 +298,7 @@ async def _list(store: DeadlineStore, stream: str, consumer: str) -> set[int] | 
 
 
 _YOUNG = 64
+_PARKED_RETRY = 5.0  # seconds before a failed listing of parked messages is tried again
 _LIMITS_AGE_FLOOR = 0.1  # seconds a reading of a consumer's limits is trusted, at least
 MIN_CAP = 0.01  # seconds: the shortest cap with_delay_cap takes; 1 ms still made a nak loop
 # How long a consumer's creation time is trusted before it is read again (at most one
@@ -1237,13 +1242,26 @@ class DelayCap(Decorator):
     ) -> bool:
         """Whether a message stored before its consumer was made waits in the park stream,
         parked under an earlier consumer of the same name (deleted and made again): the
-        original was acked there, and its due copy runs it at the deadline."""
-        if self.park_after is None:
+        original was acked there, and its due copy runs it at the deadline. Asked where this
+        process serves that consumer's due copies (or wants to), whether or not its cap
+        parks: elsewhere a due copy would not run here either, and the park stream may not
+        even be readable."""
+        client = msg.__wrapped__._client
+        if serving(client, key.stream, key.consumer) == UNSERVED:
             generation.parked = _NONE_PARKED
             return False
-        parks = park_stream(msg.__wrapped__._client)
+        parks = park_stream(client)
         parked = await generation.parked_listed(parks, key)
-        if parked is not None and key.sequence not in parked:
+        if parked is None:
+            self._warn(
+                "parked-listing",
+                "cannot list the messages parked under %s/%s: one parked under an earlier "
+                "consumer of the name (deleted and made again) may run before its deadline, "
+                "and again from its due copy",
+                key.stream, key.consumer,
+            )  # fmt: skip
+            return False
+        if key.sequence not in parked:
             return False
         try:
             return await parks.holds(

@@ -443,7 +443,7 @@ class ParkStream:
                     reply = await js._nc.request(
                         f"{js._prefix}.STREAM.INFO.{PARK_STREAM}",
                         json.dumps(request).encode(),
-                        timeout=max(self._timeout, 30.0),
+                        timeout=self._timeout,  # a page of 100,000 takes a fraction of it
                     )
                     answer = json.loads(reply.data)
                 except (NatsError, asyncio.TimeoutError, OSError, ValueError) as error:
