@@ -5,6 +5,7 @@ them, and which must see it."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import sys
@@ -14,10 +15,13 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from nats.aio.msg import Msg
 
+import natsmw.delay.cap as cap_module
 from natsmw import Handler, MessageProxy, compose, middleware, with_size_limit
-from natsmw.delay import MemoryDeadlineStore, with_delay_cap
+from natsmw.delay import DeadlineKey, MemoryDeadlineStore, with_delay_cap
+from natsmw.errors import ParkError
 
 STORED = time.time_ns()
 
@@ -211,3 +215,33 @@ def test_a_dropped_delay_cap_is_freed_at_once() -> None:
         assert freed() is None
     finally:
         gc.enable()
+
+
+async def test_a_failed_listing_of_parked_messages_is_tried_again_after_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A consumer made again lists what an earlier one parked once; a failed listing is not
+    kept for the whole generation (each message would then go the long way), nor tried
+    again for every message."""
+    monkeypatch.setattr(cap_module, "_PARKED_RETRY", 0.05)
+
+    class Parks:
+        asked = 0
+
+        async def sequences(self, stream: str, consumer: str) -> set[int]:
+            self.asked += 1
+            if self.asked == 1:
+                raise ParkError("the server did not answer")
+            return {7}
+
+    parks = Parks()
+    generation = cap_module._Generation(0.0, 0)
+    key = DeadlineKey("S", "c", 7)
+    assert await generation.parked_listed(parks, key) is None  # type: ignore[arg-type]
+    assert await generation.parked_listed(parks, key) is None  # type: ignore[arg-type]
+    assert parks.asked == 1
+    assert generation.parked is None  # the hot path keeps away meanwhile
+    await asyncio.sleep(0.06)  # past the retry window (monotonic)
+    assert await generation.parked_listed(parks, key) == {7}  # type: ignore[arg-type]
+    assert generation.parked == {7}
+    assert parks.asked == 2
