@@ -268,7 +268,7 @@ class SizeGuard(Decorator):
         if self._passes(real):
             return call_next(msg)
         rejection = self._check(real)
-        if rejection is None:  # (not after _passes said no: _check reads the same fields)
+        if rejection is None:  # never, after _passes said no: for the type checker
             return call_next(msg)
         return self._reject(msg, rejection)
 
