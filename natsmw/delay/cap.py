@@ -221,7 +221,8 @@ class _Generation:
         # consumer's name (empty: no bucket), trusted until ``clear_until`` (monotonic).
         self.deferred: set[int] | None = None
         # The sequences an earlier consumer of its name parked (schedules or due copies
-        # waiting), listed once; empty where this cap does not park. ``None``: not listed.
+        # waiting), listed once; empty where this process serves none of its due copies.
+        # ``None``: not listed (yet).
         self.parked: AbstractSet[int] | None = None
         self._parked_listing: asyncio.Future[AbstractSet[int] | None] | None = None
         self._parked_retry = 0.0  # monotonic: a failed listing is tried again after this
@@ -275,7 +276,10 @@ class _Generation:
         ``None`` when they cannot be listed now (listed again after a few seconds)."""
         listing = self._parked_listing
         if listing is None or (
-            listing.done() and listing.result() is None and time.monotonic() >= self._parked_retry
+            listing.done()
+            and time.monotonic() >= self._parked_retry
+            # failed: said no (None), raised, or cancelled (a closed event loop's)
+            and (listing.cancelled() or listing.exception() is not None or listing.result() is None)
         ):
             listing = self._parked_listing = asyncio.ensure_future(self._list_parked(parks, key))
         return await asyncio.shield(listing)
