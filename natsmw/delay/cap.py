@@ -681,10 +681,12 @@ class DelayCap(Decorator):
         if header is None and entry is None and delivery == 1:
             # A first, plain delivery: nothing to look up if it was stored under this very
             # consumer (not one deleted and made again under the same name).
-            numbers = _reply_numbers(real)
-            if numbers is not None and self._first_of_own(real, real.reply.split(".")):
+            tokens = real.reply.split(".")  # read once, for both
+            if len(tokens) != 9:  # with a domain and an account hash: from the metadata
+                return await self._first_of_older(msg, key, None)
+            if self._first_of_own(real, tokens):
                 return _NOTHING
-            return await self._first_of_older(msg, key, numbers)
+            return await self._first_of_older(msg, key, (int(tokens[6]), int(tokens[7]) / 1e9))
         if header is None and entry is not None and entry.deferral is not None:
             now = server_clock.now(real._client)
             if entry.deferral.deadline > now:

@@ -49,6 +49,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from natsmw.delay.clock import server_clock
 from natsmw.delay.deadline import format_deadline
+from natsmw.delay.stores import stream_subjects
 from natsmw.errors import ParkError
 from natsmw.headers import original_name, sendable_name
 from natsmw.message import Position, StandInMsg
@@ -432,36 +433,20 @@ class ParkStream:
         Raises:
             ParkError: the stream could not be asked.
         """
-        js = self._js()
         found: set[int] = set()
         for prefix in (_SCHEDULE, _DUE):
             head = f"{prefix}.{stream}.{consumer}."
-            offset = 0
-            while True:
-                request = {"subjects_filter": f"{head}*.*", "offset": offset}
-                try:
-                    reply = await js._nc.request(
-                        f"{js._prefix}.STREAM.INFO.{PARK_STREAM}",
-                        json.dumps(request).encode(),
-                        timeout=self._timeout,  # a page of 100,000 takes a fraction of it
-                    )
-                    answer = json.loads(reply.data)
-                except (NatsError, asyncio.TimeoutError, OSError, ValueError) as error:
-                    raise ParkError(f"cannot list {PARK_STREAM!r}: {error!r}") from error
-                if "error" in answer:
-                    if answer["error"].get("code") == 404:
-                        return found  # no park stream: nothing was ever parked
-                    raise ParkError(
-                        f"cannot list {PARK_STREAM!r}: {answer['error'].get('description')}"
-                    )
-                subjects = (answer.get("state") or {}).get("subjects") or {}
-                for subject in subjects:
-                    sequence = subject[len(head) :].partition(".")[0]
-                    if sequence.isdigit():
-                        found.add(int(sequence))
-                offset += len(subjects)
-                if not subjects or offset >= answer.get("total", 0):
-                    break
+            subjects = await stream_subjects(
+                self._js(), PARK_STREAM, f"{head}*.*",
+                self._timeout,  # a page of 100,000 takes a fraction of it
+                lambda why: ParkError(f"cannot list {PARK_STREAM!r}: {why}"),
+            )  # fmt: skip
+            if subjects is None:
+                return found  # no park stream: nothing was ever parked
+            for subject in subjects:
+                sequence = subject[len(head) :].partition(".")[0]
+                if sequence.isdigit():
+                    found.add(int(sequence))
         return found
 
     async def holds(

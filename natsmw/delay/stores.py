@@ -254,6 +254,40 @@ class MemoryDeadlineStore:
                 del self._deferrals[old]
 
 
+async def stream_subjects(
+    js: JetStreamContext,
+    stream: str,
+    subjects_filter: str,
+    timeout: float,
+    failed: Callable[[str], Exception],
+) -> list[str] | None:
+    """The subjects of ``stream`` that match ``subjects_filter``, from stream info, page after
+    page (the server answers with at most 100,000 at a time; no consumer is made); ``None``
+    when the stream does not exist.
+
+    Raises:
+        Exception: ``failed(why)``, when the server cannot be asked or refuses.
+    """
+    found: list[str] = []
+    while True:
+        request = {"subjects_filter": subjects_filter, "offset": len(found)}
+        try:
+            reply = await js._nc.request(
+                f"{js._prefix}.STREAM.INFO.{stream}", json.dumps(request).encode(), timeout=timeout
+            )
+            answer = json.loads(reply.data)
+        except (NatsError, asyncio.TimeoutError, OSError, ValueError) as error:
+            raise failed(repr(error)) from error
+        if "error" in answer:
+            if answer["error"].get("code") == 404:
+                return None
+            raise failed(str(answer["error"].get("description")))
+        subjects = (answer.get("state") or {}).get("subjects") or {}
+        found.extend(subjects)
+        if not subjects or len(found) >= answer.get("total", 0):
+            return found
+
+
 class KeyValueDeadlineStore:
     """Deferrals in a JetStream key-value bucket, shared by every consumer instance.
 
@@ -411,37 +445,16 @@ class KeyValueDeadlineStore:
         """
         await self._bucket(create=False)
         prefix = f"$KV.{self.bucket}.{_escape(stream)}.{_escape(consumer)}."
-        found: set[int] = set()
-        offset = 0
-        while True:
-            request = {"subjects_filter": f"{prefix}*", "offset": offset}
-            try:
-                reply = await self._js._nc.request(
-                    f"{self._js._prefix}.STREAM.INFO.KV_{self.bucket}",
-                    json.dumps(request).encode(),
-                    timeout=max(self._timeout, 30.0),
-                )
-                answer = json.loads(reply.data)
-            except (NatsError, asyncio.TimeoutError, OSError, ValueError) as error:
-                raise DeadlineStoreError(
-                    f"cannot list the records of {stream}/{consumer} in {self.bucket!r}: {error!r}"
-                ) from error
-            if "error" in answer:
-                if answer["error"].get("code") == 404:
-                    self._kv = None
-                    raise self._lost("does not exist")
-                raise DeadlineStoreError(
-                    f"cannot list the records of {stream}/{consumer} in {self.bucket!r}: "
-                    f"{answer['error'].get('description')}"
-                )
-            subjects = (answer.get("state") or {}).get("subjects") or {}
-            for subject in subjects:
-                sequence = subject[len(prefix) :]
-                if sequence.isdigit():  # natsmw's keys; anything else put there is not
-                    found.add(int(sequence))
-            offset += len(subjects)
-            if not subjects or offset >= answer.get("total", 0):
-                return found
+        where = f"cannot list the records of {stream}/{consumer} in {self.bucket!r}"
+        subjects = await stream_subjects(
+            self._js, f"KV_{self.bucket}", f"{prefix}*", max(self._timeout, 30.0),
+            lambda why: DeadlineStoreError(f"{where}: {why}"),
+        )  # fmt: skip
+        if subjects is None:
+            self._kv = None
+            raise self._lost("does not exist")
+        # natsmw's keys; anything else put there is not
+        return {int(key) for subject in subjects if (key := subject[len(prefix) :]).isdigit()}
 
     async def measure_clock(self, *, create: bool = False) -> None:
         """Measure this host's clock against the server's (see `natsmw.delay.clock`)
