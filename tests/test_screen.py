@@ -5,7 +5,6 @@ them, and which must see it."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import sys
@@ -223,7 +222,8 @@ async def test_a_failed_listing_of_parked_messages_is_tried_again_after_a_while(
     """A consumer made again lists what an earlier one parked once; a failed listing is not
     kept for the whole generation (each message would then go the long way), nor tried
     again for every message."""
-    monkeypatch.setattr(cap_module, "_PARKED_RETRY", 0.05)
+    clock = [100.0]  # the cap's monotonic clock, moved by hand
+    monkeypatch.setattr(cap_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
 
     class Parks:
         asked = 0
@@ -241,7 +241,10 @@ async def test_a_failed_listing_of_parked_messages_is_tried_again_after_a_while(
     assert await generation.parked_listed(parks, key) is None  # type: ignore[arg-type]
     assert parks.asked == 1
     assert generation.parked is None  # the hot path keeps away meanwhile
-    await asyncio.sleep(0.06)  # past the retry window (monotonic)
+    clock[0] += cap_module._PARKED_RETRY - 0.01
+    assert await generation.parked_listed(parks, key) is None  # type: ignore[arg-type]
+    assert parks.asked == 1  # still within the window
+    clock[0] += 0.01
     assert await generation.parked_listed(parks, key) == {7}  # type: ignore[arg-type]
     assert generation.parked == {7}
     assert parks.asked == 2
